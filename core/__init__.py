@@ -1,0 +1,27 @@
+"""attnedit: training-free attention interventions for Hugging Face checkpoints.
+
+    import attnedit
+    model, tokenizer = attnedit.load("smollm2-135m-instruct")
+    recipe = attnedit.Recipe.from_yaml("recipe.yaml")
+    with attnedit.patch(model, recipe):
+        out = model(**batch)
+"""
+from .errors import AttneditError, BackendError, ModelLoadError, RecipeError, UnsupportedModelError
+from .loading import load
+from .patch import Patch, patch
+from .recipe import Recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttneditError",
+    "BackendError",
+    "ModelLoadError",
+    "Patch",
+    "Recipe",
+    "RecipeError",
+    "UnsupportedModelError",
+    "load",
+    "patch",
+    "__version__",
+]

@@ -1,0 +1,359 @@
+"""The one form every recipe compiles to: per-layer, per-query-head parameter tables.
+
+For one layer and one query head, every method is
+
+1. a partition of each row's keys into groups, from *key flags*: one bit per
+   property a key can have (first real token, inside a highlighted span, image
+   token, hidden-state sink, detected attention sink). A layer uses only the
+   bits its rules name; with `n` bits there are ``G = 2**n`` groups and a key's
+   group id is its used bits packed in order (`LayerPlan.flags`);
+2. a logit bias per (head, group), added before the softmax (ZeroTuning, PASTA);
+3. mass-preserving moves between groups, after the softmax, in order
+   (ACT, VAR): a move keeps a fraction `keep[h]` of the mass of its source
+   groups and gives the freed mass to its destination groups in proportion to
+   their mass, optionally only in rows whose group masses pass a `Gate` and
+   only in rows at or after a row start (VAR edits rows after the image);
+4. a scale and shift of the head's output (pruning: 0 or the mean, VHR: alpha).
+
+Order of effects when several interventions meet in one head: all biases add;
+moves apply in recipe order, each on the masses the previous ones left; output
+scales multiply and shifts follow in recipe order.
+
+`compile_recipe` turns a `Recipe` into a `CompiledRecipe` (static, once per
+model); `attnedit.patch` turns a `LayerPlan` into `LayerTables` at every
+forward (the key groups of this input), which a backend in `attnedit.kernels`
+executes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from .modelinfo import ModelInfo
+
+# --------------------------------------------------------------------------- key flags
+
+FIRST = 1  # the row's first real (non-padding) token
+SPAN = 2  # inside a user-highlighted span (PASTA)
+IMAGE = 4  # an image placeholder token (VLMs)
+HSINK = 8  # a massive-activation sink of this layer's input hidden state (VAR)
+ACTSINK = 16  # a detected attention sink of this head (ACT); never the first token
+FLAG_NAMES = {FIRST: "first", SPAN: "span", IMAGE: "image", HSINK: "hidden_sink", ACTSINK: "attn_sink"}
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """A set of keys by their flags: all of `on` set and none of `off` set."""
+
+    on: int = 0
+    off: int = 0
+
+    def bits(self) -> int:
+        return self.on | self.off
+
+    def holds(self, flags: int) -> bool:
+        return (flags & self.on) == self.on and (flags & self.off) == 0
+
+
+# --------------------------------------------------------------------------- effects: what a method compiles to
+
+
+@dataclass(frozen=True)
+class Bias:
+    """Add `value` to the logits of keys in `keys`, for `heads` of `layer`."""
+
+    layer: int
+    heads: tuple[int, ...]
+    keys: KeySet
+    value: float
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Edit a row only if mass(num) / mass(den) <= max_ratio and mass(den) >= min_den."""
+
+    num: KeySet
+    den: KeySet
+    max_ratio: float
+    min_den: float
+
+
+@dataclass(frozen=True)
+class MoveEffect:
+    """Keep `keep` of the mass of `src`, give the rest to `dst` in proportion."""
+
+    layer: int
+    heads: tuple[int, ...]
+    src: KeySet
+    dst: KeySet
+    keep: float
+    gate: Gate | None = None
+    after_image: bool = False  # edit only rows after the last image token
+
+
+@dataclass(frozen=True)
+class Scale:
+    """o_h <- scale * o_h + shift_h for `heads` of `layer` (shift: (n_heads_selected, head_dim) or None)."""
+
+    layer: int
+    heads: tuple[int, ...]
+    scale: float
+    shift: torch.Tensor | None = None
+
+
+class Detector(Protocol):
+    """A per-input detection that sets a key flag.
+
+    `where` says when the patch calls it:
+      - "input":       ``detect(input_ids) -> (B, T) bool``, at each forward of the whole model;
+      - "layer_input": ``detect(hidden) -> (B, T) bool``, at each forward of the layer (hidden: (B, T, D));
+      - "attention":   ``detect(scores, counts, first_key) -> (B, H, K) bool``, at prefill only,
+                       from column scores of the attention map (ACT).
+    """
+
+    flag: int
+    where: str
+
+
+@dataclass(frozen=True)
+class Detect:
+    """Attach a detector to a layer (or to the model, layer=None, for where='input')."""
+
+    layer: int | None
+    detector: Any
+
+
+Effect = Bias | MoveEffect | Scale | Detect
+
+
+# --------------------------------------------------------------------------- compiled, static plan of one layer
+
+
+@dataclass(frozen=True)
+class Move:
+    """A compiled move: group bitmasks over the layer's G groups (bit g = group g)."""
+
+    src: int
+    dst: int
+    keep: torch.Tensor  # (H,) fp32; 1.0 = head untouched
+    gate: tuple[int, int, float, float] | None = None  # (num groups, den groups, max_ratio, min_den)
+    after_image: bool = False
+    row_start: torch.Tensor | None = None  # runtime: (B,) absolute first edited query position
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: int
+    n_heads: int
+    flags: tuple[int, ...]  # flag bits that define groups; group bit k <-> flags[k]
+    bias: torch.Tensor | None  # (H, G) fp32
+    moves: tuple[Move, ...]
+    out_scale: torch.Tensor | None  # (H,) fp32
+    out_shift: torch.Tensor | None  # (H, D) fp32
+    detectors: tuple[Any, ...] = ()  # "layer_input" and "attention" detectors of this layer
+
+    @property
+    def n_groups(self) -> int:
+        return 1 << len(self.flags)
+
+    def group_flags(self, g: int) -> int:
+        """The flag bits of group id g."""
+        return sum(f for k, f in enumerate(self.flags) if g >> k & 1)
+
+    def groups_where(self, keys: KeySet) -> int:
+        return sum(1 << g for g in range(self.n_groups) if keys.holds(self.group_flags(g)))
+
+    @property
+    def attention_detectors(self) -> tuple[Any, ...]:
+        return tuple(d for d in self.detectors if d.where == "attention")
+
+    @property
+    def layer_detectors(self) -> tuple[Any, ...]:
+        return tuple(d for d in self.detectors if d.where == "layer_input")
+
+    @property
+    def is_static(self) -> bool:
+        """Only output scales (foldable into o_proj): no bias, no move, no detection."""
+        return self.bias is None and not self.moves and not self.detectors
+
+
+@dataclass(frozen=True)
+class CompiledRecipe:
+    layers: dict[int, LayerPlan]
+    input_detectors: tuple[Any, ...] = ()
+    needs_spans: bool = False
+    forward_hooks: tuple[Any, ...] = ()  # objects with .on_forward(patch, args, kwargs) (per-input head statistics)
+
+    def __bool__(self) -> bool:
+        return bool(self.layers) or bool(self.forward_hooks)
+
+
+# --------------------------------------------------------------------------- runtime tables of one forward
+
+
+@dataclass(frozen=True)
+class LayerTables:
+    """What a backend executes for one layer and one forward.
+
+    Attributes:
+        key_group: (B, Hg, K) uint8 group id of every key (Hg = 1 or H), or None when G == 1.
+        first_key: (B,) int64 key index of each row's first real token (-1: not in view).
+        n_groups: G.
+        bias: (H, G) fp32 logit bias or None.
+        moves: compiled moves, with `row_start` filled when they edit rows after the image.
+        out_scale: (H,) or (B, H) fp32, or None.
+        out_shift: (H, D) fp32, or None.
+    """
+
+    key_group: torch.Tensor | None
+    first_key: torch.Tensor
+    n_groups: int
+    bias: torch.Tensor | None
+    moves: tuple[Move, ...]
+    out_scale: torch.Tensor | None
+    out_shift: torch.Tensor | None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.bias is None and not self.moves and self.out_scale is None and self.out_shift is None
+
+    def without_moves(self) -> "LayerTables":
+        return replace(self, moves=(), out_scale=None, out_shift=None)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def compile_recipe(recipe, info: ModelInfo, model: torch.nn.Module | None = None) -> CompiledRecipe:
+    """Compile a validated recipe into per-layer plans for one model.
+
+    Args:
+        recipe: a `Recipe` (checked against `info` by the caller).
+        info: the model's shape.
+        model: the loaded model, for methods whose compile step reads weights (optional).
+    Returns:
+        A `CompiledRecipe`; layers without effects are absent (they run unpatched).
+    """
+    from attnedit.interventions import registry  # noqa: PLC0415
+
+    effects: list[Effect] = []
+    hooks: list[Any] = []
+    needs_spans = False
+    for spec in recipe.interventions:
+        method = registry.get(spec.type)
+        out = method.compile(spec, info, model)
+        for item in out:
+            if isinstance(item, (Bias, MoveEffect, Scale, Detect)):
+                effects.append(item)
+            else:  # a forward hook (per-input statistics that set runtime tables)
+                hooks.append(item)
+        needs_spans |= getattr(method, "needs_spans", False)
+    return build_plans(effects, info, tuple(hooks), needs_spans)
+
+
+def build_plans(effects: Sequence[Effect], info: ModelInfo, hooks: tuple = (), needs_spans: bool = False) -> CompiledRecipe:
+    H, D = info.n_heads, info.head_dim
+    by_layer: dict[int, list[Effect]] = {}
+    input_detectors = []
+    for e in effects:
+        if isinstance(e, Detect) and e.layer is None:
+            if all(type(d) is not type(e.detector) or d != e.detector for d in input_detectors):
+                input_detectors.append(e.detector)
+            continue
+        by_layer.setdefault(e.layer, []).append(e)
+    plans = {}
+    for layer, items in sorted(by_layer.items()):
+        bits = 0
+        for e in items:
+            if isinstance(e, Bias):
+                bits |= e.keys.bits()
+            elif isinstance(e, MoveEffect):
+                bits |= e.src.bits() | e.dst.bits()
+                if e.gate is not None:
+                    bits |= e.gate.num.bits() | e.gate.den.bits()
+        flags = tuple(f for f in sorted(FLAG_NAMES) if bits & f)
+        plan = LayerPlan(layer, H, flags, None, (), None, None)
+        G = plan.n_groups
+        bias = torch.zeros(H, G)
+        has_bias = False
+        moves = []
+        scale = torch.ones(H)
+        shift = torch.zeros(H, D)
+        has_scale = has_shift = False
+        detectors = []
+        for e in items:
+            heads = list(e.heads) if not isinstance(e, Detect) else []
+            if isinstance(e, Bias):
+                mask = torch.tensor([e.keys.holds(plan.group_flags(g)) for g in range(G)])
+                for h in heads:
+                    bias[h, mask] += e.value
+                has_bias |= e.value != 0.0
+            elif isinstance(e, MoveEffect):
+                keep = torch.ones(H)
+                keep[heads] = float(e.keep)
+                gate = None
+                if e.gate is not None:
+                    gate = (plan.groups_where(e.gate.num), plan.groups_where(e.gate.den), float(e.gate.max_ratio), float(e.gate.min_den))
+                moves.append(Move(plan.groups_where(e.src), plan.groups_where(e.dst), keep, gate, e.after_image))
+            elif isinstance(e, Scale):
+                for i, h in enumerate(heads):
+                    scale[h] *= e.scale
+                    shift[h] *= e.scale
+                    if e.shift is not None:
+                        shift[h] += e.shift[i].float()
+                has_scale |= e.scale != 1.0
+                has_shift |= e.shift is not None
+            elif isinstance(e, Detect):
+                detectors.append(e.detector)
+        plans[layer] = LayerPlan(
+            layer=layer,
+            n_heads=H,
+            flags=flags,
+            bias=bias if has_bias else None,
+            moves=tuple(moves),
+            out_scale=scale if (has_scale or has_shift) else None,
+            out_shift=shift if has_shift else None,
+            detectors=_merge_detectors(detectors),
+        )
+    return CompiledRecipe(plans, tuple(input_detectors), needs_spans, hooks)
+
+
+def _merge_detectors(detectors: list) -> tuple:
+    """Detectors of the same flag in one layer merge (ACT thresholds are per head)."""
+    merged: dict[tuple, Any] = {}
+    for d in detectors:
+        key = (d.flag, d.where)
+        merged[key] = merged[key].merge(d) if key in merged else d
+    return tuple(merged.values())
+
+
+def log_or_neg_inf(x: float) -> float:
+    return math.log(x) if x > 0 else float("-inf")
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """Which keys each query row may see, in the forms backends want.
+
+    Attributes:
+        dense: (B, 1, Q, K) bool, True = may attend; None = plain causal (no padding).
+        q_offset: absolute position of query row 0.
+        kv_offset: absolute position of key 0 (> 0 when a sliding-window cache dropped old keys).
+        kv_start: (B,) index of each row's first real key when the mask is exactly causal plus
+            left padding (kernels can use it instead of reading `dense`); None otherwise.
+        first_abs: (B,) absolute position of each row's first real token.
+    """
+
+    dense: torch.Tensor | None
+    q_offset: int
+    kv_offset: int
+    kv_start: torch.Tensor | None
+    first_abs: torch.Tensor
+
+    @property
+    def first_key(self) -> torch.Tensor:
+        k = self.first_abs - self.kv_offset
+        return torch.where(k >= 0, k, torch.full_like(k, -1))

@@ -1,0 +1,86 @@
+"""Pick the backend that executes the tables: Triton on CUDA tensors, the PyTorch reference elsewhere.
+
+`backend="auto"` sends CUDA tensors to the Triton kernels and everything else
+to the reference. `"triton"` forces the kernels (on CPU tensors only under
+``TRITON_INTERPRET=1``); `"reference"` forces the reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from attnedit.errors import BackendError
+from attnedit.tables import LayerTables, MaskInfo
+
+from . import reference
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def triton_status() -> str | None:
+    """None when the Triton kernels can be imported, else why not."""
+    try:
+        from . import triton_ops  # noqa: F401, PLC0415
+    except ImportError as e:  # triton missing, or too old
+        return f"the Triton kernels cannot be imported ({e})"
+    return None
+
+
+def choose(backend: str, device: torch.device) -> str:
+    """Resolve a requested backend for tensors on `device`; raise BackendError if it cannot run."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return "reference"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        if device.type == "cuda" and triton_status() is None:
+            return "triton"
+        return "reference"
+    why = triton_status()
+    if why is not None:
+        raise BackendError(f"backend 'triton' was forced but {why}; use backend 'auto' or 'reference'")
+    if device.type != "cuda" and not interpret:
+        raise BackendError(
+            f"backend 'triton' was forced but the tensors are on {device.type}; Triton runs on CUDA devices "
+            "(or on the CPU under TRITON_INTERPRET=1, slowly). Use backend 'auto' or 'reference'."
+        )
+    return "triton"
+
+
+def attention(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: LayerTables | None,
+    mask: MaskInfo,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Run one layer's attention with its tables. Returns (B, Q, H, D)."""
+    if name == "triton":
+        from . import triton_ops  # noqa: PLC0415
+
+        return triton_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
+    return reference.attention(q, k, v, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset)
+
+
+def column_scores(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    tables: LayerTables | None,
+    mask: MaskInfo,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column sums of the attention map and per-key row counts (ACT's sink statistics)."""
+    if name == "triton":
+        from . import triton_ops  # noqa: PLC0415
+
+        return triton_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap)
+    return reference.column_scores(q, k, tables, scaling=scaling, mask=mask.dense, softcap=softcap)
