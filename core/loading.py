@@ -97,8 +97,11 @@ def alias_dir(name: str, cache_dir=None, progress: bool = True) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF weights were dequantised on load: drop the quantizer so they save as plain tensors.
         if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config  # the weights are dequantised now
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
         model.config._name_or_path = name
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
