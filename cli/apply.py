@@ -1,0 +1,114 @@
+"""attnedit apply: generate with and without a recipe, side by side."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from .common import (
+    BackendOpt, CacheOpt, DeviceOpt, DtypeOpt, check_writable, console, err_console, load_model, load_recipe,
+    read_prompts, write_atomic,
+)
+
+COMMAND = "apply"
+ORDER = 25
+
+
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable). PASTA: mark spans with the recipe's markers.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="Prompts, one a line (or JSONL with a 'prompt' field).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt (greedy).")] = 48,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (left padded).")] = 8,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template (default: if the tokenizer has one).")] = None,
+    system: Annotated[str | None, typer.Option(help="System message for the chat template.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    backend: BackendOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Generate with the unpatched and the patched model and show both, side by side."""
+    from attnedit.loading import DEFAULT_MODEL, load_config, model_hash  # noqa: PLC0415
+    from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
+
+    rec = load_recipe(recipe)
+    prompts = read_prompts(prompt, prompts_file)
+    if out is not None:
+        check_writable(out, force)
+    name = model or rec.model or DEFAULT_MODEL
+    rec.check_model(ModelInfo.from_config(load_config(name, cache_dir), name=name))  # before loading weights
+    m, tok = load_model(name, dtype, device, cache_dir)
+    result = generate_both(m, tok, rec, prompts, max_new_tokens, batch_size, chat, system, backend)
+    result.update(model=name, model_hash=model_hash(name, cache_dir), recipe=rec.to_dict(), recipe_hash=rec.hash())
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if out is not None:
+        write_atomic(out, text + "\n")
+    if as_json:
+        print(text)
+        return
+    table = Table(title=f"{rec.name or rec.source} on {name} (backend: {result['backend']})", show_lines=True)
+    for col in ("prompt", "unpatched", "patched"):
+        table.add_column(col, overflow="fold", ratio=1)
+    for row in result["generations"]:
+        table.add_row(row["prompt"], row["unpatched"], row["patched"])
+    console.print(table)
+
+
+def generate_both(model, tokenizer, recipe, prompts, max_new_tokens, batch_size, chat, system, backend) -> dict:
+    """Greedy generations of every prompt without and with the recipe, on identical inputs."""
+    import torch  # noqa: PLC0415
+
+    import attnedit  # noqa: PLC0415
+    from attnedit.prompting import render  # noqa: PLC0415
+
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    tok.padding_side = "left"
+    texts = [render(tokenizer, p, chat, system) for p in prompts]
+    special = texts == list(prompts)  # a chat template already holds its special tokens
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+    encoded = [_encode(tok, recipe, batch, special) for batch in batches]
+    runs: dict[str, list[str]] = {}
+    with Progress(console=err_console, transient=True) as bar:
+        for label in ("unpatched", "patched"):
+            task = bar.add_task(f"generating ({label})", total=len(batches))
+            runs[label] = []
+            for enc, spans in encoded:
+                enc = {k: v.to(model.device) for k, v in enc.items()}
+                with torch.no_grad():
+                    if label == "patched":
+                        with attnedit.patch(model, recipe, backend=backend, spans=spans) as p:
+                            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                            used = p._backend_for.get(str(model.device), "reference")
+                    else:
+                        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                new = out[:, enc["input_ids"].shape[1] :]
+                runs[label] += tok.batch_decode(new, skip_special_tokens=True)
+                bar.advance(task)
+    rows = [{"prompt": p, "unpatched": a.strip(), "patched": b.strip()} for p, a, b in zip(prompts, runs["unpatched"], runs["patched"])]
+    return {"backend": used, "max_new_tokens": max_new_tokens, "generations": rows}
+
+
+def _encode(tok, recipe, texts, special: bool):
+    """Tokenize a batch; with a span-highlighting method, strip the markers and return the spans."""
+    spans = None
+    if any(getattr(_method(spec), "needs_spans", False) for spec in recipe.interventions):
+        from attnedit.interventions import pasta  # noqa: PLC0415
+
+        enc, spans = pasta.prepare(tok, texts, recipe, add_special_tokens=special)
+    else:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+    return dict(enc), spans
+
+
+def _method(spec):
+    from attnedit.interventions import registry  # noqa: PLC0415
+
+    return registry.get(spec.type)
