@@ -75,23 +75,27 @@ def generate_both(model, tokenizer, recipe, prompts, max_new_tokens, batch_size,
     special = texts == list(prompts)  # a chat template already holds its special tokens
     batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     encoded = [_encode(tok, recipe, batch, special) for batch in batches]
+    patch = attnedit.patch(model, recipe, backend=backend)  # compiled once, applied for the patched run
     runs: dict[str, list[str]] = {}
     with Progress(console=err_console, transient=True) as bar:
         for label in ("unpatched", "patched"):
             task = bar.add_task(f"generating ({label})", total=len(batches))
             runs[label] = []
-            for enc, spans in encoded:
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                with torch.no_grad():
-                    if label == "patched":
-                        with attnedit.patch(model, recipe, backend=backend, spans=spans) as p:
-                            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-                            used = p._backend_for.get(str(model.device), "reference")
-                    else:
+            if label == "patched":
+                patch.apply()
+            try:
+                for enc, spans in encoded:
+                    enc = {k: v.to(model.device) for k, v in enc.items()}
+                    patch.set_spans(spans)
+                    with torch.no_grad():
                         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-                new = out[:, enc["input_ids"].shape[1] :]
-                runs[label] += tok.batch_decode(new, skip_special_tokens=True)
-                bar.advance(task)
+                    runs[label] += tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                    bar.advance(task)
+            finally:
+                patch.remove()
+    from attnedit.kernels import choose  # noqa: PLC0415
+
+    used = choose(patch.backend, model.device)
     rows = [{"prompt": p, "unpatched": a.strip(), "patched": b.strip()} for p, a, b in zip(prompts, runs["unpatched"], runs["patched"])]
     return {"backend": used, "max_new_tokens": max_new_tokens, "generations": rows}
 
