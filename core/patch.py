@@ -54,6 +54,7 @@ class _State:
     pending: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, T) bool from layer pre-hooks
     head_scale: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H) per-input output scales
     image_end: torch.Tensor | None = None  # (B,) absolute position after the last image token
+    past: int = 0  # tokens already in the cache at this forward (0 = prefill)
 
 
 class Patch:
@@ -215,6 +216,7 @@ class Patch:
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if past == 0:
             self.state = _State()
+        self.state.past = past
         flags = torch.zeros(B, Tn, dtype=torch.uint8, device=ref.device)
         for det in self.compiled.input_detectors:
             if ids is None:
@@ -249,9 +251,14 @@ class Patch:
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            found = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            B, Tn = hidden.shape[:2]
+            found = torch.zeros(B, Tn, dtype=torch.bool, device=hidden.device)
+            flags = self.state.input_flags  # (B, P): this forward's tokens are the last Tn
+            flags = flags[:, -Tn:] if flags is not None and flags.shape[0] == B and flags.shape[1] >= Tn else None
             for det in plan.layer_detectors:
-                found |= det.detect(hidden)
+                if self.state.past > 0 and getattr(det, "prefill_only", False):
+                    continue  # detections made at prefill hold for the generated tokens
+                found |= det.detect(hidden, flags)
             self.state.pending[layer] = found
             return None
 

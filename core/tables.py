@@ -109,7 +109,9 @@ class Detector(Protocol):
 
     `where` says when the patch calls it:
       - "input":       ``detect(input_ids) -> (B, T) bool``, at each forward of the whole model;
-      - "layer_input": ``detect(hidden) -> (B, T) bool``, at each forward of the layer (hidden: (B, T, D));
+      - "layer_input": ``detect(hidden, flags) -> (B, T) bool``, at each forward of the layer (hidden: (B, T, D);
+                       flags: (B, T) uint8 input flags of these tokens, e.g. IMAGE, or None); a detector
+                       with ``prefill_only = True`` runs at prefill only (new tokens are then never flagged);
       - "attention":   ``detect(scores, counts, first_key) -> (B, H, K) bool``, at prefill only,
                        from column scores of the attention map (ACT).
     """

@@ -4,7 +4,14 @@ Per input and head, at prefill: key j (not the row's first token) is a sink
 when its column score ``sum_i A_ij / (rows that see j)`` exceeds tau. In every
 row, sinks keep ``beta`` of their attention and the freed mass goes to the
 non-sink keys of the row in proportion to their weight (rows still sum to 1).
-Sinks found at prefill are kept for the generated tokens.
+Sinks found at prefill are kept for the generated tokens (the authors' code
+recomputes them from the one query row of a decoding step, which breaks).
+
+Defaults follow the authors' code: beta 0.4, tau 0.1 (0.15 in their chat
+setting, recipe ``act-chat``), layers 2 .. L-1 (their Mistral, multiple-choice
+and MT-Bench runs; their Llama-2 classification runs stop at L-2). Which heads:
+`find` applies ACT to one candidate head at a time on a calibration set and
+keeps those that improve the score over the unpatched model.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from pydantic import Field
 from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import ACTSINK, Detect, KeySet, MoveEffect
 
-from .registry import register
+from .calibration import Calibration, Found, need_scorer, recipe_of, score_all
+from .registry import finder, register
 
 
 class ActSpec(InterventionSpec):
@@ -25,7 +33,7 @@ class ActSpec(InterventionSpec):
     beta: float = Field(default=0.4, ge=0, le=1, description="fraction of a sink's attention that is kept")
     tau: float = Field(default=0.1, gt=0, le=1, description="column-score threshold above which a key is a sink")
 
-    layers: LayerSel = "2:-1"  # layers 2 .. L-2
+    layers: LayerSel = "2:"  # layers 2 .. L-1
 
     SUMMARY: ClassVar[str] = "ACT: reduce detected attention sinks by beta, redistribute to the other keys"
 
@@ -61,3 +69,29 @@ def compile(spec: ActSpec, info, model=None) -> list:
         out.append(Detect(layer, ActSinks(tau)))
         out.append(MoveEffect(layer, tuple(heads), KeySet(on=ACTSINK), KeySet(off=ACTSINK), spec.beta))
     return out
+
+
+@finder("act")
+def find(spec: ActSpec, cal: Calibration) -> Found:
+    """ACT's head search: each candidate (layer, head) alone, kept if it beats the unpatched score.
+
+    Args:
+        spec: the ACT spec whose targets are the candidates (beta, tau kept).
+        cal: the calibration context (`cal.score` on the calibration split).
+    Returns:
+        A `Found` with one ACT spec over the kept heads (none when no head helps).
+    """
+    baseline = float(need_scorer(cal, "act")(None))
+    candidates = []
+    for layer, heads in spec.targets(cal.info).items():
+        for h in heads:
+            one = ActSpec(type="act", heads={layer: [h]}, beta=spec.beta, tau=spec.tau)
+            candidates.append(({"layer": layer, "head": h}, recipe_of(one)))
+    records = score_all(cal, candidates, "ACT heads")
+    kept: dict[int, list[int]] = {}
+    for r in records:
+        if r["score"] > baseline:
+            kept.setdefault(r["candidate"]["layer"], []).append(r["candidate"]["head"])
+    specs = [ActSpec(type="act", heads=kept, beta=spec.beta, tau=spec.tau)] if kept else []
+    chosen = {"heads": kept, "n_heads": sum(map(len, kept.values())), "rule": "score > baseline"}
+    return Found(specs, records, chosen, baseline, {"candidates_total": len(candidates)})

@@ -2,8 +2,18 @@
 
 A pruned head's output before ``o_proj`` is multiplied by 0 (``ablation: zero``)
 or replaced by its mean over a reference set (``ablation: mean``; the means are
-stored in the recipe, one vector of head_dim values per pruned head). Static:
-zero ablation folds into ``o_proj`` on export.
+stored in the recipe, one vector of head_dim values per pruned head, computed
+by `head_means`). Static: zero ablation folds into ``o_proj`` on export.
+
+`find` is PH3's head search on knowledge-conflict prompts (a context states a
+counterfactual object against the model's memory). Each head is scored by its
+effect on the logit difference ``LD = logit(memory answer) - logit(context
+answer)`` at the answer position when the head is ablated: by patching its
+output on the direct path to the logits (``patching: direct``, one forward for
+every head, the path-patching receiver being the final residual stream), or
+on every path by rerunning the model with the head ablated (``patching: total``,
+one forward per head). Heads whose presence raises LD are memory heads, those
+that lower it context heads; the top-k of the kind the user names are pruned.
 """
 from __future__ import annotations
 
@@ -12,10 +22,13 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+from attnedit.errors import AttneditError, UnsupportedModelError
+from attnedit.modelinfo import decoder_layers, text_decoder
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import Scale
 
-from .registry import register
+from .calibration import Calibration, Found, recipe_of
+from .registry import finder, register
 
 
 class HeadPruneSpec(InterventionSpec):
@@ -58,3 +71,220 @@ def compile(spec: HeadPruneSpec, info, model=None) -> list:
             shift = torch.tensor([spec.means[layer][h] for h in heads], dtype=torch.float32)
         out.append(Scale(layer, tuple(heads), 0.0, shift))
     return out
+
+
+# --------------------------------------------------------------------------- head outputs
+
+
+def _o_proj(model, layer: int) -> torch.nn.Linear:
+    attn = decoder_layers(model)[layer].self_attn
+    proj = getattr(attn, "o_proj", None)
+    if not isinstance(proj, torch.nn.Linear):
+        raise UnsupportedModelError(f"{type(attn).__name__} has no o_proj linear layer to read head outputs from")
+    return proj
+
+
+class HeadOutputs:
+    """Context manager recording each layer's head outputs (the input of o_proj) on every forward.
+
+    `self.out[layer]` is the list of (B, T, H, D) fp32 tensors seen, in order.
+    """
+
+    def __init__(self, model, layers, head_dim: int):
+        self.model, self.layers, self.D = model, list(layers), head_dim
+        self.out: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        self._handles = []
+
+    def __enter__(self):
+        for l in self.layers:
+            def grab(module, args, layer=l):
+                x = args[0]
+                self.out[layer].append(x.detach().float().view(*x.shape[:2], -1, self.D))
+            self._handles.append(_o_proj(self.model, l).register_forward_pre_hook(grab))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+
+def _batches(tokenizer, texts: list[str], batch_size: int, device):
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        for i in range(0, len(texts), batch_size):
+            yield tok(texts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+    finally:
+        tok.padding_side = side
+
+
+@torch.no_grad()
+def head_means(model, tokenizer, texts: list[str], targets: dict[int, list[int]], head_dim: int, batch_size: int = 8) -> dict[int, dict[int, list[float]]]:
+    """Mean output of each target head over every real token of a reference set.
+
+    Args:
+        model, tokenizer: the loaded model and its tokenizer.
+        texts: the reference prompts.
+        targets: {layer: [heads]}.
+        head_dim: the model's head dimension.
+    Returns:
+        {layer: {head: [head_dim floats]}}, the `means` field of a mean-ablation spec.
+    """
+    if not texts:
+        raise AttneditError("mean ablation needs a non-empty reference set")
+    device = next(model.parameters()).device
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    with HeadOutputs(model, targets, head_dim) as rec:
+        for enc in _batches(tokenizer, texts, batch_size, device):
+            model(**enc, use_cache=False)
+            real = enc["attention_mask"].bool().cpu()  # (B, T)
+            count += int(real.sum())
+            for l in targets:
+                part = rec.out[l].pop().cpu()[real].sum(0)  # (H, D) over real tokens
+                sums[l] = sums[l] + part if l in sums else part
+    return {l: {h: [float(v) for v in sums[l][h] / count] for h in hs} for l, hs in targets.items()}
+
+
+# --------------------------------------------------------------------------- PH3
+
+
+def _answer_ids(tokenizer, conflicts) -> tuple[list, torch.Tensor]:
+    """Keep conflicts whose two answers start with different tokens; (kept, (N, 2) ids [memory, context])."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    first = lambda s: tok(" " + s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    kept, ids = [], []
+    for c in conflicts:
+        m, x = first(c.memory), first(c.context)
+        if m != x:
+            kept.append(c)
+            ids.append((m, x))
+    return kept, torch.tensor(ids, dtype=torch.long).view(-1, 2)
+
+
+@torch.no_grad()
+def _logit_diff(model, tokenizer, texts, ids, batch_size, device) -> torch.Tensor:
+    """(N,) logit(memory) - logit(context) at each prompt's last position."""
+    out = []
+    for i, enc in enumerate(_batches(tokenizer, texts, batch_size, device)):
+        logits = model(**enc, use_cache=False).logits[:, -1].float()
+        pair = ids[i * batch_size : i * batch_size + logits.shape[0]].to(logits.device)
+        out.append((logits.gather(1, pair[:, :1]) - logits.gather(1, pair[:, 1:])).squeeze(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def _direct_effects(model, tokenizer, texts, ids, ref: dict, batch_size, info) -> torch.Tensor:
+    """(L, H) mean over prompts of LD(clean) - LD(head ablated on its direct path to the logits)."""
+    device = next(model.parameters()).device
+    L, H, D = info.n_layers, info.n_heads, info.head_dim
+    norm, unembed = text_decoder(model).norm, model.get_output_embeddings().weight
+    resid: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda m, a: resid.append(a[0][:, -1].detach().float()))
+    total = torch.zeros(L, H)
+    try:
+        with HeadOutputs(model, range(L), D) as rec:
+            for i, enc in enumerate(_batches(tokenizer, texts, batch_size, device)):
+                model(**enc, use_cache=False)
+                r = resid.pop()  # (B, hidden) final residual at the answer position
+                pair = ids[i * batch_size : i * batch_size + r.shape[0]].to(device)
+                w = (unembed[pair[:, 0]] - unembed[pair[:, 1]]).float()  # (B, hidden)
+                delta = torch.stack([_delta(model, l, rec.out[l].pop()[:, -1], ref[l]) for l in range(L)], 1)  # (B, L, H, hidden)
+                ld_clean = (_normed(norm, r) * w).sum(-1)  # (B,)
+                ld_ablated = (_normed(norm, r[:, None, None] - delta) * w[:, None, None]).sum(-1)  # (B, L, H)
+                total += (ld_clean[:, None, None] - ld_ablated).sum(0).cpu()
+    finally:
+        handle.remove()
+    return total / max(1, len(texts))
+
+
+def _normed(norm, x: torch.Tensor) -> torch.Tensor:
+    return norm(x.to(norm.weight.dtype)).float()
+
+
+def _delta(model, layer: int, o: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(B, H, D) head outputs minus their ablated value -> (B, H, hidden) change of the residual stream."""
+    W = _o_proj(model, layer).weight.float()  # (hidden, H*D)
+    H, D = o.shape[1], o.shape[2]
+    diff = o - ref.to(o.device).view(1, H, D)
+    return torch.einsum("bhd,ohd->bho", diff, W.view(-1, H, D))
+
+
+def _total_effects(model, tokenizer, texts, ids, spec_for, targets, batch_size, cal) -> dict:
+    """{(layer, head): mean LD(clean) - LD(head ablated everywhere)}, one forward pass set per head."""
+    import attnedit  # noqa: PLC0415
+
+    device = next(model.parameters()).device
+    clean = _logit_diff(model, tokenizer, texts, ids, batch_size, device)
+    heads = [(l, h) for l, hs in targets.items() for h in hs][: cal.max_candidates]
+    step = cal.progress(len(heads), "PH3 head patching") if cal.progress else (lambda **_: None)
+    out = {}
+    for l, h in heads:
+        with attnedit.patch(model, recipe_of(spec_for({l: [h]})), backend="reference"):
+            out[(l, h)] = float((clean - _logit_diff(model, tokenizer, texts, ids, batch_size, device)).mean())
+        step(advance=1)
+    return out
+
+
+@finder("head_prune")
+def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
+    """PH3: score every head on knowledge-conflict prompts and prune the top-k of one kind.
+
+    Options (``cal.options``): ``prune`` (memory | context: which heads to prune, default memory,
+    which makes the model follow the context), ``k`` (default 5), ``patching`` (direct | total),
+    ``batch_size`` (default 8). The calibration examples are `conflicts.Conflict` prompts.
+
+    Returns:
+        A `Found` with the pruning spec (with means for mean ablation) and every head's score.
+    """
+    from .conflicts import Conflict  # noqa: PLC0415
+
+    prune, k = str(cal.options.get("prune", "memory")), int(cal.options.get("k", 5))
+    patching, bs = str(cal.options.get("patching", "direct")), int(cal.options.get("batch_size", 8))
+    if prune not in ("memory", "context") or patching not in ("direct", "total"):
+        raise AttneditError("head_prune options: prune is memory or context, patching is direct or total")
+    conflicts = [c for c in cal.examples if isinstance(c, Conflict)]
+    if not conflicts:
+        raise AttneditError("PH3 head search needs knowledge-conflict prompts: use --task lama-conflicts")
+    model, tok, info = cal.model, cal.tokenizer, cal.info
+    device = next(model.parameters()).device
+    conflicts, ids = _answer_ids(tok, conflicts)
+    known = _logit_diff(model, tok, [c.question for c in conflicts], ids, bs, device) > 0  # the model recalls the fact
+    conflicts = [c for c, ok in zip(conflicts, known.tolist()) if ok]
+    ids = ids[known]
+    if len(conflicts) < 8:
+        raise AttneditError(f"only {len(conflicts)} conflict prompts ask facts the model recalls; PH3 needs at least 8 (raise --limit)")
+    texts = [c.prompt for c in conflicts]
+    targets = spec.targets(info)
+    all_heads = {l: list(range(info.n_heads)) for l in range(info.n_layers)}
+    means = head_means(model, tok, texts, all_heads, info.head_dim, bs) if spec.ablation == "mean" else None
+
+    def spec_for(heads):
+        m = {l: {h: means[l][h] for h in hs} for l, hs in heads.items()} if means else None
+        return HeadPruneSpec(type="head_prune", heads=heads, ablation=spec.ablation, means=m)
+
+    if patching == "direct":
+        ref = {l: torch.tensor([means[l][h] for h in range(info.n_heads)]) if means else torch.zeros(info.n_heads, info.head_dim) for l in range(info.n_layers)}
+        effect = _direct_effects(model, tok, texts, ids, ref, bs, info)
+        scores = {(l, h): float(effect[l, h]) for l, hs in targets.items() for h in hs}
+    else:
+        scores = _total_effects(model, tok, texts, ids, spec_for, targets, bs, cal)
+    sign = 1.0 if prune == "memory" else -1.0
+    ranked = sorted((kv for kv in scores.items() if sign * kv[1] > 0), key=lambda kv: -sign * kv[1])[:k]
+    heads: dict[int, list[int]] = {}
+    for (l, h), _ in ranked:
+        heads.setdefault(l, []).append(h)
+    heads = {l: sorted(hs) for l, hs in sorted(heads.items())}
+    before = _logit_diff(model, tok, texts, ids, bs, device)
+    records = [{"candidate": {"layer": l, "head": h}, "score": s} for (l, h), s in scores.items()]
+    notes = {"prune": prune, "k": k, "patching": patching, "n_conflicts": len(texts), "memory_rate_before": float((before > 0).float().mean())}
+    if not heads:
+        return Found([], records, None, None, notes)
+    out = spec_for(heads)
+    import attnedit  # noqa: PLC0415
+
+    with attnedit.patch(model, recipe_of(out), backend="reference"):
+        after = _logit_diff(model, tok, texts, ids, bs, device)
+    notes["memory_rate_after"] = float((after > 0).float().mean())
+    chosen = {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}
+    return Found([out], records, chosen, None, notes)

@@ -1,14 +1,22 @@
 """VAR, visual attention redistribution (Kang et al., ICLR 2025).
 
-Per input, at each selected layer: tokens whose RMS-normalised layer-input
-hidden state is above tau on the model's massive-activation ("sink")
-dimensions are sinks. In an image-centric row (visual sinks hold at most rho
-of the row's image attention, and the image holds at least `min_image_mass`),
-every sink keeps p of its attention and the freed mass goes to the visual
-non-sink tokens in proportion. Only rows after the image are edited.
+Per input, at prefill, at each selected layer: tokens whose RMS-normalised
+layer-input hidden state ``|h / rms(h)|`` exceeds tau on one of the model's
+massive-activation ("sink") dimensions are sinks; the sinks found at prefill
+hold for the generated tokens (the authors detect them only at prefill). A
+row is image-centric when the image holds at least `min_image_mass` of its
+attention and the visual sinks at most rho of that; in such a row every sink
+(text or visual) keeps p of its attention and the freed mass goes to the
+image's non-sink tokens in proportion. Rows of the prompt up to the last image
+token are never edited, and an input whose image has no sink at a layer is
+left alone there (as in the authors' code). Defaults follow the authors'
+code: layers 2 .. L-2 (sinks are searched from layer 2 on; the last layer is
+skipped), tau 20, rho 0.5, p 0.6, mass floor 0.2. The sink dimensions, which
+the authors hard-code per model, are found by `find_sink_dims`.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Union
 
@@ -20,12 +28,14 @@ from attnedit.modelinfo import decoder_layers, text_decoder
 from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import HSINK, IMAGE, Detect, Gate, KeySet, MoveEffect
 
-from .registry import register
+from .registry import finder, register
+
+_FOUND: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 class VarSpec(InterventionSpec):
     type: Literal["var"]
-    layers: LayerSel = ":-1"  # all layers but the last
+    layers: LayerSel = "2:-1"  # layers 2 .. L-2
     tau: float = Field(default=20.0, gt=0, description="threshold on |h / rms(h)| in a sink dimension")
     rho: float = Field(default=0.5, ge=0, le=1, description="a row is image-centric if visual sinks hold at most rho of its image attention")
     p: float = Field(default=0.6, ge=0, le=1, description="fraction of a sink's attention that is kept")
@@ -62,70 +72,108 @@ class ImageTokens:
     __hash__ = object.__hash__
 
 
+def normalised(hidden: torch.Tensor) -> torch.Tensor:
+    """|h / rms(h)| in fp32 (RMS norm without its weight), (..., D)."""
+    h = hidden.float()
+    return h.abs() * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 @dataclass(frozen=True, eq=False)
 class HiddenSinks:
-    """Tokens whose RMS-normalised hidden state exceeds tau on a sink dimension."""
+    """Tokens whose normalised hidden state exceeds tau on a sink dimension, at prefill.
+
+    A row whose image tokens hold no sink gets none at all: the authors edit a
+    layer only when it has visual sinks, and without sinks nothing moves.
+    """
 
     dims: tuple[int, ...]
     tau: float
     flag: int = HSINK
     where: str = "layer_input"
+    prefill_only: bool = True
 
-    def detect(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T) bool."""
-        if not self.dims:
+    def detect(self, hidden: torch.Tensor, flags: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) hidden, (B, T) uint8 input flags -> (B, T) bool sinks."""
+        if not self.dims or flags is None:
             return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        h = hidden.float()
-        x = h.abs() / h.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
-        return x[..., list(self.dims)].amax(-1) > self.tau
+        sink = normalised(hidden)[..., list(self.dims)].amax(-1) > self.tau
+        visual = sink & ((flags & IMAGE) != 0)
+        return sink & visual.any(1, keepdim=True)
 
     def merge(self, other: "HiddenSinks") -> "HiddenSinks":
         return other
 
 
-def find_sink_dims(model: torch.nn.Module, info, tau: float, max_dims: int = 4) -> tuple[int, ...]:
-    """Find the massive-activation dimensions of a model.
+# --------------------------------------------------------------------------- sink dimensions
 
-    Runs a short text through the decoder and reads the layer-input hidden
-    states of the first token, where the usual sink sits. A dimension is a
-    sink dimension when its normalised magnitude exceeds `tau` at that token in
-    some layer >= 2; the `max_dims` largest are kept. A model without massive
-    activations (a random one) has none, and VAR then edits nothing.
+
+def find_sink_dims(model: torch.nn.Module, tau: float = 20.0, max_dims: int = 4, min_share: float = 0.5, probe: torch.Tensor | None = None) -> tuple[int, ...]:
+    """Find a model's massive-activation ("sink") dimensions from its hidden states.
+
+    Runs a probe through the text decoder and reads the RMS-normalised inputs of
+    layers 2 .. L-1. A dimension is a sink dimension when, at the first token
+    (where the usual sink sits), it exceeds `tau` in at least `min_share` of
+    those layers, while the median token stays below `tau` in it (a dimension
+    that is large everywhere marks no sink). At most `max_dims` are kept, the
+    most consistent first. A model without massive activations has none.
+
+    Args:
+        model: a loaded causal LM or vision-language model.
+        tau: VAR's threshold.
+        max_dims: the most dimensions to return.
+        min_share: share of layers in which the first token must pass `tau`.
+        probe: (B, T) input ids; default: 4 fixed random sequences of 32 tokens.
+    Returns:
+        Sorted dimension indices.
     """
-    layers = decoder_layers(model)
+    layers = list(decoder_layers(model))[2:]
     seen: list[torch.Tensor] = []
 
     def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        seen.append(hidden[:, 0].detach().float())
+        seen.append(normalised((args[0] if args else kwargs["hidden_states"]).detach()))
 
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in list(layers)[2:]]
+    ids = _probe_ids(model) if probe is None else probe
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
     try:
-        ids = _probe_ids(model)
         with torch.no_grad():
-            text_decoder(model)(input_ids=ids)
+            text_decoder(model)(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
     if not seen:
         return ()
-    h = torch.cat(seen)  # (n_layers - 2, D) first-token states
-    x = h.abs() / h.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
-    peak = x.amax(0)
-    order = torch.argsort(peak, descending=True)
-    return tuple(int(d) for d in order[:max_dims] if peak[d] > tau)
+    x = torch.stack(seen)  # (L', B, T, D)
+    first = x[:, :, 0]  # (L', B, D)
+    share = (first > tau).float().mean((0, 1))  # (D,)
+    typical = x[:, :, 1:].flatten(0, 2).median(0).values if x.shape[2] > 1 else torch.zeros_like(share)
+    ok = (share >= min_share) & (typical < tau)
+    strength = first.mean((0, 1))
+    order = sorted((int(d) for d in torch.nonzero(ok).flatten()), key=lambda d: (-float(share[d]), -float(strength[d])))
+    return tuple(sorted(order[:max_dims]))
 
 
 def _probe_ids(model) -> torch.Tensor:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     vocab = config.vocab_size
-    bos = getattr(config, "bos_token_id", None)
-    bos = bos if isinstance(bos, int) and 0 <= bos < vocab else 1
+    special = {getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    special |= {getattr(model.config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")}
     gen = torch.Generator().manual_seed(0)
-    body = torch.randint(3, vocab, (15,), generator=gen)
-    device = next(model.parameters()).device
-    return torch.cat([torch.tensor([bos]), body]).view(1, -1).to(device)
+    ids = torch.randint(3, vocab, (4, 32), generator=gen)
+    for s in special:  # plain text tokens only: no image placeholders
+        if isinstance(s, int):
+            ids[ids == s] = 3 + (s + 1) % max(1, vocab - 3)
+    bos = getattr(config, "bos_token_id", None)
+    if isinstance(bos, int) and 0 <= bos < vocab:
+        ids[:, 0] = bos
+    return ids
 
+
+def sink_dims_for(model: torch.nn.Module, tau: float) -> tuple[int, ...]:
+    """`find_sink_dims(model, tau)`, computed once per model and tau."""
+    found = _FOUND.setdefault(model, {})
+    if tau not in found:
+        found[tau] = find_sink_dims(model, tau)
+    return found[tau]
 
 
 @register("var", schema=VarSpec, summary=VarSpec.SUMMARY)
@@ -133,7 +181,7 @@ def compile(spec: VarSpec, info, model=None) -> list:
     if spec.sink_dims == "auto":
         if model is None:
             raise UnsupportedModelError("VAR with sink_dims: auto needs the loaded model to find its sink dimensions")
-        dims = find_sink_dims(model, info, spec.tau)
+        dims = sink_dims_for(model, spec.tau)
     else:
         dims = tuple(spec.sink_dims)
     out: list = [Detect(None, ImageTokens(info.image_token_id))]
@@ -145,3 +193,14 @@ def compile(spec: VarSpec, info, model=None) -> list:
             MoveEffect(layer, tuple(heads), KeySet(on=HSINK), KeySet(on=IMAGE, off=HSINK), spec.p, gate=gate, after_image=True)
         )
     return out
+
+
+@finder("var")
+def find(spec: VarSpec, model, info, **_) -> dict:
+    """VAR's offline statistic: resolve `sink_dims: auto` to the model's dimensions.
+
+    Returns:
+        {"spec": the spec with explicit sink_dims, "scores": {"sink_dims": [...], "tau": tau}}.
+    """
+    dims = list(find_sink_dims(model, spec.tau))
+    return {"spec": spec.model_copy(update={"sink_dims": dims}), "scores": {"sink_dims": dims, "tau": spec.tau}}

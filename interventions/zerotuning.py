@@ -1,9 +1,18 @@
 """ZeroTuning (Han et al., 2025): scale the attention every row pays to its first token.
 
 ``A'_i0 = gamma * A_i0 / D``, ``A'_ij = A_ij / D``, ``D = 1 + (gamma - 1) A_i0``:
-exactly a logit bias of ``log gamma`` on the row's first real token, at every
-forward including decoding. gamma > 1 flattens the rest of the row, gamma < 1
-sharpens it.
+exactly a logit bias of ``log gamma`` on the row's first real token (with left
+padding: the first non-padding token, where the authors' code scales column
+0), at every forward including decoding. gamma > 1 flattens the rest of the
+row, gamma < 1 sharpens it.
+
+`find` is the paper's search: profile heads at a probe gamma (each head index
+across the layers, as the authors' notebook does, or each layer, or each
+(layer, head)), split them into up-effective (the score rises) and
+down-effective heads, then score a gamma grid on all heads, the up-effective
+and the down-effective heads. Supervised with accuracy on labelled examples,
+or unsupervised with the model's output entropy on unlabelled prompts (the
+scorer decides; see `attnedit calibrate --objective`).
 """
 from __future__ import annotations
 
@@ -15,12 +24,17 @@ from pydantic import Field
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import FIRST, Bias, KeySet
 
-from .registry import register
+from .calibration import Calibration, Found, best, need_scorer, recipe_of, score_all
+from .registry import finder, register
+
+# The authors' notebook sweeps 1..4 step 0.5; they use gamma < 1 for QA-like tasks (BoolQ: 0.3).
+DEFAULT_GAMMAS = (0.3, 0.5, 0.7, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+PROFILES = ("head", "layer", "layer_head")
 
 
 class ZeroTuningSpec(InterventionSpec):
     type: Literal["zerotuning"]
-    gamma: float = Field(gt=0, le=1e4, description="multiplier of the attention to the first token")
+    gamma: float = Field(gt=0, le=1e4, description="multiplier of the attention to the first token (calibrate: the probe gamma)")
 
     SUMMARY: ClassVar[str] = "ZeroTuning: log(gamma) logit bias on each row's first real token"
 
@@ -29,3 +43,70 @@ class ZeroTuningSpec(InterventionSpec):
 def compile(spec: ZeroTuningSpec, info, model=None) -> list:
     bias = math.log(spec.gamma)
     return [Bias(layer, tuple(heads), KeySet(on=FIRST), bias) for layer, heads in spec.targets(info).items()]
+
+
+def _units(spec: ZeroTuningSpec, info, profile: str) -> list[tuple[dict, dict[int, list[int]]]]:
+    """The profiled units: (description, {layer: heads}) within the spec's targets."""
+    targets = spec.targets(info)
+    if profile == "layer":
+        return [({"layer": layer}, {layer: heads}) for layer, heads in targets.items()]
+    if profile == "layer_head":
+        return [({"layer": layer, "head": h}, {layer: [h]}) for layer, heads in targets.items() for h in heads]
+    heads = sorted({h for hs in targets.values() for h in hs})
+    return [({"head": h}, {layer: [h] for layer, hs in targets.items() if h in hs}) for h in heads]
+
+
+def _spec(heads: dict[int, list[int]], gamma: float) -> ZeroTuningSpec:
+    return ZeroTuningSpec(type="zerotuning", heads={layer: sorted(hs) for layer, hs in sorted(heads.items())}, gamma=gamma)
+
+
+def _union(maps: list[dict[int, list[int]]]) -> dict[int, list[int]]:
+    out: dict[int, set[int]] = {}
+    for m in maps:
+        for layer, hs in m.items():
+            out.setdefault(layer, set()).update(hs)
+    return {layer: sorted(hs) for layer, hs in out.items()}
+
+
+@finder("zerotuning")
+def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
+    """ZeroTuning's search: head profiling at `spec.gamma`, then a gamma grid over head sets.
+
+    Options (``cal.options``): ``profile`` (head | layer | layer_head, default head),
+    ``gammas`` (the grid, default 0.3, 0.5, 0.7, 1.5 .. 4 step 0.5).
+
+    Returns:
+        A `Found` with the best (head set, gamma), or no spec when nothing beats the unpatched model.
+    """
+    profile = str(cal.options.get("profile", "head"))
+    if profile not in PROFILES:
+        from attnedit.errors import AttneditError  # noqa: PLC0415
+
+        raise AttneditError(f"zerotuning option profile={profile!r}; allowed: {', '.join(PROFILES)}")
+    gammas = [float(g) for g in cal.options.get("gammas", DEFAULT_GAMMAS)]
+    baseline = float(need_scorer(cal, "zerotuning")(None))
+    units = _units(spec, cal.info, profile)
+    probe = [({"stage": "profile", **desc, "gamma": spec.gamma}, recipe_of(_spec(m, spec.gamma))) for desc, m in units]
+    profiled = score_all(cal, probe, "ZeroTuning head profiling")
+    up = _union([m for (_, m), r in zip(units, profiled) if r["score"] > baseline])
+    down = _union([m for (_, m), r in zip(units, profiled) if r["score"] < baseline])
+    sets = {"all": spec.targets(cal.info), "up": up, "down": down}
+    grid = [
+        ({"stage": "grid", "heads": name, "gamma": g}, recipe_of(_spec(heads, g)))
+        for name, heads in sets.items() if heads
+        for g in gammas
+    ]
+    left = None if cal.max_candidates is None else max(0, cal.max_candidates - len(profiled))
+    cal_grid = cal if left is None else _with_limit(cal, left)
+    scored = score_all(cal_grid, grid, "ZeroTuning gamma grid")
+    top = best(scored, baseline)
+    specs = [_spec(sets[top["candidate"]["heads"]], top["candidate"]["gamma"])] if top else []
+    notes = {"profile": profile, "probe_gamma": spec.gamma, "gammas": gammas,
+             "up_effective": up, "down_effective": down}
+    return Found(specs, profiled + scored, top, baseline, notes)
+
+
+def _with_limit(cal: Calibration, n: int) -> Calibration:
+    from dataclasses import replace  # noqa: PLC0415
+
+    return replace(cal, max_candidates=n)
