@@ -114,45 +114,12 @@ def best(records: Sequence[dict], baseline: float | None = None) -> dict | None:
     return top
 
 
-def provenance(
-    *,
-    model_name: str,
-    model_hash: str,
-    task: str | None,
-    split: str | None,
-    n: int,
-    seed: int,
-    objective: str,
-    method: str,
-    found: Found,
-    budget: dict,
-    elapsed_s: float,
-    extra: dict | None = None,
-) -> dict:
-    """The provenance block written into a calibrated recipe (plain data: YAML/JSON-safe)."""
+def provenance(**fields) -> dict:
+    """The provenance block of a calibrated recipe: the given fields, plus tool version and date, as plain data."""
     from attnedit import __version__  # noqa: PLC0415
 
-    out = {
-        "tool": f"attnedit {__version__}",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "method": method,
-        "model": model_name,
-        "model_hash": model_hash,
-        "task": task,
-        "split": split,
-        "n_examples": n,
-        "seed": seed,
-        "objective": objective,
-        "budget": budget,
-        "elapsed_s": round(elapsed_s, 1),
-        "baseline": found.baseline,
-        "chosen": found.chosen,
-        "candidates": found.candidates,
-    }
-    if found.notes:
-        out["notes"] = found.notes
-    if extra:
-        out.update(extra)
+    out = {"tool": f"attnedit {__version__}", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    out.update(fields)
     return _plain(out)
 
 
@@ -166,3 +133,96 @@ def _plain(obj):
     if hasattr(obj, "item") and callable(obj.item):
         return _plain(obj.item())
     return obj
+
+
+# --------------------------------------------------------------------------- the calibrate command's engine
+
+MIN_EXAMPLES = 16
+
+
+def calibration_examples(task, limit: int | None, seed: int, minimum: int = MIN_EXAMPLES) -> list:
+    """A seeded sample of `limit` examples of the task's train split (never its test split).
+
+    Raises:
+        AttneditError: the split (or the limit) leaves fewer than `minimum` examples.
+    """
+    import random  # noqa: PLC0415
+
+    pool = list(task.split("train"))
+    if len(pool) < minimum:
+        raise AttneditError(f"task {task.name!r} has {len(pool)} train examples; calibration needs at least {minimum}")
+    chosen = random.Random(seed).sample(pool, min(len(pool), limit)) if limit is not None else pool
+    if len(chosen) < minimum:
+        raise AttneditError(f"--limit {limit} leaves {len(chosen)} calibration examples; calibration needs at least {minimum}")
+    return chosen
+
+
+def task_scorer(model, tokenizer, task, examples, *, objective: str, shots: int, seed: int, batch_size: int, backend: str | None):
+    """``score(recipe or None) -> float`` on fixed examples, by `objective`:
+
+    accuracy: the task's primary metric (the papers' criterion); logprob: the mean log-probability of
+    the gold answer among the choices (labelled, less noisy on few examples); entropy: minus the mean
+    entropy of the answer distribution (unsupervised: labels unused).
+    """
+    from attnedit import evals  # noqa: PLC0415
+
+    encoded = evals.encode(task, examples, tokenizer, shots=shots, seed=seed)  # tokenized once for every candidate
+
+    def score(recipe) -> float:
+        recs = evals.score(model, tokenizer, task, examples, encoded=encoded, recipe=recipe, backend=backend, batch_size=batch_size, progress=False)
+        if objective == "entropy":
+            return -sum(_entropy(r["scores"]) for r in recs) / len(recs)
+        if objective == "logprob":
+            return sum(_log_softmax(r["scores"])[r["gold"][0]] for r in recs) / len(recs)
+        return float(evals.metric(recs, task)["value"])
+
+    return score
+
+
+def _entropy(scores) -> float:
+    logp = _log_softmax(scores)
+    return -sum(math.exp(v) * v for v in logp)
+
+
+def _log_softmax(scores) -> list[float]:
+    top = max(scores)
+    z = math.log(sum(math.exp(s - top) for s in scores)) + top
+    return [s - z for s in scores]
+
+
+def conflict_prompts(task, examples, tokenizer) -> list:
+    """PH3's inputs from a knowledge_conflict task: prompt, question, first tokens of both answers."""
+    from attnedit import evals  # noqa: PLC0415
+
+    from .head_prune import ConflictPrompt  # noqa: PLC0415
+
+    if task.kind != "knowledge_conflict":
+        raise AttneditError(f"PH3 head search needs a knowledge_conflict task (e.g. lama-conflict); {task.name!r} is {task.kind}")
+    out = []
+    for ex, enc in zip(examples, evals.encode(task, examples, tokenizer, shots=0)):
+        ctx, mem = enc.choice_ids[0], enc.choice_ids[1]  # choices are (context answer, memory answer)
+        if ctx and mem:
+            out.append(ConflictPrompt(enc.prompt, str(ex.fields["question"]), mem[0], ctx[0]))
+    return out
+
+
+def calibrate(recipe: Recipe, cal: Calibration) -> tuple[Recipe, list[dict]]:
+    """Run the target finder of every intervention that has one; keep the others as they are.
+
+    Returns:
+        (the resolved recipe, one search summary per intervention).
+    """
+    from . import registry  # noqa: PLC0415
+
+    specs, searches = [], []
+    for i, spec in enumerate(recipe.interventions):
+        method = registry.get(spec.type)
+        if method.find is None:
+            specs.append(spec)
+            searches.append({"index": i, "method": spec.type, "searched": False, "why": "no target finder (targets are given or found per input)"})
+            continue
+        found = method.find(spec, cal)
+        specs.extend(found.specs)
+        searches.append({"index": i, "method": spec.type, "searched": True, "baseline": found.baseline, "chosen": found.chosen,
+                         "kept_interventions": len(found.specs), "notes": found.notes, "candidates": found.candidates})
+    return recipe.replace(interventions=tuple(specs)), searches

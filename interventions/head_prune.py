@@ -17,6 +17,7 @@ that lower it context heads; the top-k of the kind the user names are pruned.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -149,17 +150,20 @@ def head_means(model, tokenizer, texts: list[str], targets: dict[int, list[int]]
 # --------------------------------------------------------------------------- PH3
 
 
-def _answer_ids(tokenizer, conflicts) -> tuple[list, torch.Tensor]:
-    """Keep conflicts whose two answers start with different tokens; (kept, (N, 2) ids [memory, context])."""
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    first = lambda s: tok(" " + s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-    kept, ids = [], []
-    for c in conflicts:
-        m, x = first(c.memory), first(c.context)
-        if m != x:
-            kept.append(c)
-            ids.append((m, x))
-    return kept, torch.tensor(ids, dtype=torch.long).view(-1, 2)
+@dataclass(frozen=True)
+class ConflictPrompt:
+    """One knowledge-conflict prompt for PH3.
+
+    Attributes:
+        prompt: the context (stating a counterfactual object) and the question, ending before the answer.
+        question: the question alone (to check that the model recalls the fact).
+        memory_id, context_id: first token of the memory answer and of the context's answer.
+    """
+
+    prompt: str
+    question: str
+    memory_id: int
+    context_id: int
 
 
 @torch.no_grad()
@@ -232,23 +236,21 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
 
     Options (``cal.options``): ``prune`` (memory | context: which heads to prune, default memory,
     which makes the model follow the context), ``k`` (default 5), ``patching`` (direct | total),
-    ``batch_size`` (default 8). The calibration examples are `conflicts.Conflict` prompts.
+    ``batch_size`` (default 8). The calibration examples are `ConflictPrompt`s (from a knowledge_conflict task).
 
     Returns:
         A `Found` with the pruning spec (with means for mean ablation) and every head's score.
     """
-    from .conflicts import Conflict  # noqa: PLC0415
-
     prune, k = str(cal.options.get("prune", "memory")), int(cal.options.get("k", 5))
     patching, bs = str(cal.options.get("patching", "direct")), int(cal.options.get("batch_size", 8))
     if prune not in ("memory", "context") or patching not in ("direct", "total"):
         raise AttneditError("head_prune options: prune is memory or context, patching is direct or total")
-    conflicts = [c for c in cal.examples if isinstance(c, Conflict)]
+    conflicts = [c for c in cal.examples if isinstance(c, ConflictPrompt) and c.memory_id != c.context_id]
     if not conflicts:
-        raise AttneditError("PH3 head search needs knowledge-conflict prompts: use --task lama-conflicts")
+        raise AttneditError("PH3 head search needs knowledge-conflict prompts: use a knowledge_conflict task (--task lama-conflict)")
     model, tok, info = cal.model, cal.tokenizer, cal.info
     device = next(model.parameters()).device
-    conflicts, ids = _answer_ids(tok, conflicts)
+    ids = torch.tensor([[c.memory_id, c.context_id] for c in conflicts], dtype=torch.long)
     known = _logit_diff(model, tok, [c.question for c in conflicts], ids, bs, device) > 0  # the model recalls the fact
     conflicts = [c for c, ok in zip(conflicts, known.tolist()) if ok]
     ids = ids[known]

@@ -28,6 +28,7 @@ from attnedit.modelinfo import decoder_layers, text_decoder
 from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import HSINK, IMAGE, Detect, Gate, KeySet, MoveEffect
 
+from .calibration import Calibration, Found
 from .registry import finder, register
 
 _FOUND: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -196,11 +197,8 @@ def compile(spec: VarSpec, info, model=None) -> list:
 
 
 @finder("var")
-def find(spec: VarSpec, model, info, **_) -> dict:
-    """VAR's offline statistic: resolve `sink_dims: auto` to the model's dimensions.
-
-    Returns:
-        {"spec": the spec with explicit sink_dims, "scores": {"sink_dims": [...], "tau": tau}}.
-    """
-    dims = list(find_sink_dims(model, spec.tau))
-    return {"spec": spec.model_copy(update={"sink_dims": dims}), "scores": {"sink_dims": dims, "tau": spec.tau}}
+def find(spec: VarSpec, cal: Calibration) -> Found:
+    """VAR's offline statistic: resolve `sink_dims: auto` to the model's sink dimensions (no task needed)."""
+    dims = list(find_sink_dims(cal.model, spec.tau))
+    chosen = {"sink_dims": dims, "tau": spec.tau, "rule": "first token above tau in >= half of layers 2..L-1, median token below"}
+    return Found([spec.model_copy(update={"sink_dims": dims})], [], chosen, None, {})

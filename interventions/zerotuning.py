@@ -10,7 +10,8 @@ row, gamma < 1 sharpens it.
 across the layers, as the authors' notebook does, or each layer, or each
 (layer, head)), split them into up-effective (the score rises) and
 down-effective heads, then score a gamma grid on all heads, the up-effective
-and the down-effective heads. Supervised with accuracy on labelled examples,
+and the down-effective heads (gamma > 1 for the up-effective, < 1 for the
+down-effective heads, both for all heads). Supervised with accuracy on labelled examples,
 or unsupervised with the model's output entropy on unlabelled prompts (the
 scorer decides; see `attnedit calibrate --objective`).
 """
@@ -91,10 +92,12 @@ def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
     up = _union([m for (_, m), r in zip(units, profiled) if r["score"] > baseline])
     down = _union([m for (_, m), r in zip(units, profiled) if r["score"] < baseline])
     sets = {"all": spec.targets(cal.info), "up": up, "down": down}
+    # up-effective heads gain from gamma > 1, down-effective ones from gamma < 1; all heads try both
+    wanted = {"all": lambda g: True, "up": lambda g: g > 1, "down": lambda g: g < 1}
     grid = [
         ({"stage": "grid", "heads": name, "gamma": g}, recipe_of(_spec(heads, g)))
         for name, heads in sets.items() if heads
-        for g in gammas
+        for g in gammas if wanted[name](g)
     ]
     left = None if cal.max_candidates is None else max(0, cal.max_candidates - len(profiled))
     cal_grid = cal if left is None else _with_limit(cal, left)

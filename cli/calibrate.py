@@ -1,0 +1,142 @@
+"""attnedit calibrate: run each method's own target search and write the resolved recipe."""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .common import BackendOpt, CacheOpt, DeviceOpt, DtypeOpt, UsageError, check_writable, console, err_console, load_model, load_recipe, write_atomic
+
+COMMAND = "calibrate"
+ORDER = 30
+
+
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name; its interventions are the search's starting point.")],
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Task whose train split scores the candidates (sst2, trec, cb, rte, agnews, lama-conflict, a task YAML). Not needed for VAR.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated recipe (YAML).")] = Path("calibrated.yaml"),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Evaluation data folder (default $ATTNEDIT_DATA_DIR, else ../shared/data).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Calibration examples, drawn (seeded) from the task's train split.")] = 128,
+    max_candidates: Annotated[int | None, typer.Option(min=0, help="Stop after scoring this many candidates per search.")] = None,
+    shots: Annotated[int, typer.Option(min=0, help="Demonstrations per prompt (from the train split).")] = 0,
+    objective: Annotated[str, typer.Option(help="accuracy (the task's metric), logprob (mean log-probability of the gold answer) or entropy (unsupervised: minus the answer entropy).")] = "accuracy",
+    param: Annotated[list[str] | None, typer.Option("--param", "-P", help="Method option KEY=VALUE (repeatable), e.g. profile=head, gammas=0.5,2,3, k=5, prune=context.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the example draw and the demonstrations.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    backend: BackendOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Find each intervention's targets with its paper's search (ACT heads, ZeroTuning gamma and heads,
+    PH3 memory/context heads, VAR sink dimensions) on a task's train split, and write a recipe with the
+    resolved heads and parameters and their provenance (model hash, data, every candidate's score)."""
+    from attnedit.interventions import calibration as C  # noqa: PLC0415
+    from attnedit.loading import DEFAULT_MODEL, load_config, model_hash  # noqa: PLC0415
+    from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
+
+    if objective not in ("accuracy", "logprob", "entropy"):
+        raise UsageError(f"--objective {objective!r}; allowed: accuracy, logprob, entropy")
+    options = _options(param or [])
+    rec = load_recipe(recipe)
+    check_writable(out, force)
+    name = model or rec.model or DEFAULT_MODEL
+    info = ModelInfo.from_config(load_config(name, cache_dir), name=name)
+    rec.check_model(info)  # before loading weights
+    the_task, examples = _task(task, data_dir, limit, seed, rec)
+    m, tok = load_model(name, dtype, device, cache_dir)
+    started = time.time()
+    with _progress() as progress:
+        cal = C.Calibration(m, tok, info, objective=objective, max_candidates=max_candidates, seed=seed, progress=progress, options=options)
+        if the_task is not None:
+            if the_task.kind == "knowledge_conflict":
+                cal.examples = C.conflict_prompts(the_task, examples, tok)
+            else:
+                cal.examples = examples
+                cal.score = C.task_scorer(m, tok, the_task, examples, objective=objective, shots=shots, seed=seed, batch_size=batch_size, backend=backend)
+        resolved, searches = C.calibrate(rec, cal)
+        final = cal.score(resolved) if cal.score is not None and resolved.interventions else None
+    prov = C.provenance(
+        command=" ".join(["attnedit", "calibrate", *map(shlex.quote, sys.argv[2:])]) if len(sys.argv) > 1 else None,
+        source_recipe=str(rec.source), model=name, model_hash=model_hash(name, cache_dir), task=task, split="train" if task else None,
+        n_examples=len(examples), n_train=len(the_task.split("train")) if the_task else None, seed=seed, shots=shots, objective=objective,
+        budget={"limit": limit, "max_candidates": max_candidates, "options": options}, elapsed_s=round(time.time() - started, 1),
+        calibrated_score=final, searches=searches,
+    )
+    resolved = resolved.replace(name=f"{rec.name or Path(str(rec.source)).stem}-calibrated" + (f"-{the_task.name}" if the_task else ""),
+                                model=name, provenance=prov, description=f"{rec.description or rec.name or 'recipe'}, calibrated on {task or 'the model'}")
+    header = f"attnedit apply {out} --model {name}\nCalibrated by: {prov.get('command') or 'attnedit calibrate'}"
+    write_atomic(out, resolved.to_yaml(header=header))
+    _summary(searches, final, out, prov["elapsed_s"])
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {p!r}: write KEY=VALUE")
+        out[key.strip()] = [_num(v) for v in value.split(",")] if "," in value else _num(value)
+    return out
+
+
+def _num(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v.strip()
+
+
+def _task(task, data_dir, limit, seed, rec):
+    """(Task, calibration examples) or (None, []) for searches that need no task (VAR)."""
+    from attnedit.interventions import calibration as C  # noqa: PLC0415
+
+    if task is None:
+        needs = [s.type for s in rec.interventions if s.type in ("act", "zerotuning", "head_prune")]
+        if needs:
+            raise UsageError(f"calibrating {', '.join(sorted(set(needs)))} needs --task (e.g. --task sst2, or --task lama-conflict for head_prune)")
+        return None, []
+    from attnedit.evals import load_task  # noqa: PLC0415
+
+    the_task = load_task(task, data_dir=data_dir)
+    return the_task, C.calibration_examples(the_task, limit, seed)
+
+
+class _progress:
+    """Rich progress bars on stderr; `progress(total, label)` adds a bar and returns its advance callable."""
+
+    def __enter__(self):
+        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        self.bar = Progress(*cols, console=err_console, transient=False)
+        self.bar.start()
+        return self
+
+    def __call__(self, total: int, label: str):
+        tid = self.bar.add_task(label, total=total)
+        return lambda advance=1: self.bar.advance(tid, advance)
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+
+def _summary(searches: list[dict], final, out: Path, elapsed: float) -> None:
+    table = Table(title=f"calibrated recipe written to {out} ({elapsed:.0f} s)")
+    for col in ("#", "method", "baseline", "candidates", "chosen"):
+        table.add_column(col, overflow="fold")
+    for s in searches:
+        chosen = s.get("chosen") or ("kept as given" if not s["searched"] else "nothing beat the unpatched model")
+        base = s.get("baseline")
+        table.add_row(str(s["index"]), s["method"], "-" if base is None else f"{base:.4f}", str(len(s.get("candidates", []))), str(chosen))
+    console.print(table)
+    if final is not None:
+        console.print(f"score of the calibrated recipe on the calibration examples: {final:.4f}")
