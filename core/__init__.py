@@ -7,6 +7,7 @@
         out = model(**batch)
 """
 from .errors import AttneditError, BackendError, ModelLoadError, RecipeError, UnsupportedModelError
+from .export import export
 from .loading import load
 from .patch import Patch, patch
 from .recipe import Recipe
@@ -21,6 +22,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "UnsupportedModelError",
+    "export",
     "load",
     "patch",
     "__version__",

@@ -199,9 +199,10 @@ def load(
         cache_dir: where the alias is converted and cached (default $ATTNEDIT_CACHE or ~/.cache/attnedit).
         trust_remote_code: passed to transformers.
     Returns:
-        (model, tokenizer_or_processor); the model is in eval mode.
+        (model, tokenizer_or_processor); the model is in eval mode. A folder written by `attnedit export`
+        comes back with its dynamic edits applied, their `Patch` in ``model.attnedit_patch``.
     Raises:
-        ModelLoadError: unknown name, missing package, damaged file, unreachable hub.
+        ModelLoadError: unknown name, missing package, damaged file, unreachable hub, an export's missing recipe.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
@@ -234,6 +235,9 @@ def load(
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    from .export import restore  # noqa: PLC0415
+
+    restore(model, source)  # an attnedit export: apply its dynamic edits (model.attnedit_patch)
     return model, tokenizer
 
 

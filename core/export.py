@@ -1,0 +1,310 @@
+"""Export a model with a recipe applied, as a folder that loads with attnedit or plain transformers.
+
+`attnedit.fold` decides what folds into the weights and what stays dynamic.
+`export` writes the folded weights, config, tokenizer (processor), the
+resolved recipe (`FULL_RECIPE`), its dynamic part (`DYNAMIC_RECIPE`) and a
+model card, into a temporary folder renamed into place at the end.
+`restore` applies the dynamic part to a model loaded from such a folder
+(`attnedit.load` calls it); `entry_point` does the same for
+``from_pretrained(DIR, trust_remote_code=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import AttneditError, ModelLoadError
+from .fold import Edit, ExportPlan, folded_weights, model_name, out_proj, plan_export
+from .patch import _ACTIVE, Patch
+from .recipe import Recipe
+
+__all__ = ["Edit", "ExportPlan", "ExportResult", "check_target", "entry_point", "export", "plan_export", "restore", "staged"]
+
+CONFIG_KEY = "attnedit"  # the block export adds to config.json
+FORMAT = 1
+FULL_RECIPE = "attnedit_recipe.yaml"  # the whole recipe, resolved, as applied to the base model
+DYNAMIC_RECIPE = "attnedit_dynamic.yaml"  # the part attnedit applies to this folder's weights at load
+ENTRY_MODULE = "attnedit_entry"  # loader for from_pretrained(DIR, trust_remote_code=True)
+RESULTS_FILE = "eval_results.json"
+NOTICE = (
+    "The weights carry the folded edits only. The dynamic edits are applied by attnedit: "
+    "attnedit.load(DIR), or from_pretrained(DIR, trust_remote_code=True) with attnedit installed."
+)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    plan: ExportPlan
+    base_model: str
+    base_hash: str | None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def export(
+    model: torch.nn.Module,
+    recipe: Recipe | str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    force: bool = False,
+    results: str | Path | None = None,
+    base_model: str | None = None,
+    max_shard_size: str | int = "5GB",
+) -> ExportResult:
+    """Write `model` with `recipe` applied to `out_dir`: folded weights, config, tokenizer, recipe, model card.
+
+    The folder is written beside `out_dir` under a temporary name and renamed
+    into place at the end: a failure leaves `out_dir` as it was.
+
+    Args:
+        model: the loaded, unpatched model (a causal LM or vision-language model).
+        recipe: a `Recipe` or a path to a recipe YAML.
+        out_dir: the folder to write; its parent must exist.
+        tokenizer: the tokenizer (processor for VLMs); default: loaded from the model's source.
+        force: replace `out_dir` if it is a non-empty folder.
+        results: a results JSON written by `attnedit eval`, shown in the model card.
+        base_model: the base model's name for the card (default: how it was loaded).
+        max_shard_size: safetensors shard size.
+    Returns:
+        An `ExportResult` with the plan (what was folded, what stays dynamic).
+    Raises:
+        AttneditError: a non-empty `out_dir` without `force`, a patched model, a model that is
+            itself an export with dynamic edits, an unreadable results file, an unresolvable `auto`.
+        RecipeError: the recipe does not fit the model.
+    """
+    from . import card  # noqa: PLC0415
+
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
+    out = Path(out_dir).expanduser()
+    base = base_model or model_name(model)
+    _check_model(model)
+    check_target(out, force, base)
+    table = card.read_results(Path(results)) if results is not None else None
+    plan = plan_export(model, recipe)
+    tokenizer = tokenizer if tokenizer is not None else _base_tokenizer(model, base)
+    result = ExportResult(out, plan, base, _base_hash(base))
+    with staged(out, force) as tmp:
+        _write_weights(model, plan, tmp, max_shard_size)
+        _write_config(model, result, tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_recipes(result, tmp)
+        if results is not None:
+            shutil.copyfile(results, tmp / RESULTS_FILE)
+        (tmp / "README.md").write_text(card.model_card(result, model, table), encoding="utf-8")
+    return result
+
+
+def check_target(out: Path, force: bool, base: str = "") -> None:
+    """Refuse a target that is a file, a non-empty folder (without force), or the model's own folder."""
+    if out.exists() and not out.is_dir():
+        raise AttneditError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise AttneditError(f"{out} is a folder that is not empty; pass --force (force=True) to replace it")
+    if not out.parent.is_dir():
+        raise AttneditError(f"folder {out.parent} does not exist")
+    if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() == out.resolve():
+        raise AttneditError(f"{out} is the folder the model was loaded from; export to another folder")
+
+
+@contextmanager
+def staged(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is deleted."""
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()  # mode from the umask, as a folder made by hand (mkdtemp would make it private)
+    try:
+        yield tmp
+        _swap(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap(tmp: Path, out: Path, force: bool) -> None:
+    """Rename `tmp` to `out`; an existing `out` is moved aside first and put back if that fails."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    check_target(out, force)  # it may have appeared while we wrote
+    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_weights(model, plan: ExportPlan, tmp: Path, max_shard_size) -> None:
+    """save_pretrained with the folded o_proj tensors swapped into the state dict (the model is not changed)."""
+    state = model.state_dict()
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer, layer_plan in plan.fold.items():
+        lin = out_proj(model, layer, plan.info)
+        weight, bias = folded_weights(lin, layer_plan, plan.info)
+        state[f"{names[id(lin)]}.weight"] = weight
+        if bias is not None:
+            state[f"{names[id(lin)]}.bias"] = bias
+    model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+
+
+def _write_config(model, result: ExportResult, tmp: Path) -> None:
+    """Add the attnedit block (and, with dynamic edits, the trust_remote_code loader) to config.json."""
+    from attnedit import __version__  # noqa: PLC0415
+
+    path = tmp / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    plan = result.plan
+    block = {
+        "format": FORMAT,
+        "version": __version__,
+        "base_model": result.base_model,
+        "base_model_hash": result.base_hash,
+        "recipe_hash": plan.recipe.hash(),
+        "folded": [e.to_dict() for e in plan.folded],
+        "dynamic": [e.to_dict() for e in plan.dynamic],
+        "dynamic_recipe": DYNAMIC_RECIPE if plan.dynamic else None,
+        "notice": NOTICE if plan.dynamic else "Every edit is folded into the weights.",
+    }
+    if isinstance(data.get(CONFIG_KEY), dict):
+        block["base_export"] = data[CONFIG_KEY]  # the base model is itself a (folded-only) export
+    data[CONFIG_KEY] = block
+    loader = _loader_class(model)
+    if plan.dynamic and loader is not None:
+        data["auto_map"] = {**data.get("auto_map", {}), loader[0]: f"{ENTRY_MODULE}.AttneditLoader"}
+        (tmp / f"{ENTRY_MODULE}.py").write_text(_ENTRY_SOURCE.format(cls=loader[1]), encoding="utf-8")
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_recipes(result: ExportResult, tmp: Path) -> None:
+    plan = result.plan
+    folded = ", ".join(f"#{e.index} {e.type}" for e in plan.folded) or "none"
+    head = f"The whole recipe as applied to the base model {result.base_model or '(unnamed)'}, every 'auto' resolved.\n"
+    head += f"Do not apply it to this folder's weights: they already hold the folded edits ({folded})."
+    (tmp / FULL_RECIPE).write_text(plan.recipe.to_yaml(header=head), encoding="utf-8")
+    dynamic = plan.dynamic_recipe()
+    if dynamic is not None:
+        head = f"The dynamic part of the export, for this folder's weights (folded already: {folded}).\n"
+        head += "attnedit.load(DIR) applies it."
+        (tmp / DYNAMIC_RECIPE).write_text(dynamic.to_yaml(header=head), encoding="utf-8")
+
+
+_ENTRY_SOURCE = '''"""Loads this attnedit export with its dynamic edits: from_pretrained(DIR, trust_remote_code=True).
+
+Needs attnedit installed. Without trust_remote_code, transformers loads the folded weights only.
+"""
+from attnedit.export import entry_point
+
+AttneditLoader = entry_point("{cls}")
+'''
+
+
+def _loader_class(model) -> tuple[str, str] | None:
+    """(Auto class, transformers class name) for the trust_remote_code loader, or None for non-transformers classes."""
+    import transformers  # noqa: PLC0415
+
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        return None
+    auto = "AutoModelForImageTextToText" if hasattr(model.config, "vision_config") else "AutoModelForCausalLM"
+    return auto, name
+
+
+# --------------------------------------------------------------------------- checks and names
+
+
+def _check_model(model) -> None:
+    block = getattr(model.config, CONFIG_KEY, None)
+    if isinstance(block, dict) and block.get("dynamic"):
+        kinds = ", ".join(d["type"] for d in block["dynamic"])
+        raise AttneditError(
+            f"this model is an attnedit export whose dynamic edits ({kinds}) are not in its weights; "
+            f"export its base model {block.get('base_model') or ''} with one recipe that holds both"
+        )
+    if model in _ACTIVE:
+        raise AttneditError("the model is patched by attnedit; remove the patch and pass the recipe to export instead")
+
+
+def _base_hash(name: str) -> str | None:
+    from .loading import model_hash  # noqa: PLC0415
+
+    return model_hash(name) if name else None
+
+
+def _base_tokenizer(model, base: str):
+    from .loading import resolve  # noqa: PLC0415
+
+    if not base:
+        raise AttneditError("the model has no name to load its tokenizer from; pass tokenizer=... to export")
+    source, extra = resolve(base)
+    try:
+        if hasattr(model.config, "vision_config"):
+            from transformers import AutoProcessor  # noqa: PLC0415
+
+            return AutoProcessor.from_pretrained(source, **extra)
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as e:
+        raise AttneditError(f"could not load the tokenizer of {base}: {str(e).splitlines()[0]}; pass tokenizer=...") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def restore(model: torch.nn.Module, source: str | os.PathLike, revision: str | None = None) -> Patch | None:
+    """Apply an export's dynamic edits to a model loaded from it (`attnedit.load` calls this).
+
+    Args:
+        model: a model loaded from `source`.
+        source: the export's folder (or hub id).
+        revision: hub revision, if any.
+    Returns:
+        The applied `Patch`, also stored as ``model.attnedit_patch`` (``.remove()`` takes the dynamic
+        edits off; the folded ones are in the weights); None when `source` is no export or has no dynamic part.
+    Raises:
+        ModelLoadError: the export's dynamic recipe is missing or written by a newer attnedit.
+    """
+    from transformers.utils import cached_file  # noqa: PLC0415
+
+    block = getattr(model.config, CONFIG_KEY, None)
+    if not isinstance(block, dict) or not block.get("dynamic"):
+        return None
+    if block.get("format", FORMAT) > FORMAT:
+        raise ModelLoadError(f"{source} was exported by attnedit {block.get('version')}, newer than this one; upgrade attnedit")
+    name = block.get("dynamic_recipe") or DYNAMIC_RECIPE
+    try:
+        path = cached_file(str(source), name, revision=revision)
+    except OSError:
+        path = None
+    if path is None:
+        raise ModelLoadError(f"{source} is an attnedit export with dynamic edits, but its {name} is missing")
+    patch = Patch(model, Recipe.from_yaml(path)).apply()
+    model.attnedit_patch = patch
+    return patch
+
+
+def entry_point(class_name: str) -> type:
+    """A loader class for ``from_pretrained(DIR, trust_remote_code=True)``: the model class, then `restore`."""
+    import transformers  # noqa: PLC0415
+
+    base = getattr(transformers, class_name)
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        kwargs.pop("trust_remote_code", None)
+        model = base.from_pretrained(path, *args, **kwargs)
+        restore(model, path, revision=kwargs.get("revision"))
+        return model
+
+    return type("AttneditLoader", (base,), {"from_pretrained": classmethod(from_pretrained), "__module__": __name__})
