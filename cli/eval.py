@@ -1,0 +1,138 @@
+"""attnedit eval: a recipe against the unpatched model on the same examples, with paired statistics."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import BackendOpt, CacheOpt, DeviceOpt, DtypeOpt, UsageError, console, err_console, load_model, load_recipe, write_atomic
+
+COMMAND = "eval"
+ORDER = 40
+
+
+def run(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="Comma-separated tasks: built-in names, bigbench:<name or .json>, or task YAML files.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score the first N test examples of each task.")] = None,
+    shots: Annotated[int, typer.Option(min=0, help="Demonstrations per example, drawn from the train split.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the demonstrations and of the bootstrap.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward (left padded; scores do not depend on it).")] = 8,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: attnedit-eval/<recipe>_<model>).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data folder of the built-in tasks (default: $ATTNEDIT_DATA_DIR).")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Chat-template prompts (default: the task's setting, else if the tokenizer has one).")] = None,
+    plot: Annotated[bool, typer.Option("--plot", help="Also write DIR/differences.png.")] = False,
+    bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the 95% interval.")] = 10_000,
+    force: Annotated[bool, typer.Option("--force", help="Discard what --out holds from an earlier run instead of resuming it.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results.json instead of the table.")] = False,
+    backend: BackendOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Score tasks with the unpatched and the patched model: metrics, difference with a 95% interval, McNemar's p, time, memory.
+
+    Writes DIR/results.json and DIR/samples_<task>.jsonl; rerun the same command to resume an interrupted run.
+    Under `accelerate launch -m attnedit.cli eval ...` the examples are shared among the processes.
+    """
+    from attnedit.evals import runner  # noqa: PLC0415
+    from attnedit.evals.report import provenance, table  # noqa: PLC0415
+    from attnedit.loading import DEFAULT_MODEL, load_config, model_hash  # noqa: PLC0415
+    from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
+
+    rec = load_recipe(recipe)
+    loaded = _load_tasks(tasks, data_dir, shots)
+    name = model or rec.model or DEFAULT_MODEL
+    rec.check_model(ModelInfo.from_config(load_config(name, cache_dir), name=name))  # before loading weights
+    out = out or Path("attnedit-eval") / _slug(f"{rec.name or Path(recipe).stem}_{Path(name).name}")
+    rank, world, barrier, dist_device = _processes()
+    settings = runner.Settings(shots=shots, seed=seed, batch_size=batch_size, limit=limit, chat=chat, backend=backend, n_boot=bootstrap)
+    settings.identity = {
+        "model": name, "model_hash": model_hash(name, cache_dir), "recipe_hash": rec.hash(), "tasks": [t.name for t in loaded],
+        "limit": limit, "shots": shots, "seed": seed, "batch_size": batch_size, "chat": chat, "backend": backend, "dtype": dtype,
+        "data_dir": str(data_dir or os.environ.get("ATTNEDIT_DATA_DIR") or ""), "bootstrap": bootstrap,
+    }
+    if rank == 0:
+        _prepare_out(out, force)
+        runner.claim(out, settings.identity)
+    if barrier is not None:
+        barrier()
+    m, tok = load_model(name, dtype, device or dist_device, cache_dir)
+    results = runner.run_tasks(m, tok, rec, loaded, out, settings, rank=rank, world=world, progress=rank == 0, barrier=barrier)
+    if results is None:
+        return
+    doc = provenance(
+        model=name, model_hash=settings.identity["model_hash"], recipe_name=rec.name, recipe=rec.to_dict(), recipe_hash=rec.hash(),
+        backend=_backend(rec, backend, m), device=str(next(m.parameters()).device), dtype=str(next(m.parameters()).dtype),
+        seed=seed, shots=shots, batch_size=batch_size, limit=limit, chat=chat, processes=world,
+        bootstrap={"resamples": bootstrap, "seed": seed, "level": 0.95}, tasks=results,
+    )
+    write_atomic(out / "results.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    if plot:
+        from attnedit.evals.report import plot as draw  # noqa: PLC0415
+
+        draw(doc, out / "differences.png")
+    if as_json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return
+    console.print(table(doc, f"{rec.name or recipe} on {name} (backend {doc['backend']}, {shots}-shot, seed {seed})"))
+    err_console.print(f"wrote {out / 'results.json'} and samples_<task>.jsonl")
+
+
+def _load_tasks(arg: str, data_dir: Path | None, shots: int):
+    """Every task, read and checked (files, rows, splits, shots) before any model is loaded."""
+    from attnedit.evals import load_task  # noqa: PLC0415
+
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--tasks names no task")
+    loaded = [load_task(n, data_dir) for n in names]
+    seen = set()
+    for task in loaded:
+        if task.name in seen:
+            raise UsageError(f"task {task.name!r} is named twice in --tasks")
+        seen.add(task.name)
+        train = len(task.split("train"))
+        if shots > train:
+            raise UsageError(f"--shots {shots} is larger than the train split of {task.name!r} ({train} examples)")
+        if shots and task.kind == "pope":
+            raise UsageError(f"task {task.name!r} is a pope task: those are zero-shot (use --shots 0)")
+    return loaded
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    from attnedit.evals import runner  # noqa: PLC0415
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    if force and out.is_dir():
+        runner.clear(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out {out}: {e}") from None
+
+
+def _processes():
+    """(rank, world size, barrier, device) under `accelerate launch`; (0, 1, None, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None, None
+    from accelerate import PartialState  # noqa: PLC0415
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state.wait_for_everyone, str(state.device)
+
+
+def _backend(rec, backend: str | None, model) -> str:
+    from attnedit.kernels import choose  # noqa: PLC0415
+
+    return choose(backend or rec.backend, next(model.parameters()).device)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

@@ -1,0 +1,132 @@
+"""Scoring encoded examples with a model: choice log-likelihoods or greedy generations, batched.
+
+Batches are left padded, with position ids counted from each row's first real
+token, so a row scores the same in any batch as alone. Choices that are single
+tokens are read from one forward of the prompt (the last position's logits);
+longer choices are scored as continuations (prompt + choice, summed
+log-probabilities of the choice's tokens). Batches are formed from the examples
+sorted by length (longest first, ties by position), so they are the same in
+every run with the same batch size.
+"""
+from __future__ import annotations
+
+import re
+import string
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+import torch
+
+from .prompts import Encoded
+from .spec import TaskSpec
+
+
+def plan_batches(items: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Positions of `items` grouped into batches: longest first, fixed for a given batch size."""
+    order = sorted(range(len(items)), key=lambda i: (-items[i].length, i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) input ids and attention mask, rows aligned to the right."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int, **extra) -> torch.Tensor:
+    """Logits of the last `keep` positions, (B, keep, V), fp32."""
+    kwargs = dict(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False, **extra)
+    if "pixel_values" not in extra:  # text models: positions count from each row's first real token
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        return model(**kwargs).logits.float()
+
+
+def choice_scores(model, items: Sequence[Encoded], pad_id: int, chunk: int = 8) -> tuple[list[list[float]], list[list[int]]]:
+    """Per item and choice: the summed log-likelihood of the choice's tokens, and their number."""
+    device = _device(model)
+    if all(len(c) == 1 for it in items for c in it.choice_ids):
+        ids, mask = left_pad([it.prompt_ids for it in items], pad_id, device)
+        logp = forward_logits(model, ids, mask, 1)[:, -1].log_softmax(-1)  # (B, V)
+        raw = [[logp[b, c[0]].item() for c in it.choice_ids] for b, it in enumerate(items)]
+        lengths = [[1] * len(it.choice_ids) for it in items]
+    else:
+        seqs = [(b, j) for b, it in enumerate(items) for j in range(len(it.choice_ids))]
+        raw = [[0.0] * len(it.choice_ids) for it in items]
+        lengths = [[len(c) for c in it.choice_ids] for it in items]
+        for start in range(0, len(seqs), chunk):
+            part = seqs[start : start + chunk]
+            rows = [items[b].prompt_ids + items[b].choice_ids[j] for b, j in part]
+            conts = [items[b].choice_ids[j] for b, j in part]
+            keep = max(len(c) for c in conts) + 1
+            ids, mask = left_pad(rows, pad_id, device)
+            logp = forward_logits(model, ids, mask, keep).log_softmax(-1)  # (b, keep, V)
+            for r, ((b, j), cont) in enumerate(zip(part, conts)):
+                # the logits at kept position p predict token p + 1; the choice fills the last len(cont) tokens
+                pos = torch.arange(keep - 1 - len(cont), keep - 1, device=device)
+                tgt = torch.tensor(cont, device=device)
+                raw[b][j] = logp[r, pos, tgt].sum().item()
+    return raw, lengths
+
+
+def normalise_scores(raw: list[float], lengths: list[int], choices: Sequence[str], how: str) -> list[float]:
+    """Length normalisation of choice log-likelihoods: none, per token, or per character (lm-eval's acc_norm)."""
+    if how == "tokens":
+        return [s / max(n, 1) for s, n in zip(raw, lengths)]
+    if how == "chars":
+        return [s / max(len(c), 1) for s, c in zip(raw, choices)]
+    return list(raw)
+
+
+def generate(model, tokenizer, items: Sequence[Encoded], spec: TaskSpec) -> list[str]:
+    """Greedy continuations of each prompt, cut at the first stop string."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    ids, mask = left_pad([it.prompt_ids for it in items], tok.pad_token_id, _device(model))
+    kwargs: dict[str, Any] = dict(max_new_tokens=spec.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    if spec.stop:
+        kwargs.update(stop_strings=list(spec.stop), tokenizer=tok)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return [cut(t, spec.stop) for t in texts]
+
+
+def cut(text: str, stops: Sequence[str]) -> str:
+    for s in stops:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text.strip()
+
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD-style)."""
+    text = _PUNCT.sub(" ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def generation_correct(output: str, targets: Sequence[str], how: str) -> bool:
+    out = normalise_answer(output)
+    if how == "contains":
+        return any(normalise_answer(t) and normalise_answer(t) in out for t in targets)
+    return any(out == normalise_answer(t) for t in targets)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def patched(model, recipe, backend: str | None = None):
+    """A context with `recipe` (a Recipe, a recipe path, or a ready `Patch`) applied; None: unpatched."""
+    if recipe is None:
+        return nullcontext()
+    from attnedit.patch import Patch, patch  # noqa: PLC0415
+
+    return recipe if isinstance(recipe, Patch) else patch(model, recipe, backend=backend)
