@@ -1,0 +1,110 @@
+"""`attnedit calibrate` end to end on a tiny model folder and a tiny task, and its clear failures."""
+from __future__ import annotations
+
+import json
+
+import models
+import pytest
+import torch
+import vlm
+import yaml
+from typer.testing import CliRunner
+
+import attnedit
+from attnedit.cli.main import app
+from attnedit.recipe import Recipe
+
+WORDS = "the cat dog car is big small red blue green left right".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = vlm.tokenizer()
+    model = models.tiny("llama", vocab_size=len(tok), num_hidden_layers=3)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _task(tmp_path, n_train: int):
+    g = torch.Generator().manual_seed(0)
+    def rows(n):
+        out = []
+        for _ in range(n):
+            words = [WORDS[i] for i in torch.randint(0, len(WORDS), (5,), generator=g)]
+            out.append({"text": " ".join(words), "label": "positive" if "red" in words or "big" in words else "negative"})
+        return "\n".join(json.dumps(r) for r in out) + "\n"
+    (tmp_path / "train.jsonl").write_text(rows(n_train))
+    (tmp_path / "test.jsonl").write_text(rows(20))
+    spec = {
+        "name": "toy", "kind": "classification", "labels": {"negative": "no", "positive": "yes"},
+        "template": "{text} ?", "chat": False,
+        "local": {"format": "jsonl", "train": "train.jsonl", "test": "test.jsonl", "fields": {"text": "text"}, "label": "label"},
+    }
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _recipe(tmp_path, body: str):
+    path = tmp_path / "in.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_calibrate_zerotuning_writes_a_loadable_recipe_with_provenance(tmp_path, tiny_model_dir):
+    task = _task(tmp_path, 40)
+    src = _recipe(tmp_path, "interventions:\n  - {type: zerotuning, gamma: 2.0}\n")
+    out = tmp_path / "out.yaml"
+    args = ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "24",
+            "--out", str(out), "--param", "gammas=0.5,3", "--objective", "logprob"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.startswith("# attnedit apply")
+    rec = Recipe.from_yaml(out)
+    prov = rec.provenance
+    assert prov["model"] == str(tiny_model_dir) and len(prov["model_hash"]) == 64
+    assert prov["task"] == str(task) and prov["split"] == "train" and prov["n_examples"] == 24 and prov["n_train"] == 40
+    assert prov["seed"] == 0 and prov["objective"] == "logprob" and prov["tool"].startswith("attnedit ")
+    (search,) = prov["searches"]
+    assert search["method"] == "zerotuning" and len(search["candidates"]) >= 4 + 2  # 4 head indices profiled + grid
+    assert all(isinstance(c["score"], float) for c in search["candidates"])
+    model, _ = attnedit.load(str(tiny_model_dir), device="cpu")
+    if rec.interventions:  # the chosen candidate applies to the model
+        ids = torch.tensor([[1, 5, 6, 7]])
+        with attnedit.patch(model, rec):
+            model(input_ids=ids)
+        assert prov["calibrated_score"] >= search["baseline"]
+
+
+def test_calibrate_act_respects_max_candidates(tmp_path, tiny_model_dir):
+    task = _task(tmp_path, 30)
+    src = _recipe(tmp_path, "interventions:\n  - {type: act, tau: 0.05}\n")
+    out = tmp_path / "act.yaml"
+    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "16",
+                                      "--max-candidates", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (search,) = Recipe.from_yaml(out).provenance["searches"]
+    assert [c["candidate"] for c in search["candidates"]] == [{"layer": 2, "head": h} for h in range(3)]
+
+
+def test_too_few_examples_fail_clearly(tmp_path, tiny_model_dir):
+    task = _task(tmp_path, 10)
+    src = _recipe(tmp_path, "interventions:\n  - {type: zerotuning, gamma: 2.0}\n")
+    out = tmp_path / "never.yaml"
+    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--out", str(out)])
+    assert result.exit_code == 2 and "has 10 train examples; calibration needs at least 16" in result.output
+    assert not out.exists()
+    task = _task(tmp_path, 40)
+    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "5", "--out", str(out)])
+    assert result.exit_code == 2 and "--limit 5 leaves 5" in result.output
+
+
+def test_missing_task_and_bad_param_fail_clearly(tmp_path, tiny_model_dir):
+    src = _recipe(tmp_path, "interventions:\n  - {type: act}\n")
+    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x.yaml")])
+    assert result.exit_code == 2 and "needs --task" in result.output
+    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--param", "k", "--out", str(tmp_path / "x.yaml")])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output

@@ -1,0 +1,162 @@
+"""Target finders with synthetic scorers (their search logic), and PH3 / mean ablation on a tiny model."""
+from __future__ import annotations
+
+import models
+import pytest
+import torch
+
+import attnedit
+from attnedit.interventions import act, head_prune, zerotuning
+from attnedit.interventions.calibration import Calibration, recipe_of
+from attnedit.modelinfo import ModelInfo, decoder_layers
+
+INFO = ModelInfo("toy", "llama", n_layers=6, n_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32)
+
+
+def heads_of(recipe) -> set[tuple[int, int]]:
+    (spec,) = recipe.interventions
+    return {(l, h) for l, hs in spec.targets(INFO).items() for h in hs}
+
+
+def test_act_keeps_exactly_the_heads_that_beat_the_baseline():
+    good = {(2, 1), (4, 0), (5, 3)}
+    seen = []
+
+    def score(recipe):
+        if recipe is None:
+            return 0.5
+        (lh,) = heads_of(recipe)
+        seen.append(lh)
+        return 0.6 if lh in good else (0.5 if lh == (3, 3) else 0.4)  # a tie is not an improvement
+
+    found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=score))
+    assert set(seen) == {(l, h) for l in range(2, 6) for h in range(4)}  # layers 2..L-1, every head alone
+    (spec,) = found.specs
+    assert {(l, h) for l, hs in spec.heads.items() for h in hs} == good
+    assert (spec.beta, spec.tau) == (0.4, 0.1) and found.baseline == 0.5
+    assert len(found.candidates) == 16 and all({"candidate", "score"} <= set(r) for r in found.candidates)
+
+
+def test_act_respects_max_candidates_and_reports_no_gain():
+    found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=lambda r: 0.5, max_candidates=5))
+    assert len(found.candidates) == 5 and found.specs == []
+
+
+def test_zerotuning_profiles_heads_then_searches_gamma():
+    up = {1, 3}  # head indices whose first-token boost helps
+
+    def score(recipe):
+        if recipe is None:
+            return 0.50
+        (spec,) = recipe.interventions
+        heads = {h for hs in spec.targets(INFO).values() for h in hs}
+        if spec.gamma == 2.0 and len(heads) == 1:  # profiling one head index across layers
+            return 0.55 if heads <= up else 0.45
+        if heads == up:  # the grid: up-effective heads are best near gamma 3
+            return 0.7 - abs(spec.gamma - 3.0) / 10
+        return 0.5 - abs(spec.gamma - 1.0) / 100
+
+    spec = zerotuning.ZeroTuningSpec(type="zerotuning", gamma=2.0)
+    found = zerotuning.find(spec, Calibration(None, None, INFO, score=score))
+    (best,) = found.specs
+    assert best.gamma == 3.0 and heads_of(recipe_of(best)) == {(l, h) for l in range(6) for h in up}
+    assert found.notes["up_effective"] == {l: [1, 3] for l in range(6)}
+    grid = [r["candidate"] for r in found.candidates if r["candidate"]["stage"] == "grid"]
+    assert all(c["gamma"] > 1 for c in grid if c["heads"] == "up") and all(c["gamma"] < 1 for c in grid if c["heads"] == "down")
+    assert len([r for r in found.candidates if r["candidate"]["stage"] == "profile"]) == 4
+
+
+def test_zerotuning_layer_profile_and_unknown_profile():
+    seen = []
+    spec = zerotuning.ZeroTuningSpec(type="zerotuning", gamma=2.0, layers=[0, 1])
+    zerotuning.find(spec, Calibration(None, None, INFO, score=lambda r: seen.append(r) or 0.5, options={"profile": "layer", "gammas": [2.0]}))
+    assert len(seen) == 1 + 2 + 1  # baseline, 2 layers profiled, the grid on all heads (no up/down set)
+    with pytest.raises(attnedit.AttneditError, match="profile"):
+        zerotuning.find(spec, Calibration(None, None, INFO, score=lambda r: 0.5, options={"profile": "heads"}))
+
+
+# --------------------------------------------------------------------------- PH3 and mean ablation on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    model = models.tiny("llama")
+    with torch.no_grad():  # the last layer's MLP off: its heads then reach the logits only directly
+        decoder_layers(model)[-1].mlp.down_proj.weight.zero_()
+    return model, _ToyTokenizer()
+
+
+class _ToyTokenizer:
+    """Maps 'w12 w7 w99' to ids [12, 7, 99]; left padding with 0 (enough for these finders)."""
+
+    padding_side = "left"
+    pad_token_id = 0
+
+    def __call__(self, texts, return_tensors="pt", padding=True, **_):
+        rows = [[int(w[1:]) for w in t.split()] for t in texts]
+        T = max(map(len, rows))
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
+        from transformers import BatchEncoding  # noqa: PLC0415
+
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+
+def _conflicts(model, n=16):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(n):
+        q = torch.randint(3, 256, (6,), generator=g).tolist()
+        ctx = torch.randint(3, 256, (5,), generator=g).tolist()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([q])).logits[0, -1]
+        mem, other = logits.topk(2).indices.tolist()  # the model "recalls" mem for the question
+        text = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
+        out.append(head_prune.ConflictPrompt(text(ctx + q), text(q), mem, other))
+    return out
+
+
+def test_ph3_direct_scores_equal_ablation_effects_in_the_last_layer(tiny_lm):
+    model, tok = tiny_lm
+    info = ModelInfo.from_config(model.config)
+    conflicts = _conflicts(model)
+    found = head_prune.find(head_prune.HeadPruneSpec(type="head_prune"), Calibration(model, tok, info, examples=conflicts, options={"k": 3}))
+    scores = {(r["candidate"]["layer"], r["candidate"]["head"]): r["score"] for r in found.candidates}
+    assert len(scores) == info.n_layers * info.n_heads
+    last = info.n_layers - 1
+    ids = torch.tensor([[c.memory_id, c.context_id] for c in conflicts])
+    texts = [c.prompt for c in conflicts]
+    clean = head_prune._logit_diff(model, tok, texts, ids, 8, "cpu")
+    for h in range(info.n_heads):  # the exact effect of pruning, through the patch and a full forward
+        with attnedit.patch(model, recipe_of(head_prune.HeadPruneSpec(type="head_prune", heads={last: [h]}))):
+            pruned = head_prune._logit_diff(model, tok, texts, ids, 8, "cpu")
+        assert scores[(last, h)] == pytest.approx(float((clean - pruned).mean()), rel=1e-4, abs=1e-5)
+    (spec,) = found.specs
+    kept = sorted(((l, h) for l, hs in spec.heads.items() for h in hs), key=lambda lh: -scores[lh])
+    top = sorted(scores, key=lambda lh: -scores[lh])[:3]
+    assert sorted(kept) == sorted(top) and all(scores[lh] > 0 for lh in kept)  # the strongest memory heads
+    assert "memory_rate_after" in found.notes
+
+
+def test_ph3_needs_conflict_prompts(tiny_lm):
+    model, tok = tiny_lm
+    cal = Calibration(model, tok, ModelInfo.from_config(model.config), examples=["not a conflict"])
+    with pytest.raises(attnedit.AttneditError, match="knowledge_conflict"):
+        head_prune.find(head_prune.HeadPruneSpec(type="head_prune"), cal)
+
+
+def test_head_means_are_the_mean_output_over_real_tokens(tiny_lm):
+    model, tok = tiny_lm
+    texts = ["w5 w9 w33", "w7 w8 w9 w10 w11 w12 w13", "w100"]
+    means = head_prune.head_means(model, tok, texts, {1: [0, 3]}, head_dim=16, batch_size=2)
+    outs = []
+    h = decoder_layers(model)[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: outs.append(a[0][0]))
+    with torch.no_grad():
+        for t in texts:  # one prompt at a time: no padding at all
+            model(**tok([t]))
+    h.remove()
+    allrows = torch.cat(outs).view(-1, 8, 16)  # (tokens, H, D)
+    for head in (0, 3):
+        torch.testing.assert_close(torch.tensor(means[1][head]), allrows[:, head].mean(0), atol=1e-5, rtol=1e-4)
