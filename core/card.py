@@ -1,9 +1,12 @@
 """The model card (README.md) of an export, and the eval results it can show.
 
-`read_results` accepts the JSON that `attnedit eval` writes: an object whose
-``rows`` (or ``results``, or ``tasks``) is a list of flat records, or a map
-from task name to its metrics; nested objects become dotted columns and other
-top-level scalars are shown above the table.
+`read_results` accepts the ``results.json`` that `attnedit eval` writes (its
+``tasks`` map each task to baseline and patched metrics and their paired
+difference: shown as one row per task with the interval and McNemar's p), and
+more generally an object whose ``rows`` (or ``results``, or ``tasks``) is a
+list of flat records or a map from task name to its metrics (lm-eval's form);
+nested objects become dotted columns. Other top-level scalars (model, date)
+are listed above the table.
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ def read_results(path: Path) -> ResultsTable:
     if key is None:
         raise AttneditError(f"results file {path}: expected {expected}")
     body = data[key]
+    meta = {k: _cell(v) for k, v in data.items() if k != key and (v is None or isinstance(v, (str, int, float, bool)))}
+    if isinstance(body, dict) and body and all(_is_paired(v) for v in body.values()):
+        return ResultsTable(str(path), meta, list(_PAIRED), [_paired_row(name, r) for name, r in body.items()])
     if isinstance(body, dict) and body:
         records = [{"task": k, **(_flat(v) if isinstance(v, dict) else {"value": v})} for k, v in body.items()]
     elif isinstance(body, list) and body and all(isinstance(r, dict) for r in body):
@@ -58,8 +64,25 @@ def read_results(path: Path) -> ResultsTable:
         raise AttneditError(f"results file {path}: '{key}' is empty or neither a list of records nor a map; expected {expected}")
     columns = list(dict.fromkeys(k for r in records for k in r))
     rows = [[_cell(r.get(c)) for c in columns] for r in records]
-    meta = {k: _cell(v) for k, v in data.items() if k != key and (v is None or isinstance(v, (str, int, float, bool)))}
     return ResultsTable(str(path), meta, columns, rows)
+
+
+_PAIRED = ("task", "n", "metric", "baseline", "patched", "difference", "95% CI", "McNemar p")
+
+
+def _is_paired(r: Any) -> bool:
+    """A task of `attnedit eval`'s results: baseline and patched metrics with their paired difference."""
+    return isinstance(r, dict) and all(isinstance(r.get(k), dict) and "value" in r[k] for k in ("baseline", "patched", "difference"))
+
+
+def _paired_row(name: str, r: dict) -> list[str]:
+    diff = r["difference"]
+    ci = diff.get("ci95")
+    ci = f"[{ci[0]:+.4g}, {ci[1]:+.4g}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+    p = (diff.get("mcnemar") or {}).get("p")
+    value = diff["value"]
+    return [name, _cell(r.get("n")), _cell(r.get("metric")), _cell(r["baseline"]["value"]), _cell(r["patched"]["value"]),
+            f"{value:+.4g}" if isinstance(value, (int, float)) else _cell(value), ci, _cell(p)]
 
 
 def _flat(record: dict, prefix: str = "") -> dict:

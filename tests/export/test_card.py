@@ -54,6 +54,11 @@ def test_static_card_says_everything_is_folded(tmp_path):
 
 
 RESULTS = {
+    "eval": {  # the shape of attnedit eval's results.json
+        "model": "m", "recipe_name": "r", "versions": {"torch": "x"},
+        "tasks": {"sst2": {"kind": "choice", "metric": "accuracy", "n": 200, "baseline": {"value": 0.5}, "patched": {"value": 0.625},
+                           "difference": {"value": 0.125, "ci95": [0.05, 0.2], "mcnemar": {"p": 0.0031}}, "spec": {"name": "sst2"}}},
+    },
     "tasks": {"model": "m", "results": {"sst2": {"accuracy": {"base": 0.5, "patched": 0.625}, "n": 200}}},
     "rows": {"recipe": "r", "rows": [{"task": "sst2", "metric": "accuracy", "base": 0.5, "patched": 0.625, "ci": [0.01, 0.2]}]},
 }
@@ -67,7 +72,11 @@ def test_results_table_in_the_card(tmp_path, form):
     card = (tmp_path / "out" / "README.md").read_text()
     section = card.split("## Evaluation", 1)[1].split("## Provenance", 1)[0]
     assert "| sst2 |" in section and "0.625" in section
-    if form == "tasks":
+    if form == "eval":
+        assert "| task | n | metric | baseline | patched | difference | 95% CI | McNemar p |" in section
+        assert "| sst2 | 200 | accuracy | 0.5 | 0.625 | +0.125 | [+0.05, +0.2] | 0.0031 |" in section
+        assert "- recipe_name: r" in section and "spec" not in section
+    elif form == "tasks":
         assert "accuracy.patched" in section and "- model: m" in section
     else:
         assert "| task | metric | base | patched | ci |" in section and "[0.01, 0.2]" in section
