@@ -45,6 +45,16 @@ REAL_CONFIGS = {
         vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
                            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
     ),
+    # HuggingFaceTB/SmolVLM-256M-Instruct (Idefics3 architecture): SigLIP tower, pixel-shuffle connector
+    # (scale factor 4), SmolLM2-135M text decoder
+    "smolvlm": dict(
+        model_type="idefics3", scale_factor=4, image_token_id=49190,
+        text_config=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, vocab_size=49280,
+                         max_position_embeddings=8192, rope_theta=100000.0, hidden_act="silu", tie_word_embeddings=False),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=512, patch_size=16, hidden_act="gelu_pytorch_tanh"),
+    ),
 }
 
 # The shrink: sizes and the placeholder ids of the small tokenizer only.
@@ -60,7 +70,12 @@ _SHRINK = {
                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2),
     ),
+    "smolvlm": dict(
+        text_config=dict(hidden_size=72, intermediate_size=128, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=128),
+    ),
 }
+IMAGE_SIZE = {"llava": 56, "qwen2_vl": 56, "smolvlm": 128}
 VLMS = tuple(REAL_CONFIGS)
 
 
@@ -96,6 +111,8 @@ def tiny_config(name: str, tok=None):
     ids = _ids(tok)
     if name == "llava":
         fields["image_token_index"] = ids["image"]
+    elif name == "smolvlm":
+        fields["image_token_id"] = ids["image"]
     else:
         fields.update(image_token_id=ids["pad"], video_token_id=ids["video"], vision_start_token_id=ids["start"], vision_end_token_id=ids["end"])
     model_type = fields.pop("model_type")
@@ -111,6 +128,12 @@ def processor(name: str, tok=None):
         images = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
         return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                               image_token="<image>", num_additional_image_tokens=1)
+    if name == "smolvlm":
+        from transformers import Idefics3ImageProcessor, Idefics3Processor  # noqa: PLC0415
+
+        edge = {"longest_edge": IMAGE_SIZE[name]}
+        images = Idefics3ImageProcessor(do_image_splitting=False, size=edge, max_image_size=edge)
+        return Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4)  # (128/16)^2 / 4^2 tokens
     from transformers import Qwen2VLImageProcessor  # noqa: PLC0415
 
     images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
@@ -160,10 +183,13 @@ def images(n: int, size: int = 56, seed: int = 0):
     return out
 
 
-IMAGE_TEXT = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+IMAGE_TEXT = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>", "smolvlm": "<image>"}
 
 
 def inputs(proc, questions: list[str], name: str = "llava", seed: int = 0):
     """A left-padded batch with one image per prompt; '<image>' in a question marks where it goes."""
     texts = [q.replace("<image>", IMAGE_TEXT[name]) for q in questions]
-    return proc(text=texts, images=images(len(texts), seed=seed), return_tensors="pt", padding=True)
+    pics = images(len(texts), size=IMAGE_SIZE[name], seed=seed)
+    if name == "smolvlm":
+        pics = [[p] for p in pics]  # Idefics3 takes a list of images per prompt
+    return proc(text=texts, images=pics, return_tensors="pt", padding=True)

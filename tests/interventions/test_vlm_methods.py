@@ -1,4 +1,4 @@
-"""VAR and VHR on tiny random vision-language models (LLaVA, Qwen2-VL) built from real configs,
+"""VAR and VHR on tiny random vision-language models (LLaVA, Qwen2-VL, SmolVLM) built from real configs,
 with images through each model's own processor, against slow implementations written here.
 """
 from __future__ import annotations
