@@ -123,7 +123,8 @@ def plan_export(model: torch.nn.Module, recipe: Recipe) -> ExportPlan:
         Edit(i, spec.type, i in folded, _how_folded(compiled[i]) if i in folded else why[i], spec.targets(info))
         for i, spec in enumerate(recipe.interventions)
     )
-    fold = T.build_plans([e for i in sorted(folded) for e in compiled[i]], info).layers
+    plans = T.build_plans([e for i in sorted(folded) for e in compiled[i]], info).layers
+    fold = {layer: p for layer, p in plans.items() if p.out_scale is not None}  # a scale of 1 leaves o_proj alone
     return ExportPlan(recipe, edits, fold, info)
 
 

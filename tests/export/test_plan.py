@@ -94,6 +94,15 @@ def test_scale_commutes_with_biases_and_moves_on_the_same_heads(tmp_path):
     assert rel(got, want, mask) < TOL
 
 
+def test_scale_of_one_folds_to_nothing(tmp_path):
+    model, processor = vlm.tiny("llava")
+    rec = recipe("interventions: [{type: vhr, alpha: 1.0, layers: [1], heads: [0]}, {type: vhr, alpha: 2.0, layers: [2], heads: [1]}]")
+    plan = exp.plan_export(model, rec)
+    assert [e.folded for e in plan.edits] == [True, True] and sorted(plan.fold) == [2]
+    attnedit.export(model, rec, tmp_path / "out", tokenizer=processor)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_var_sink_dims_are_resolved_and_not_searched_at_load(tmp_path, monkeypatch):
     from attnedit.interventions import var
 

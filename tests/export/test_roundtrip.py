@@ -170,3 +170,11 @@ def test_vision_language_model_with_vhr(name, tmp_path):
         assert torch.equal(enc2.input_ids, enc.input_ids) and torch.equal(enc2.pixel_values, enc.pixel_values)
         again, proc = attnedit.load(str(tmp_path / "out"), dtype="float32", device="cpu")
         assert isinstance(proc, LlavaProcessor) and not hasattr(again, "attnedit_patch")
+
+
+def test_missing_dynamic_recipe_is_a_clear_load_error(tmp_path):
+    attnedit.export(models.tiny("llama"), recipe(mixed(16)), tmp_path / "out", tokenizer=tiny_tokenizer())
+    (tmp_path / "out" / "attnedit_dynamic.yaml").unlink()
+    with pytest.raises(attnedit.ModelLoadError, match="attnedit_dynamic.yaml is missing"):
+        attnedit.load(str(tmp_path / "out"), dtype="float32", device="cpu")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the folded part still loads
