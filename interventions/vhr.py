@@ -85,6 +85,7 @@ class VisionAwareHeads:
         self.last: torch.Tensor | None = None
         self.chosen: dict[int, torch.Tensor] = {}  # layer -> (B, H) bool, the last input's choice (for inspection)
         self._patch = None
+        self._handles: list = []
 
     def on_forward(self, patch, args, kwargs, past: int) -> None:
         if self.mode == "text":
@@ -102,11 +103,12 @@ class VisionAwareHeads:
         self.mode = "select"
 
     def _install(self, patch) -> None:
-        if self._patch is not None and self._patch() is patch:
+        """o_proj pre-hooks, registered with the patch's own hooks so that `Patch.remove` takes them off."""
+        if self._patch is not None and self._patch() is patch and self._handles and self._handles[0] in patch._hooks:
             return
         self._patch = weakref.ref(patch)
-        for layer in self.targets:
-            patch._hooks.append(_o_proj(patch.model, layer).register_forward_pre_hook(self._hook(patch, layer)))
+        self._handles = [_o_proj(patch.model, layer).register_forward_pre_hook(self._hook(patch, layer)) for layer in self.targets]
+        patch._hooks.extend(self._handles)
 
     def _text_prefill(self, patch, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Run the prompt without its image tokens (left-padded), recording o_h at the last position."""

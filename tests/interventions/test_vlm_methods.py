@@ -165,3 +165,26 @@ def test_vlm_method_on_text_model_fails_clearly(method):
     recipe = Recipe.from_dict({"interventions": [{"type": method}]}, source="r.yaml")
     with pytest.raises(attnedit.RecipeError, match=f"{method.upper()} needs a vision-language model"):
         attnedit.patch(model, recipe)
+
+
+def test_vhr_reapplied_patch_reinforces_again_and_removes_cleanly(tiny_vlm):
+    name, model, proc, batch = tiny_vlm
+    recipe = Recipe.from_dict({"interventions": [{"type": "vhr", "layers": [1, 2], "alpha": 3.0}]})
+    with torch.no_grad():
+        plain = model(**batch).logits
+        p = attnedit.patch(model, recipe, backend="reference")
+        runs = []
+        for _ in range(2):
+            with p:
+                runs.append(model(**batch).logits)
+        after = model(**batch).logits
+    torch.testing.assert_close(runs[0], runs[1])
+    assert not torch.allclose(runs[0], plain, atol=1e-4)
+    torch.testing.assert_close(after, plain)  # no hook left behind
+
+
+def test_vhr_fixed_heads_scale_statically(tiny_vlm, spy, oracle):
+    name, model, proc, batch = tiny_vlm
+    recipe = Recipe.from_dict({"interventions": [{"type": "vhr", "heads": {2: [0]}, "alpha": 2.0}]})
+    with attnedit.patch(model, recipe, backend="reference") as p:
+        assert not p.compiled.forward_hooks and p.compiled.layers[2].out_scale.tolist()[:2] == [2.0, 1.0]
