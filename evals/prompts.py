@@ -80,8 +80,9 @@ def render(spec: TaskSpec, example: Example, demos: Sequence[Example], tokenizer
     if spec.kind == "pope":  # the image goes first in the user turn, as vision chat templates expect
         body = spec.separator.join(([intro] if intro else []) + [query])
         messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": body}]})
-    elif spec.fewshot == "inline" or not shown:
-        body = spec.separator.join(([intro] if intro else []) + [q + prefix + a for q, a in shown] + [query])
+    elif spec.fewshot == "inline" or not shown:  # demonstrations as plain text inside one user turn
+        inline = answer_prefix(spec, False)
+        body = spec.separator.join(([intro] if intro else []) + [q + inline + a for q, a in shown] + [query])
         messages.append({"role": "user", "content": body})
     else:
         for i, (q, a) in enumerate(shown):

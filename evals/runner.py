@@ -82,7 +82,9 @@ def run_tasks(model, tokenizer, recipe, tasks: Sequence[Task], out: Path, settin
         batches = plan_batches(items, settings.batch_size)
         done = completed(work, task.name, len(batches))
         todo = [k for k in range(len(batches)) if k % world == rank and k not in done]
-        with _bar(progress and bool(todo), len(todo), task.name) as advance, open(_work_file(work, task.name, rank), "a", encoding="utf-8") as f:
+        path = _work_file(work, task.name, rank)
+        repair(path)
+        with _bar(progress and bool(todo), len(todo), task.name) as advance, open(path, "a", encoding="utf-8") as f:
             for k in todo:
                 line = _score_pair(model, tokenizer, task, examples, [items[i] for i in batches[k]], patch, meter, settings.batch_size)
                 f.write(json.dumps({"batch": k, **line}) + "\n")
@@ -154,6 +156,24 @@ def read_lines(work: Path, task: str) -> dict[int, dict]:
                 continue  # a line cut by an interruption: that batch runs again
             lines[line["batch"]] = line
     return lines
+
+
+def repair(path: Path) -> None:
+    """Drop a torn last line (an interrupted write) so that new lines start clean."""
+    if not path.is_file():
+        return
+    raw = path.read_text(encoding="utf-8")
+    good = []
+    for line in raw.splitlines():
+        try:
+            json.loads(line)
+            good.append(line + "\n")
+        except json.JSONDecodeError:
+            pass
+    if "".join(good) != raw:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(good), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def completed(work: Path, task: str, n_batches: int) -> set[int]:

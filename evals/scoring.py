@@ -89,11 +89,22 @@ def generate(model, tokenizer, items: Sequence[Encoded], spec: TaskSpec) -> list
     ids, mask = left_pad([it.prompt_ids for it in items], tok.pad_token_id, _device(model))
     kwargs: dict[str, Any] = dict(max_new_tokens=spec.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     if spec.stop:
-        kwargs.update(stop_strings=list(spec.stop), tokenizer=tok)
+        kwargs["stopping_criteria"] = [_StopStrings(tok, list(spec.stop), ids.shape[1])]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return [cut(t, spec.stop) for t in texts]
+
+
+class _StopStrings:
+    """Stop a row once its generated text holds a stop string (decoded, so any tokenizer works)."""
+
+    def __init__(self, tok, stops: list[str], start: int):
+        self.tok, self.stops, self.start = tok, stops, start
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def cut(text: str, stops: Sequence[str]) -> str:
