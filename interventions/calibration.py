@@ -163,20 +163,70 @@ def task_scorer(model, tokenizer, task, examples, *, objective: str, shots: int,
     accuracy: the task's primary metric (the papers' criterion); logprob: the mean log-probability of
     the gold answer among the choices (labelled, less noisy on few examples); entropy: minus the mean
     entropy of the answer distribution (unsupervised: labels unused).
+
+    Scores equal `attnedit.evals.score`'s. With one-token answers, candidates that edit only later
+    layers rerun only those (`replay.Replay`).
     """
     from attnedit import evals  # noqa: PLC0415
 
     encoded = evals.encode(task, examples, tokenizer, shots=shots, seed=seed)  # tokenized once for every candidate
+    fast = _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend)
+
+    def records(recipe):
+        recs = fast(recipe) if fast is not None else None
+        if recs is None:
+            recs = evals.score(model, tokenizer, task, examples, encoded=encoded, recipe=recipe, backend=backend, batch_size=batch_size, progress=False)
+        return recs
 
     def score(recipe) -> float:
-        recs = evals.score(model, tokenizer, task, examples, encoded=encoded, recipe=recipe, backend=backend, batch_size=batch_size, progress=False)
+        recs = records(recipe)
         if objective == "entropy":
             return -sum(_entropy(r["scores"]) for r in recs) / len(recs)
         if objective == "logprob":
             return sum(_log_softmax(r["scores"])[r["gold"][0]] for r in recs) / len(recs)
         return float(evals.metric(recs, task)["value"])
 
+    score.records = records  # for tests: the per-example records behind a score
     return score
+
+
+def _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend):
+    """A records function through `Replay`, or None when answers are not single tokens or the cache is too big."""
+    import attnedit  # noqa: PLC0415
+    from attnedit.evals.records import choice_record  # noqa: PLC0415
+    from attnedit.evals.scoring import left_pad, plan_batches  # noqa: PLC0415
+
+    from .replay import Replay, first_layer  # noqa: PLC0415
+
+    if task.kind == "generation" or any(len(c) != 1 for it in encoded for c in it.choice_ids):
+        return None
+    if not Replay.fits(model, sum(len(it.prompt_ids) for it in encoded)):
+        return None
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    device = next(model.parameters()).device
+    plan = plan_batches(encoded, batch_size)
+    replay = Replay(model, [left_pad([encoded[i].prompt_ids for i in b], tok.pad_token_id, device) for b in plan])
+
+    def records(recipe):
+        if recipe is None:
+            logits = replay.last_logits(0)
+        else:
+            patch = attnedit.patch(model, recipe, backend=backend)
+            start = first_layer(patch.compiled)
+            if start is None:
+                return None
+            with patch:
+                logits = replay.last_logits(start, patch)
+        out = [None] * len(encoded)
+        for b, rows in zip(plan, logits):
+            logp = rows.log_softmax(-1)
+            for r, i in enumerate(b):
+                item = encoded[i]
+                raw = [float(logp[r, c[0]]) for c in item.choice_ids]
+                out[i] = choice_record(examples[item.index], raw, [1] * len(raw), task.spec.normalize)
+        return out
+
+    return records
 
 
 def _entropy(scores) -> float:

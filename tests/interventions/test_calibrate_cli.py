@@ -108,3 +108,20 @@ def test_missing_task_and_bad_param_fail_clearly(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "needs --task" in result.output
     result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--param", "k", "--out", str(tmp_path / "x.yaml")])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_replay_scorer_equals_the_eval_harness(tmp_path, tiny_model_dir):
+    from attnedit import evals
+    from attnedit.interventions import calibration as C
+
+    task = evals.load_task(str(_task(tmp_path, 40)))
+    model, tok = attnedit.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    examples = C.calibration_examples(task, 20, seed=1)
+    score = C.task_scorer(model, tok, task, examples, objective="logprob", shots=0, seed=0, batch_size=6, backend="reference")
+    for recipe in (None, Recipe.from_dict({"interventions": [{"type": "act", "heads": {2: [1]}, "tau": 0.05}]}),
+                   Recipe.from_dict({"interventions": [{"type": "zerotuning", "gamma": 3.0, "layers": [1, 2]}]})):
+        fast = score.records(recipe)
+        slow = evals.score(model, tok, task, examples, recipe=recipe, backend="reference", batch_size=6, progress=False)
+        assert [r["pred"] for r in fast] == [r["pred"] for r in slow]
+        for a, b in zip(fast, slow):
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
