@@ -140,7 +140,7 @@ def model_card(result, model, results: ResultsTable | None = None) -> str:
         "`attnedit_recipe.yaml`; the dynamic part alone is `attnedit_dynamic.yaml`):\n\n```yaml\n" + plan.recipe.to_yaml() + "```",
     ]
     if results is not None:
-        parts.append(_results_section(results))
+        parts.append(_results_section(results, result))
     parts.append(_provenance(plan, model))
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -211,8 +211,15 @@ def _base_section(result, model) -> str:
     return "## Base model\n\n" + _table(["", ""], rows)
 
 
-def _results_section(results: ResultsTable) -> str:
+def _results_section(results: ResultsTable, result) -> str:
     text = f"## Evaluation\n\nFrom `{Path(results.source).name}` (copied as `eval_results.json`)."
+    other = []
+    if results.meta.get("recipe_hash") and results.meta["recipe_hash"] not in (result.recipe_hash, result.plan.recipe.hash()):
+        other.append("another recipe (its recipe_hash differs)")
+    if results.meta.get("model_hash") and result.base_hash and results.meta["model_hash"] != result.base_hash:
+        other.append("another base model (its model_hash differs)")
+    if other:
+        text += "\n\n> **These results were measured with " + " and ".join(other) + " than this export.**"
     if results.meta:
         text += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in results.meta.items())
     return text + "\n\n" + _table(results.columns, results.rows)

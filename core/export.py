@@ -42,10 +42,13 @@ NOTICE = (
 
 @dataclass(frozen=True)
 class ExportResult:
+    """Where the export went, its plan, the base model's name and hash, and the hash of the recipe as given."""
+
     path: Path
     plan: ExportPlan
     base_model: str
     base_hash: str | None
+    recipe_hash: str
 
 
 # --------------------------------------------------------------------------- writing
@@ -93,7 +96,7 @@ def export(
     table = card.read_results(Path(results)) if results is not None else None
     plan = plan_export(model, recipe)
     tokenizer = tokenizer if tokenizer is not None else _base_tokenizer(model, base)
-    result = ExportResult(out, plan, base, _base_hash(base))
+    result = ExportResult(out, plan, base, _base_hash(base), recipe.hash())
     with staged(out, force) as tmp:
         _write_weights(model, plan, tmp, max_shard_size)
         _write_config(model, result, tmp)

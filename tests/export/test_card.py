@@ -81,6 +81,18 @@ def test_results_table_in_the_card(tmp_path, form):
     else:
         assert "| task | metric | base | patched | ci |" in section and "[0.01, 0.2]" in section
     assert (tmp_path / "out" / exp.RESULTS_FILE).read_bytes() == path.read_bytes()
+    assert "measured with" not in section  # no hashes to compare
+
+
+def test_results_of_another_recipe_are_flagged(tmp_path):
+    path = tmp_path / "results.json"
+    data = {**RESULTS["eval"], "recipe_hash": recipe(MIXED).hash()}
+    path.write_text(json.dumps(data))
+    attnedit.export(models.tiny("llama"), recipe(MIXED), tmp_path / "same", tokenizer=tiny_tokenizer(), results=path)
+    assert "measured with" not in (tmp_path / "same" / "README.md").read_text()
+    path.write_text(json.dumps({**data, "recipe_hash": "0" * 64}))
+    attnedit.export(models.tiny("llama"), recipe(MIXED), tmp_path / "other", tokenizer=tiny_tokenizer(), results=path)
+    assert "measured with another recipe" in (tmp_path / "other" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
