@@ -62,6 +62,7 @@ def run(
             else:
                 cal.examples = examples
                 cal.score = C.task_scorer(m, tok, the_task, examples, objective=objective, shots=shots, seed=seed, batch_size=batch_size, backend=backend)
+                cal.prompts = cal.score.prompts
         resolved, searches = C.calibrate(rec, cal)
         final = cal.score(resolved) if cal.score is not None and resolved.interventions else None
     prov = C.provenance(

@@ -26,6 +26,7 @@ class Calibration:
         model, tokenizer, info: the loaded model, its tokenizer (or processor) and `ModelInfo`.
         score: ``score(recipe or None) -> float`` on the calibration examples; None = unpatched model.
         examples: the calibration examples, for finders whose statistic needs inputs.
+        prompts: the examples' prompt texts as the model sees them (a reference set for means).
         objective: what `score` measures (e.g. "accuracy", "-entropy"), for provenance.
         max_candidates: stop after scoring this many candidates (None: all).
         seed: the seed of every random choice.
@@ -38,6 +39,7 @@ class Calibration:
     info: Any
     score: Callable[[Recipe | None], float] | None = None
     examples: Sequence[Any] = ()
+    prompts: Sequence[str] = ()
     objective: str = "accuracy"
     max_candidates: int | None = None
     seed: int = 0
@@ -170,6 +172,7 @@ def task_scorer(model, tokenizer, task, examples, *, objective: str, shots: int,
     from attnedit import evals  # noqa: PLC0415
 
     encoded = evals.encode(task, examples, tokenizer, shots=shots, seed=seed)  # tokenized once for every candidate
+    prompts = [it.prompt for it in encoded]
     fast = _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend)
 
     def records(recipe):
@@ -187,6 +190,7 @@ def task_scorer(model, tokenizer, task, examples, *, objective: str, shots: int,
         return float(evals.metric(recs, task)["value"])
 
     score.records = records  # for tests: the per-example records behind a score
+    score.prompts = prompts
     return score
 
 

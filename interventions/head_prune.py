@@ -23,7 +23,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from attnedit.errors import AttneditError, UnsupportedModelError
+from attnedit.errors import AttneditError, RecipeError, UnsupportedModelError
 from attnedit.modelinfo import decoder_layers, text_decoder
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import Scale
@@ -43,21 +43,20 @@ class HeadPruneSpec(InterventionSpec):
 
     @model_validator(mode="after")
     def _means_given(self):
-        if self.ablation == "mean" and not self.means:
-            raise ValueError("ablation 'mean' needs 'means': {layer: {head: [head_dim floats]}} (attnedit calibrate writes them)")
         if self.ablation == "zero" and self.means:
             raise ValueError("'means' is only used with ablation: mean")
         return self
 
     def check_method_model(self, info):
         problems = []
-        if self.ablation != "mean":
+        if self.ablation != "mean" or self.means is None:  # no means at all: calibrate computes them, compile refuses
             return problems
         for layer, heads in self.targets(info).items():
             have = (self.means or {}).get(layer, {})
             for h in heads:
                 if h not in have:
-                    problems.append((("means",), f"no mean for layer {layer} head {h}"))
+                    problems.append((("means",), f"no mean for layer {layer} head {h}; `attnedit calibrate RECIPE --task T` computes "
+                                                 "them over the task's train prompts"))
                 elif len(have[h]) != info.head_dim:
                     problems.append((("means", layer, h), f"has {len(have[h])} values; the model's head_dim is {info.head_dim}"))
         return problems
@@ -65,6 +64,9 @@ class HeadPruneSpec(InterventionSpec):
 
 @register("head_prune", schema=HeadPruneSpec, summary=HeadPruneSpec.SUMMARY)
 def compile(spec: HeadPruneSpec, info, model=None) -> list:
+    if spec.ablation == "mean" and spec.means is None:
+        raise RecipeError(["head_prune: ablation 'mean' needs 'means' ({layer: {head: [head_dim floats]}}); "
+                           "`attnedit calibrate RECIPE --task T` computes them over the task's train prompts"])
     out = []
     for layer, heads in spec.targets(info).items():
         shift = None
@@ -230,9 +232,20 @@ def _total_effects(model, tokenizer, texts, ids, spec_for, targets, batch_size, 
     return out
 
 
+def _means_only(spec: HeadPruneSpec, cal: Calibration) -> Found:
+    """Mean ablation of the given heads: their means over the calibration prompts (the reference set)."""
+    targets = spec.targets(cal.info)
+    means = head_means(cal.model, cal.tokenizer, list(cal.prompts), targets, cal.info.head_dim)
+    out = HeadPruneSpec(type="head_prune", heads=targets, ablation="mean", means=means)
+    return Found([out], [], {"heads": targets, "means_over": f"{len(cal.prompts)} calibration prompts"}, None, {})
+
+
 @finder("head_prune")
 def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     """PH3: score every head on knowledge-conflict prompts and prune the top-k of one kind.
+
+    On another task with ``ablation: mean``, it only computes the given heads' means over the
+    calibration prompts (mean ablation of a fixed head list).
 
     Options (``cal.options``): ``prune`` (memory | context: which heads to prune, default memory,
     which makes the model follow the context), ``k`` (default 5), ``patching`` (direct | total),
@@ -246,6 +259,8 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     if prune not in ("memory", "context") or patching not in ("direct", "total"):
         raise AttneditError("head_prune options: prune is memory or context, patching is direct or total")
     conflicts = [c for c in cal.examples if isinstance(c, ConflictPrompt) and c.memory_id != c.context_id]
+    if not conflicts and spec.ablation == "mean" and cal.prompts:
+        return _means_only(spec, cal)
     if not conflicts:
         raise AttneditError("PH3 head search needs knowledge-conflict prompts: use a knowledge_conflict task (--task lama-conflict)")
     model, tok, info = cal.model, cal.tokenizer, cal.info

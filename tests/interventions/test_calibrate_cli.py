@@ -125,3 +125,15 @@ def test_replay_scorer_equals_the_eval_harness(tmp_path, tiny_model_dir):
         assert [r["pred"] for r in fast] == [r["pred"] for r in slow]
         for a, b in zip(fast, slow):
             assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
+def test_calibrate_mean_ablation_computes_means_over_train_prompts(tmp_path, tiny_model_dir):
+    task = _task(tmp_path, 30)
+    src = _recipe(tmp_path, "interventions:\n  - {type: head_prune, ablation: mean, heads: {1: [0, 2]}}\n")
+    with pytest.raises(attnedit.RecipeError, match="needs .means."):
+        attnedit.patch(attnedit.load(str(tiny_model_dir), device="cpu")[0], Recipe.from_yaml(src))
+    out = tmp_path / "mean.yaml"
+    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (spec,) = Recipe.from_yaml(out).interventions
+    assert spec.ablation == "mean" and sorted(spec.means[1]) == [0, 2] and len(spec.means[1][0]) == 16
