@@ -122,10 +122,12 @@ def _processes():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, None, None
+    import torch  # noqa: PLC0415
     from accelerate import PartialState  # noqa: PLC0415
 
-    state = PartialState()
-    return state.process_index, state.num_processes, state.wait_for_everyone, str(state.device)
+    state = PartialState(cpu=not torch.cuda.is_available())  # without a GPU: gloo processes on the CPU
+    device = "cpu" if state.device.type == "cpu" else str(state.device)
+    return state.process_index, state.num_processes, state.wait_for_everyone, device
 
 
 def _backend(rec, backend: str | None, model) -> str:

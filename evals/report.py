@@ -23,9 +23,9 @@ def provenance(**fields) -> dict:
 
 def table(results: dict, title: str) -> Table:
     """One row per task: both runs' metric, the difference with its 95% interval, McNemar's p, time, memory."""
-    t = Table(title=title)
-    for col in ("task", "n", "metric", "baseline", "patched", "difference [95% CI]", "McNemar p", "time base / patched", "peak MB base / patched"):
-        t.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    t = Table(title=title, caption="difference: patched - baseline; time and peak memory: baseline / patched")
+    for col in ("task", "n", "metric", "base", "patched", "diff [95% CI]", "McNemar p", "time s", "peak MB"):
+        t.add_column(col, justify="left" if col in ("task", "metric") else "right", overflow="fold")
     for name, r in results["tasks"].items():
         d = r["difference"]
         lo, hi = d["ci95"]
@@ -36,10 +36,10 @@ def table(results: dict, title: str) -> Table:
             r["metric"],
             f"{r['baseline']['value']:.3f}",
             f"{r['patched']['value']:.3f}",
-            f"[{colour}]{d['value']:+.3f}[/] [{lo:+.3f}, {hi:+.3f}]",
+            f"[{colour}]{d['value']:+.3f}[/]\n[{lo:+.3f}, {hi:+.3f}]",
             f"{d['mcnemar']['p']:.3g}",
-            f"{r['time_s']['baseline']:.1f}s / {r['time_s']['patched']:.1f}s",
-            f"{r['peak_memory_mb']['baseline']:.0f} / {r['peak_memory_mb']['patched']:.0f}",
+            f"{r['time_s']['baseline']:.1f} /\n{r['time_s']['patched']:.1f}",
+            f"{r['peak_memory_mb']['baseline']:.0f} /\n{r['peak_memory_mb']['patched']:.0f}",
         )
     return t
 
