@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 
 try:
-    from lm_eval.api.registry import register_model
+    from lm_eval.api.registry import model_registry, register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as e:  # pragma: no cover - depends on the optional extra
     raise ImportError("the lm-eval integration needs lm-evaluation-harness: pip install 'attnedit[lm-eval]'") from e
@@ -33,7 +33,6 @@ log = logging.getLogger("attnedit")
 PER_INPUT = ("act", "var")
 
 
-@register_model("attnedit")
 class AttneditLM(HFLM):
     """HFLM over a model loaded by `attnedit.load`, patched with a recipe for the whole evaluation.
 
@@ -64,6 +63,10 @@ class AttneditLM(HFLM):
         if self.attnedit_recipe is not None:
             info.update(attnedit_recipe=self.attnedit_recipe.to_dict(), attnedit_recipe_hash=self.attnedit_recipe.hash())
         return info
+
+
+if "attnedit" not in model_registry:  # `python -m attnedit.evals.harness` imports this module twice
+    register_model("attnedit")(AttneditLM)
 
 
 def main() -> None:
