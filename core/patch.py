@@ -318,7 +318,8 @@ class Patch:
         softcap = kwargs.get("softcap")
         mask = self._mask_info(attention_mask, query, key)
         backend = self._backend(query.device)
-        tables = self._tables(layer, plan, query, key, mask, scaling, softcap, backend, per_input_scale)
+        share = value if self.capture is None else None  # lets ACT's column scores and attention share one flash pass
+        tables = self._tables(layer, plan, query, key, mask, scaling, softcap, backend, per_input_scale, share)
         if self.capture is not None:
             from attnedit.kernels import reference  # noqa: PLC0415
 
@@ -347,7 +348,7 @@ class Patch:
             self._device_plans[key] = replace(plan, bias=to(plan.bias), moves=mv, out_scale=to(plan.out_scale), out_shift=to(plan.out_shift))
         return self._device_plans[key]
 
-    def _tables(self, layer, plan, query, key, mask: T.MaskInfo, scaling, softcap, backend, per_input_scale) -> T.LayerTables:
+    def _tables(self, layer, plan, query, key, mask: T.MaskInfo, scaling, softcap, backend, per_input_scale, value=None) -> T.LayerTables:
         """This forward's tables for one layer: key groups from the detections, plus the plan."""
         B, H, Q, _ = query.shape
         K = key.shape[2]
@@ -363,7 +364,7 @@ class Patch:
             pre = self._grouped(plan, flags, first_key, moves=False)
             from attnedit.kernels import dispatch  # noqa: PLC0415
 
-            colsum, count = dispatch.column_scores(backend, query, key, pre, mask, scaling=scaling, softcap=softcap)
+            colsum, count = dispatch.column_scores(backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=value)
             found = torch.zeros(B, H, K, dtype=torch.bool, device=query.device)
             for det in plan.attention_detectors:
                 found |= det.detect(colsum, count, first_key)

@@ -77,10 +77,15 @@ def column_scores(
     *,
     scaling: float,
     softcap: float | None = None,
+    value: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column sums of the attention map and per-key row counts (ACT's sink statistics)."""
+    """Column sums of the attention map and per-key row counts (ACT's sink statistics).
+
+    `value`, when given, lets the Triton backend compute the flash attention bulk once and reuse it
+    for the `attention` call on the same q, k, v that follows; the reference ignores it.
+    """
     if name == "triton":
         from . import triton_ops  # noqa: PLC0415
 
-        return triton_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap)
+        return triton_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap, value=value)
     return reference.column_scores(q, k, tables, scaling=scaling, mask=mask.dense, softcap=softcap)

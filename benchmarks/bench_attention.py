@@ -1,0 +1,379 @@
+"""Attention benchmark: SDPA, FlexAttention, eager and the attnedit kernels, one run, ratios to SDPA.
+
+Prefill at 1k-32k tokens and decode over 4k/32k KV, in Llama-3.1-8B attention
+shape (32 query heads, 8 KV heads, head_dim 128) and SmolLM2 shape (9 / 3 / 64),
+bf16, one sequence, random inputs with a few strong "sink" keys so that ACT's
+detection finds sinks as it would on a real model. Times are medians of
+`triton.testing.do_bench`; peak memory is `torch.cuda.max_memory_allocated`
+during one call, over what the inputs already hold.
+
+    python benchmarks/bench_attention.py --out benchmarks/results          # the full table
+    python benchmarks/bench_attention.py --sweep                            # tile shapes of the fused kernel
+    python benchmarks/bench_attention.py --e2e --out benchmarks/results     # 8k prefill of a Llama-3.1-8B-shaped model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from attnedit.interventions.act import ActSinks
+from attnedit.kernels import reference, triton_ops
+from attnedit.tables import LayerTables, MaskInfo, Move
+
+SHAPES = {"llama3.1-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+LOG = math.log
+
+
+def device_line() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return (f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+            f"triton {triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}")
+
+
+def inputs(H: int, Hkv: int, D: int, N: int, Q: int | None = None, seed: int = 0):
+    """q (1, H, Q, D) as a view of (1, Q, H, D) memory, k/v (1, Hkv, N, D), as transformers passes them."""
+    Q = N if Q is None else Q
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    u = torch.randn(1, 1, H, D, device="cuda", generator=g)  # a direction every query shares a little of
+    q = (torch.randn(1, Q, H, D, device="cuda", generator=g) + 0.5 * u).to(torch.bfloat16)
+    k = torch.randn(1, N, Hkv, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(1, N, Hkv, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    sinks = torch.tensor([0, 37, N // 3, N // 2 + 5], device="cuda") % N  # strong keys most rows attend to
+    k[:, sinks] += (2.0 * u[:, :, :: H // Hkv]).to(k.dtype)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def causal(N: int, Q: int | None = None) -> MaskInfo:
+    Q = N if Q is None else Q
+    return MaskInfo(None, N - Q, 0, None, torch.zeros(1, dtype=torch.long, device="cuda"))
+
+
+# --------------------------------------------------------------------------- tables as the patch builds them
+
+
+def zerotuning(H, N, gamma=3.5):
+    g = torch.zeros(1, 1, N, dtype=torch.uint8, device="cuda")
+    g[:, :, 0] = 1
+    bias = torch.zeros(H, 2, device="cuda")
+    bias[:, 1] = LOG(gamma)
+    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 2, bias, (), None, None)
+
+
+def pasta(H, N, span=(None, 96), alpha=0.01):
+    lo = N // 4 if span[0] is None else span[0]
+    g = torch.zeros(1, 1, N, dtype=torch.uint8, device="cuda")
+    g[:, :, lo : lo + span[1]] = 1
+    bias = torch.zeros(H, 2, device="cuda")
+    bias[:, 0] = LOG(alpha)  # every prompt key outside the span
+    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 2, bias, (), None, None)
+
+
+def prune(H, heads=(0, 5, 7, 8)):
+    scale = torch.ones(H, device="cuda")
+    scale[list(h for h in heads if h < H)] = 0.0
+    return LayerTables(None, torch.zeros(1, dtype=torch.long, device="cuda"), 1, None, (), scale, None)
+
+
+def act_pre(H, N):
+    g = torch.zeros(1, H, N, dtype=torch.uint8, device="cuda")
+    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (), None, None)
+
+
+def act_tables(found: torch.Tensor, H, beta=0.4):
+    keep = torch.full((H,), beta, device="cuda")
+    return LayerTables(found.to(torch.uint8), torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (Move(1, 2, keep),), None, None)
+
+
+def var(H, N, img=(35, 576), p=0.6):
+    """Groups over flags (IMAGE, HSINK): 0 text, 1 image, 2 text sink, 3 image sink; VAR's gated move after the image."""
+    lo, n = img
+    lo, n = min(lo, N // 8), min(n, N // 2)
+    g = torch.zeros(1, 1, N, dtype=torch.uint8, device="cuda")
+    g[:, :, lo : lo + n] = 1
+    g[:, :, 0] = 2
+    g[:, :, [lo + 3, lo + 100 % n, lo + n // 2]] = 3
+    keep = torch.full((H,), p, device="cuda")
+    rs = torch.full((1,), lo + n, dtype=torch.long, device="cuda")
+    mv = Move(src=0b1100, dst=0b0010, keep=keep, gate=(0b1000, 0b1010, 0.5, 0.2), after_image=True, row_start=rs)
+    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 4, None, (mv,), None, None)
+
+
+def act_full(q, k, v, mask, scaling, detector, H, N):
+    """ACT as the patch runs it at prefill: column scores, detection, then attention with the sinks."""
+    colsum, count = triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=scaling)
+    found = detector.detect(colsum, count, mask.first_key)
+    return triton_ops.attention(q, k, v, act_tables(found, H), mask, scaling=scaling)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def flex_fns(H, Hkv, N, Q):
+    """FlexAttention with the ZeroTuning (key-0) and PASTA (span) score_mods, compiled once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    off = N - Q
+    block = create_block_mask(lambda b, h, qi, ki: ki <= qi + off, 1, 1, Q, N, device="cuda")
+    zt_bias = LOG(3.5)
+    lo = N // 4
+
+    def zt(score, b, h, qi, ki):
+        return score + torch.where(ki == 0, zt_bias, 0.0)
+
+    def pa(score, b, h, qi, ki):
+        return score + torch.where((ki >= lo) & (ki < lo + 96), 0.0, LOG(0.01))
+
+    return {
+        "flex zerotuning": lambda q, k, v: flex(q, k, v, score_mod=zt, block_mask=block, enable_gqa=True),
+        "flex pasta": lambda q, k, v: flex(q, k, v, score_mod=pa, block_mask=block, enable_gqa=True),
+    }
+
+
+def eager(q, k, v, scaling):
+    """transformers' eager attention: repeat K/V, materialise the map, softmax in fp32."""
+    R = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(R, 1), v.repeat_interleave(R, 1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    N, Q = k.shape[2], q.shape[2]
+    s = s.masked_fill(torch.ones(Q, N, dtype=torch.bool, device=q.device).triu(N - Q + 1), float("-inf"))
+    return torch.matmul(torch.softmax(s.float(), -1).to(q.dtype), v)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def measure(fn, *, mem: bool = True) -> dict:
+    """Median ms over do_bench, and the peak extra memory of one call (MiB)."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        peak = None
+        if mem:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        return {"ms": ms, "peak_mib": peak}
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"ms": None, "peak_mib": None, "note": "out of memory"}
+
+
+def prefill_row(shape: str, N: int, args) -> list[dict]:
+    H, Hkv, D = SHAPES[shape]
+    q, k, v = inputs(H, Hkv, D, N)
+    mask, sc = causal(N), D**-0.5
+    det = ActSinks(torch.full((H,), 0.1, device="cuda"))
+    zt, pa, pr, vr = zerotuning(H, N), pasta(H, N), prune(H), var(H, N)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)  # noqa: E731
+    fns = {"sdpa": sdpa}
+    if not args.no_flex:
+        for name, f in flex_fns(H, Hkv, N, N).items():
+            fns[name] = lambda f=f: f(q, k, v)
+    if N <= 4096:
+        fns["eager"] = lambda: eager(q, k, v, sc)
+        fns["reference zerotuning"] = lambda: reference.attention(q, k, v, zt, scaling=sc)
+    fns.update({
+        "attnedit zerotuning": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc),
+        "attnedit zerotuning (fused)": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc, path="fused"),
+        "attnedit pasta": lambda: triton_ops.attention(q, k, v, pa, mask, scaling=sc),
+        "attnedit head prune": lambda: triton_ops.attention(q, k, v, pr, mask, scaling=sc),
+        "attnedit act (+detection)": lambda: act_full(q, k, v, mask, sc, det, H, N),
+        "attnedit var": lambda: triton_ops.attention(q, k, v, vr, mask, scaling=sc),
+        "attnedit plain (fused)": lambda: triton_ops.attention(q, k, v, None, mask, scaling=sc, path="fused"),
+    })
+    return run_all(fns, shape, N, "prefill")
+
+
+def decode_row(shape: str, N: int, args) -> list[dict]:
+    H, Hkv, D = SHAPES[shape]
+    q, k, v = inputs(H, Hkv, D, N, Q=1)
+    mask, sc = causal(N, 1), D**-0.5
+    zt, pr, vr = zerotuning(H, N), prune(H), var(H, N)
+    sinks = torch.zeros(1, H, N, dtype=torch.bool, device="cuda")
+    sinks[:, :, [37 % N, N // 3]] = True
+    ac = act_tables(sinks, H)
+    fns = {
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc, enable_gqa=True),
+        "attnedit plain": lambda: triton_ops.attention(q, k, v, None, mask, scaling=sc),
+        "attnedit zerotuning": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc),
+        "attnedit head prune": lambda: triton_ops.attention(q, k, v, pr, mask, scaling=sc),
+        "attnedit act": lambda: triton_ops.attention(q, k, v, ac, mask, scaling=sc),
+        "attnedit var": lambda: triton_ops.attention(q, k, v, vr, mask, scaling=sc),
+    }
+    return run_all(fns, shape, N, "decode")
+
+
+def run_all(fns: dict, shape: str, N: int, kind: str) -> list[dict]:
+    rows = []
+    for name, fn in fns.items():
+        t = time.time()
+        r = measure(fn)
+        rows.append({"shape": shape, "kind": kind, "tokens": N, "variant": name, **r})
+        print(f"  {shape:12s} {kind:7s} {N:6d} {name:30s} {r['ms'] if r['ms'] is None else round(r['ms'], 4)!s:>9} ms "
+              f"({time.time() - t:.1f}s)", file=sys.stderr, flush=True)
+    base = next(r for r in rows if r["variant"] == "sdpa")
+    for r in rows:
+        r["ratio"] = None if r["ms"] is None or base["ms"] is None else r["ms"] / base["ms"]
+        r["mem_ratio"] = None if r["peak_mib"] is None or not base["peak_mib"] else r["peak_mib"] / base["peak_mib"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"| shape | kind | tokens | variant | ms | x SDPA | peak MiB | x SDPA mem |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x, p: "—" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['kind']} | {r['tokens']} | {r['variant']} | {fmt(r['ms'], 3)} | {fmt(r['ratio'], 2)} | "
+                     f"{fmt(r['peak_mib'], 0)} | {fmt(r['mem_ratio'], 2)} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sweep and end to end
+
+
+def sweep(args) -> None:
+    """Tile shapes of the fused kernel (plain, ZeroTuning members, VAR) against SDPA, per shape and length."""
+    cfgs = {128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+            64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]}
+    for shape in SHAPES:
+        H, Hkv, D = SHAPES[shape]
+        for N in (4096, 16384):
+            q, k, v = inputs(H, Hkv, D, N)
+            mask, sc = causal(N), D**-0.5
+            zt, vr = zerotuning(H, N), var(H, N)
+            base = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True),
+                            warmup=25, rep=200, return_mode="median")
+            print(f"{shape} N={N} sdpa {base:.3f} ms", flush=True)
+            for cfg in cfgs[D]:
+                out = []
+                for name, tb in (("plain", None), ("zt", zt), ("var", vr)):
+                    try:
+                        ms = do_bench(lambda: triton_ops.attention(q, k, v, tb, mask, scaling=sc, path="fused", config=cfg),
+                                      warmup=25, rep=200, return_mode="median")
+                        out.append(f"{name} {ms:.3f} ({ms / base:.2f}x)")
+                    except Exception as e:  # a config that does not compile (shared memory, registers)
+                        out.append(f"{name} failed: {type(e).__name__}")
+                print(f"  {cfg}: " + "; ".join(out), flush=True)
+
+
+def backends(args) -> None:
+    """Which SDPA kernel runs by default, and the private flash ops that also return the log-sum-exp."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for shape in SHAPES:
+        H, Hkv, D = SHAPES[shape]
+        for N in (4096, 16384):
+            q, k, v = inputs(H, Hkv, D, N)
+            sc = D**-0.5
+            res = {"default": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)}
+            for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+                def f(b=b):
+                    with sdpa_kernel([b]):
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)
+                res[str(b).split(".")[-1]] = f
+            res["aten flash+lse"] = lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=sc)
+            res["aten cudnn+lse"] = lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=sc)
+            res["aten efficient+lse"] = lambda: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True, scale=sc)
+            out = []
+            for name, fn in res.items():
+                try:
+                    out.append(f"{name} {do_bench(fn, warmup=25, rep=200, return_mode='median'):.3f}")
+                except Exception as e:  # a backend that refuses this input
+                    out.append(f"{name} n/a ({str(e).splitlines()[0][:80]})")
+            print(f"{shape} N={N}: " + "; ".join(out), flush=True)
+
+
+def e2e(args) -> list[dict]:
+    """8k-token prefill of a random Llama-3.1-8B-shaped model: unpatched SDPA against patched recipes."""
+    import attnedit
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                               rope_theta=500000.0, rms_norm_eps=1e-5)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+        torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.e2e_tokens), device="cuda")
+    recipes = {
+        "zerotuning (all heads)": "interventions: [{type: zerotuning, gamma: 3.5, layers: all}]",
+        "head prune (8 heads)": "interventions: [{type: head_prune, heads: {3: [0, 1], 10: [4], 17: [2, 30], 22: [9], 28: [5, 6]}}]",
+        "act (layers 2..30)": "interventions: [{type: act, beta: 0.4, tau: 0.1}]",
+        "pasta (layers 8..15)": "interventions: [{type: pasta, alpha: 0.01, layers: '8:16'}]",
+    }
+
+    def fwd():
+        with torch.no_grad():
+            return model(ids, logits_to_keep=1).logits
+
+    rows = [{"variant": "unpatched sdpa", **measure(fwd, mem=True)}]
+    for name, text in recipes.items():
+        recipe = attnedit.Recipe.from_str(text, "bench.yaml")
+        spans = [[(100, 196)]] if "pasta" in name else None
+        with attnedit.patch(model, recipe, backend="triton", spans=spans):
+            rows.append({"variant": name, **measure(fwd, mem=True)})
+    base = rows[0]["ms"]
+    for r in rows:
+        r["throughput_ratio"] = None if r["ms"] is None else base / r["ms"]
+        r["tokens_per_s"] = None if r["ms"] is None else args.e2e_tokens / r["ms"] * 1e3
+        print(f"  e2e {r['variant']:28s} {r['ms']:.1f} ms  {r['tokens_per_s']:.0f} tok/s  x{r['throughput_ratio']:.3f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="folder for table.md and results.json")
+    ap.add_argument("--prefill", default="1024,4096,16384,32768")
+    ap.add_argument("--decode", default="4096,32768")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--backends", action="store_true")
+    ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--e2e-tokens", type=int, default=8192)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(device_line(), flush=True)
+    if args.sweep:
+        return sweep(args)
+    if args.backends:
+        return backends(args)
+    rows, e2e_rows = [], []
+    if args.prefill or args.decode:
+        for shape in args.shapes.split(","):
+            for N in [int(x) for x in args.prefill.split(",") if x]:
+                rows += prefill_row(shape, N, args)
+                torch.cuda.empty_cache()
+            for N in [int(x) for x in args.decode.split(",") if x]:
+                rows += decode_row(shape, N, args)
+    if args.e2e:
+        e2e_rows = e2e(args)
+    text = table(rows) if rows else ""
+    if e2e_rows:
+        text += "\n\n| end to end, 8k prefill | ms | tokens/s | x unpatched throughput | peak MiB |\n|---|---|---|---|---|\n"
+        text += "\n".join(f"| {r['variant']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['throughput_ratio']:.3f} | {r['peak_mib']:.0f} |"
+                          for r in e2e_rows)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"command": "python " + " ".join(sys.argv), "device": device_line()}
+        tag = "e2e" if args.e2e and not rows else "attention"
+        (args.out / f"{tag}.json").write_text(json.dumps({**meta, "rows": rows, "e2e": e2e_rows}, indent=1))
+        (args.out / f"{tag}.md").write_text(f"`{meta['command']}`\n\n{meta['device']}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

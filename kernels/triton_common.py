@@ -1,0 +1,130 @@
+"""Triton helpers shared by the prefill and decode kernels: key-group biases, group sums, moves.
+
+Every helper works on a block of ROWS query rows and GP >= G group columns
+(GP a power of two). Group masses and move coefficients follow
+`kernels.reference.move_coefficients` exactly, in fp32.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1/ln(2): the kernels work with exp2
+
+
+def emulate_bf16(dtype) -> bool:
+    """Triton's CPU interpreter (3.9) multiplies bf16 matrices wrongly: round to bf16, multiply in fp32 instead."""
+    import os
+
+    import torch
+
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def dot_qk(q, kt, IEEE: tl.constexpr, EMU: tl.constexpr):
+    """q (M, D) @ kt (D, N) in fp32 (true fp32 products for fp32 inputs)."""
+    if IEEE:
+        return tl.dot(q, kt, input_precision="ieee")
+    if EMU:
+        return tl.dot(q.to(tl.float32), kt.to(tl.float32))
+    return tl.dot(q, kt)
+
+
+@triton.jit
+def dot_pv(p, v, acc, IEEE: tl.constexpr, EMU: tl.constexpr):
+    """acc + p @ v, with the weights p rounded to v's dtype as in FlashAttention."""
+    if IEEE:
+        return tl.dot(p, v, acc, input_precision="ieee")
+    if EMU:
+        return tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    return tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
+def key_bias(BIAS_ROW, kg, G: tl.constexpr):
+    """(N,) or (ROWS, N) log2-domain bias of keys whose group ids are `kg`; BIAS_ROW points at bias[h, 0]."""
+    b = tl.zeros(kg.shape, tl.float32)
+    for g in tl.static_range(G):
+        b = tl.where(kg == g, tl.load(BIAS_ROW + g), b)
+    return b
+
+
+@triton.jit
+def add_group_sums(T, p, kg, G: tl.constexpr, GP: tl.constexpr):
+    """T (ROWS, GP) += per-group row sums of p (ROWS, N), keys in groups kg (N,)."""
+    cols = tl.arange(0, GP)
+    for g in tl.static_range(G):
+        sg = tl.sum(tl.where((kg == g)[None, :], p, 0.0), 1)
+        T = tl.where((cols == g)[None, :], T + sg[:, None], T)
+    return T
+
+
+@triton.jit
+def column(C, g, GP: tl.constexpr):
+    """Column g of C (ROWS, GP) as a (ROWS,) vector."""
+    return tl.sum(tl.where((tl.arange(0, GP) == g)[None, :], C, 0.0), 1)
+
+
+@triton.jit
+def key_coef(C, kg, G: tl.constexpr, GP: tl.constexpr):
+    """(ROWS, N): C[row, kg[key]] for per-row group coefficients C (ROWS, GP) and key groups kg (N,)."""
+    w = tl.zeros((C.shape[0], kg.shape[0]), tl.float32)
+    for g in tl.static_range(G):
+        w = tl.where((kg == g)[None, :], column(C, g, GP)[:, None], w)
+    return w
+
+
+@triton.jit
+def _sel_sum(X, bits, GP: tl.constexpr):
+    """Row sums of X (ROWS, GP) over the columns whose bit is set in `bits`."""
+    sel = ((bits >> tl.arange(0, GP)) & 1) != 0
+    return tl.sum(tl.where(sel[None, :], X, 0.0), 1)
+
+
+@triton.jit
+def move_coefficients(mass, heads, qpos, b, MV_I, MV_F, KEEP, ROW_START, H, B, NM: tl.constexpr, GP: tl.constexpr):
+    """Per-group multipliers (ROWS, GP) after the layer's moves, as `reference.move_coefficients`.
+
+    mass (ROWS, GP) group masses of each row; heads (ROWS,) query head of each row;
+    qpos (ROWS,) int64 absolute row positions; b the batch row. Move i is
+    MV_I[i] = (src bits, dst bits, has gate, gate num bits, gate den bits),
+    MV_F[i] = (max_ratio, min_den), KEEP[i, h], ROW_START[i, b] (int64).
+    """
+    cols = tl.arange(0, GP)
+    c = tl.zeros(mass.shape, tl.float32) + 1.0
+    for i in tl.static_range(NM):
+        src = tl.load(MV_I + i * 5)
+        dst = tl.load(MV_I + i * 5 + 1)
+        has_gate = tl.load(MV_I + i * 5 + 2)
+        keep = tl.load(KEEP + i * H + heads)
+        cur = mass * c
+        s_src = _sel_sum(cur, src, GP)
+        s_dst = _sel_sum(cur, dst, GP)
+        active = (s_dst > 0) & (keep != 1.0)
+        num = _sel_sum(cur, tl.load(MV_I + i * 5 + 3), GP)
+        den = _sel_sum(cur, tl.load(MV_I + i * 5 + 4), GP)
+        gate_ok = (den >= tl.load(MV_F + i * 2 + 1)) & (den > 0) & (num <= tl.load(MV_F + i * 2) * den)
+        active = active & ((has_gate == 0) | gate_ok)
+        active = active & (qpos >= tl.load(ROW_START + i * B + b))
+        freed = (1.0 - keep) * s_src
+        f_src = tl.where(active, keep, 1.0)
+        f_dst = tl.where(active, 1.0 + freed / tl.maximum(s_dst, 1e-30), 1.0)
+        src_sel = ((src >> cols) & 1) != 0
+        dst_sel = ((dst >> cols) & 1) != 0
+        c = tl.where(src_sel[None, :], c * f_src[:, None], c)
+        c = tl.where(dst_sel[None, :], c * f_dst[:, None], c)
+    return c
+
+
+@triton.jit
+def finish_rows(acc, L, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """o = acc / L (0 where L == 0), then the head's output scale and shift. acc (ROWS, D), L (ROWS,)."""
+    o = acc / tl.where(L > 0, L, 1.0)[:, None]
+    if SCALE_MODE == 1:  # (H,)
+        o = o * tl.load(SCALE + heads)[:, None]
+    elif SCALE_MODE == 2:  # (B, H)
+        o = o * tl.load(SCALE + b * H + heads)[:, None]
+    if HAS_SHIFT:
+        o = o + tl.load(SHIFT + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return o

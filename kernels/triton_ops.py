@@ -1,0 +1,417 @@
+"""The Triton backend: `attention` and `column_scores` with the reference's exact semantics.
+
+This module prepares a layer's `LayerTables` for the kernels (log2-domain
+biases shifted so that group 0 has none, member-tile lists, packed moves) and
+picks a path. None of them waits for the device (no host sync per call):
+
+- **decode** (one query row): `triton_decode`, split over the keys;
+- **flash + scale** (no key-group edit; causal, unpadded, fp16/bf16 on CUDA):
+  torch's `scaled_dot_product_attention`, then only the heads whose output is
+  scaled or shifted are rewritten in place (`triton_scale`);
+- **flash bulk + corrections** (key-group edits; causal, unpadded, fp16/bf16
+  on CUDA): torch's cuDNN attention with its log-sum-exp over all keys, then
+  the prefill kernel's epilogue corrects the member keys (``bulk=``); rows
+  where the edit would amplify the bulk's rounding more than 2x are flagged
+  and recomputed exactly by the fused kernel (``only_flagged=``);
+- **fused** (everything else: padding, dense masks, chunked prefill, fp32, or
+  no cuDNN): `triton_prefill` with member-tile passes (moves), or with the
+  bias added inside the main loop (biases only).
+
+`column_scores(..., value=v)` computes the flash bulk once for ACT's sink
+scores and keeps it for the `attention` call on the same q, k, v that follows.
+
+Cases the kernels do not cover run the PyTorch reference, deliberately and
+logged once per reason (`FALLBACKS`): logit soft-capping, more than
+`MAX_GROUPS` key groups, head_dim over 256, dtypes other than fp16/bf16/fp32,
+a dense mask with one row set per head, a bias of -inf on group 0.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+
+from attnedit.tables import LayerTables, MaskInfo
+
+from . import reference
+from .triton_colsum import colsum as _colsum
+from .triton_decode import decode as _decode
+from .triton_prefill import SENTINEL, pick_config, prefill as _prefill
+from .triton_scale import scale_heads as _scale_heads
+
+log = logging.getLogger("attnedit")
+
+LOG2E = 1.4426950408889634
+MAX_GROUPS = 16
+MAX_HEAD_DIM = 256
+FALLBACKS = {
+    "softcap": "logit soft-capping (Gemma 2) is not in the kernels",
+    "groups": f"more than {MAX_GROUPS} key groups",
+    "head_dim": f"head_dim above {MAX_HEAD_DIM}",
+    "dtype": "dtypes other than float16, bfloat16, float32",
+    "mask": "a dense mask with one row set per head",
+    "bias": "a bias of -inf on the group of unflagged keys",
+}
+_warned: set[str] = set()
+_memo_cache: dict[tuple, tuple] = {}
+_flash_ok: dict[tuple, bool] = {}
+_stash: list = []  # at most one (key, (q, k, v), bulk) from column_scores(value=...)
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: LayerTables | None,
+    mask: MaskInfo,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    return_masses: bool = False,
+    path: str | None = None,
+    config: tuple[int, int, int, int] | None = None,
+    splits: int | None = None,
+):
+    """Attention with the layer's tables applied, as `reference.attention`.
+
+    Args:
+        q: (B, H, Q, D); k, v: (B, Hkv, K, D) (views are fine).
+        tables: the layer's runtime tables, or None.
+        mask: the mask in its backend forms.
+        scaling: logit scale.
+        softcap: logit soft-capping (runs the reference).
+        return_masses: also return the (B, H, Q, G) group masses before moves.
+        path: "fused" skips the flash-kernel paths (tests and benchmarks).
+        config: prefill tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) override.
+        splits: decode key-split override.
+    Returns:
+        out (B, Q, H, D) in q's dtype [, masses].
+    """
+    if _fallback(q, k, tables, mask, softcap) is not None:
+        return reference.attention(q, k, v, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset,
+                                   return_masses=return_masses)
+    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    t = _Prepared.of(tables, q, keep_groups=return_masses)
+    if q.shape[2] == 1:
+        out, masses = _decode_path(q, k, v, t, mask, scaling, return_masses, splits)
+    else:
+        out, masses = _prefill_path(q, k, v, t, mask, scaling, return_masses, path, config)
+    return (out, masses) if return_masses else out
+
+
+def column_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    tables: LayerTables | None,
+    mask: MaskInfo,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    value: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column sums (B, H, K) of the biased, unmoved map and per-key row counts (B, 1, K), as the reference.
+
+    The rows' log-sum-exp comes from the flash bulk when `value` is given and the map is plain
+    causal attention (the bulk is then kept for the next `attention` call on the same q, k, v),
+    else from the prefill kernel without V (``lse_only``). `config` overrides tile shapes (tests).
+    """
+    if _fallback(q, k, tables, mask, softcap) is not None:
+        return reference.column_scores(q, k, tables, scaling=scaling, mask=mask.dense, softcap=softcap)
+    q, k = _last_contiguous(q), _last_contiguous(k)
+    t = _Prepared.of(tables, q, with_moves=False)
+    geo = _Geometry.of(mask, q, k)
+    kw = dict(scaling=scaling, diag=geo.diag, kv_start=geo.kv_start, dense=geo.dense)
+    bias = t.bias2 if t.has_bias else None
+    lse = None
+    if value is not None and bias is None and _flash_eligible(q, k, mask, None):
+        v = _last_contiguous(value)
+        bulk = _flash_with_lse(q, k, v, scaling)
+        if bulk is not None:
+            _stash[:] = [(_stash_key(q, k, v, scaling), (q, k, v), bulk)]
+            lse = (bulk[1] * LOG2E).contiguous()
+    if lse is None:
+        cfg = config or pick_config(_d_pad(q), q.element_size())
+        _, lse, _, _ = _prefill(q, k, k, q_pos0=geo.q_pos0, lse_only=True, key_group=t.key_group if bias is not None else None,
+                                n_groups=t.n_groups, bias=bias, key_bias=bias is not None, config=cfg, **kw)
+    cs = _colsum(q, k, lse, key_group=t.key_group, n_groups=t.n_groups, bias=bias, config=config, **kw)
+    return cs, _counts(mask, geo, q.shape[0], q.shape[2], k.shape[2], q.device)
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclass
+class _Prepared:
+    """A layer's tables in kernel form; group edits that cannot change the output are dropped."""
+
+    key_group: torch.Tensor | None  # (B, Hg, K) uint8, last dim contiguous
+    n_groups: int
+    bias2: torch.Tensor | None  # (H, G) fp32, log2 domain, group 0 shifted to 0
+    has_bias: bool
+    moves: tuple | None  # packed for the kernels
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+
+    @classmethod
+    def of(cls, tables: LayerTables | None, q: torch.Tensor, with_moves: bool = True, keep_groups: bool = False) -> "_Prepared":
+        if tables is None:
+            return cls(None, 1, None, False, None, None, None)
+        dev = q.device
+        groups = tables.key_group if tables.key_group is not None and tables.n_groups > 1 else None
+        bias2, has_bias = None, False
+        if groups is not None and tables.bias is not None:
+            host = _host(tables.bias).float()
+            has_bias = bool((host - host[:, :1] != 0).any())
+            if has_bias:  # softmax is unchanged by a per-row constant: shift so that unflagged keys have none
+                bias2 = _memo(tables.bias, ("bias2", str(dev)), lambda b: ((b.float() - b.float()[:, :1]) * LOG2E).to(dev).contiguous())
+        moves = None
+        if with_moves and groups is not None and tables.moves:
+            live = [m for m in tables.moves if bool((_host(m.keep) != 1).any())]
+            moves = _pack_moves(live, q.shape[0], dev) if live else None
+        if groups is not None and not has_bias and moves is None and not keep_groups:
+            groups = None
+        if groups is not None and groups.stride(-1) != 1:
+            groups = groups.contiguous()
+        scale = shift = None
+        if with_moves and tables.out_scale is not None:
+            scale = tables.out_scale.to(dev, torch.float32).contiguous()
+        if with_moves and tables.out_shift is not None:
+            shift = tables.out_shift.to(dev, torch.float32).contiguous()
+        return cls(groups, tables.n_groups if groups is not None else 1, bias2, has_bias, moves, scale, shift)
+
+
+@dataclass
+class _Geometry:
+    """The mask in kernel form: causal with an offset (and left padding), or a dense uint8 mask."""
+
+    diag: int
+    q_pos0: int
+    kv_start: torch.Tensor | None
+    dense: torch.Tensor | None
+
+    @classmethod
+    def of(cls, mask: MaskInfo, q: torch.Tensor, k: torch.Tensor) -> "_Geometry":
+        NQ, NK = q.shape[2], k.shape[2]
+        if mask.dense is None:
+            return cls(NK - NQ, mask.q_offset, None, None)
+        if mask.kv_start is not None:
+            return cls(mask.q_offset - mask.kv_offset, mask.q_offset, mask.kv_start.to(q.device, torch.int32).contiguous(), None)
+        dense = mask.dense if mask.dense.stride(-1) == 1 else mask.dense.contiguous()
+        return cls(0, mask.q_offset, None, dense.view(torch.uint8))
+
+
+def _member_tiles(key_group: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of the key tiles that hold flagged keys, per (batch row, key-group head), on the device.
+
+    Returns:
+        (list (B, Hg, nT + 1) int32 padded with SENTINEL, count (B, Hg) int32).
+    """
+    B, Hg, K = key_group.shape
+    nT = triton.cdiv(K, block_n)
+    flagged = key_group != 0
+    if nT * block_n != K:
+        flagged = torch.nn.functional.pad(flagged, (0, nT * block_n - K))
+    has = flagged.reshape(B, Hg, nT, block_n).any(-1)  # (B, Hg, nT)
+    count = has.sum(-1, dtype=torch.int32)
+    idx = torch.arange(nT, device=key_group.device)
+    order = torch.where(has, idx, idx + nT).argsort(dim=-1)  # flagged tiles first, ascending
+    lst = torch.where(idx < count[..., None], order, SENTINEL)
+    lst = torch.nn.functional.pad(lst, (0, 1), value=SENTINEL).to(torch.int32)
+    return lst.contiguous(), count.contiguous()
+
+
+def _pack_moves(moves, B: int, device) -> tuple:
+    """(mv_i (NM, 5) int32, mv_f (NM, 2) fp32, keep (NM, H) fp32, row_start (NM, B) int64) on the device."""
+    ints = tuple((m.src, m.dst, int(m.gate is not None), *(m.gate or (0, 0, 0.0, 0.0))) for m in moves)
+    key = ("moves", ints, str(device))
+    if key not in _memo_cache:  # static per recipe: one host-to-device copy
+        _memo_cache[key] = (
+            torch.tensor([list(x[:5]) for x in ints], dtype=torch.int32, device=device),
+            torch.tensor([[float(x[5]), float(x[6])] for x in ints], dtype=torch.float32, device=device),
+        )
+    mv_i, mv_f = _memo_cache[key]
+    keep = torch.stack([m.keep.to(device, torch.float32) for m in moves])
+    never = torch.full((B,), -(2**62), dtype=torch.int64, device=device)
+    starts = torch.stack([m.row_start.to(device, torch.int64).expand(B) if m.row_start is not None else never for m in moves])
+    return mv_i, mv_f, keep, starts
+
+
+def _counts(mask: MaskInfo, geo: _Geometry, B: int, NQ: int, NK: int, device) -> torch.Tensor:
+    """(B, 1, K) fp32: how many query rows may see each key."""
+    if geo.dense is not None:
+        return mask.dense.float().sum(2).expand(B, 1, NK).contiguous()
+    j = torch.arange(NK, device=device)
+    count = (NQ - (j - geo.diag).clamp_min(0)).clamp(0, NQ).float().view(1, 1, NK).expand(B, 1, NK)  # rows i >= j - diag
+    if geo.kv_start is not None:
+        count = count * (j.view(1, 1, NK) >= geo.kv_start.view(B, 1, 1).long())
+    return count.contiguous()
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _decode_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_masses: bool, splits: int | None):
+    geo = _Geometry.of(mask, q, k)
+    per_group = t.key_group is not None and (t.moves is not None or return_masses)
+    return _decode(
+        q, k, v, scaling=scaling, diag=geo.diag, q_pos=geo.q_pos0, kv_start=geo.kv_start, dense=geo.dense,
+        key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, per_group=per_group,
+        moves=t.moves, scale=t.scale, shift=t.shift, write_masses=return_masses, splits=splits,
+    )
+
+
+def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_masses: bool, path: str | None, config):
+    geo = _Geometry.of(mask, q, k)
+    flash = _flash_eligible(q, k, mask, path)
+    kw = dict(scaling=scaling, diag=geo.diag, q_pos0=geo.q_pos0, kv_start=geo.kv_start, dense=geo.dense, scale=t.scale, shift=t.shift)
+    if t.key_group is None:
+        if flash and not return_masses:
+            return _flash_and_scale(q, k, v, t, scaling), None
+        out, _, masses, _ = _prefill(q, k, v, config=config, write_masses=return_masses, **kw)
+        return out, masses
+    cfg = config or pick_config(_d_pad(q), q.element_size())
+    members = _member_tiles(t.key_group, cfg[1])
+    kw.update(key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=cfg)
+    bulk = (_take_stash(q, k, v, scaling) or _flash_with_lse(q, k, v, scaling)) if flash else None
+    if bulk is not None:
+        out, _, masses, flags = _prefill(q, k, v, members=members, bulk=bulk, write_masses=return_masses, **kw)
+        _prefill(q, k, v, members=members, only_flagged=flags, out=out, **kw)  # exact rows where the bulk is not
+        return out, masses
+    if t.moves is None and not return_masses:
+        out, _, _, _ = _prefill(q, k, v, key_bias=True, **kw)
+        return out, None
+    out, _, masses, _ = _prefill(q, k, v, members=members, write_masses=return_masses, **kw)
+    return out, masses
+
+
+def _flash_eligible(q, k, mask: MaskInfo, path: str | None) -> bool:
+    """The flash-kernel paths need plain causal attention (no padding), Q == K, fp16/bf16 on CUDA."""
+    return (path != "fused" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask.dense is None
+            and q.shape[2] == k.shape[2] > 1)
+
+
+def _flash_and_scale(q, k, v, t: _Prepared, scaling: float) -> torch.Tensor:
+    """Plain causal attention by torch's SDPA, then the output scale/shift of the heads it changes."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    out = out.transpose(1, 2)
+    if not out.is_contiguous():
+        out = out.contiguous()
+    if t.scale is None and t.shift is None:
+        return out
+    return _scale_heads(out, _changed_heads(t), t.scale, t.shift)
+
+
+def _changed_heads(t: _Prepared) -> torch.Tensor:
+    """int32 indices of heads whose output scale or shift is not the identity (all heads for per-input scales)."""
+    ref = t.scale if t.scale is not None else t.shift
+    H = t.scale.shape[-1] if t.scale is not None else t.shift.shape[0]
+    if t.scale is not None and t.scale.dim() == 2:
+        return torch.arange(H, dtype=torch.int32, device=ref.device)
+
+    def find(_):
+        changed = torch.zeros(H, dtype=torch.bool)
+        if t.scale is not None:
+            changed |= _host(t.scale) != 1
+        if t.shift is not None:
+            changed |= (_host(t.shift) != 0).any(-1)
+        return changed.nonzero().flatten().to(ref.device, torch.int32)
+
+    return _memo(ref, ("heads", id(t.shift) if ref is t.scale else 0), find)
+
+
+def _flash_with_lse(q, k, v, scaling: float):
+    """(out (B, H, Q, D), lse (B, H, Q) natural log) of causal attention by torch's cuDNN kernel, or None."""
+    key = (q.dtype, q.shape[1], k.shape[1], q.shape[-1], q.device.index)
+    if _flash_ok.get(key) is False:
+        return None
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scaling)
+        out, lse = res[0], res[1]
+        lse = lse.reshape(q.shape[:3]) if lse.numel() == q.shape[0] * q.shape[1] * q.shape[2] else None
+        if lse is None or out.shape != q.shape:
+            raise RuntimeError("unexpected output shapes")
+    except (RuntimeError, AttributeError) as e:  # no cuDNN kernel for this dtype / head_dim / GQA ratio
+        _flash_ok[key] = False
+        _warn_once(f"flash:{key}", f"cuDNN attention with log-sum-exp unavailable for {key} ({str(e).splitlines()[0][:200]}); "
+                   "using the fused Triton kernel")
+        return None
+    _flash_ok[key] = True
+    return out, lse
+
+
+def _stash_key(q, k, v, scaling) -> tuple:
+    return tuple((x.data_ptr(), tuple(x.shape), x.stride(), x._version) for x in (q, k, v)) + (scaling,)
+
+
+def _take_stash(q, k, v, scaling):
+    """The bulk kept by column_scores for exactly these q, k, v (it holds them, so their memory is not reused)."""
+    hit = _stash[0][2] if _stash and _stash[0][0] == _stash_key(q, k, v, scaling) else None
+    _stash.clear()
+    return hit
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fallback(q, k, tables: LayerTables | None, mask: MaskInfo, softcap) -> str | None:
+    """Why the kernels cannot run this call (logged once per reason), or None."""
+    why = None
+    if softcap:
+        why = "softcap"
+    elif q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype:
+        why = "dtype"
+    elif q.shape[-1] > MAX_HEAD_DIM:
+        why = "head_dim"
+    elif tables is not None and tables.key_group is not None and tables.n_groups > MAX_GROUPS:
+        why = "groups"
+    elif mask.dense is not None and mask.kv_start is None and mask.dense.shape[1] != 1:
+        why = "mask"
+    elif tables is not None and tables.key_group is not None and tables.bias is not None and tables.n_groups > 1:
+        if not bool(torch.isfinite(_host(tables.bias)[:, 0]).all()):
+            why = "bias"
+    if why is not None:
+        _warn_once(why, f"Triton backend: {FALLBACKS[why]}; this call runs the PyTorch reference")
+    return why
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def _memo(t: torch.Tensor, tag: tuple, fn: Callable[[torch.Tensor], object]):
+    """fn(t), computed once per tensor object and version (plan tensors live as long as their patch).
+
+    The weak reference makes sure a new tensor that reuses a freed one's id never gets the old result.
+    """
+    key = (id(t), tag)
+    hit = _memo_cache.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    if len(_memo_cache) > 4096:
+        _memo_cache.clear()
+    value = fn(t)
+    _memo_cache[key] = (weakref.ref(t), t._version, value)
+    return value
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a small plan tensor (bias, keep, scale): one device sync per tensor object."""
+    return t if t.device.type == "cpu" else _memo(t, ("host",), lambda x: x.detach().cpu())
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _d_pad(q: torch.Tensor) -> int:
+    return max(16, triton.next_power_of_2(q.shape[-1]))
