@@ -58,7 +58,18 @@ def _units(spec: ZeroTuningSpec, info, profile: str) -> list[tuple[dict, dict[in
 
 
 def _spec(heads: dict[int, list[int]], gamma: float) -> ZeroTuningSpec:
+    """A spec for {layer: heads}; written as layers + one head list when every layer has the same heads."""
+    lists = {tuple(sorted(hs)) for hs in heads.values()}
+    if len(lists) == 1:
+        (same,) = lists
+        return ZeroTuningSpec(type="zerotuning", layers=sorted(heads), heads=list(same), gamma=gamma)
     return ZeroTuningSpec(type="zerotuning", heads={layer: sorted(hs) for layer, hs in sorted(heads.items())}, gamma=gamma)
+
+
+def _compact(heads: dict[int, list[int]]):
+    """{layer: heads} for the provenance, or {"layers": [...], "heads": [...]} when all layers share the heads."""
+    lists = {tuple(hs) for hs in heads.values()}
+    return {"layers": sorted(heads), "heads": list(next(iter(lists)))} if len(lists) == 1 else heads
 
 
 def _union(maps: list[dict[int, list[int]]]) -> dict[int, list[int]]:
@@ -105,7 +116,7 @@ def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
     top = best(scored, baseline)
     specs = [_spec(sets[top["candidate"]["heads"]], top["candidate"]["gamma"])] if top else []
     notes = {"profile": profile, "probe_gamma": spec.gamma, "gammas": gammas,
-             "up_effective": up, "down_effective": down}
+             "up_effective": _compact(up) if up else {}, "down_effective": _compact(down) if down else {}}
     return Found(specs, profiled + scored, top, baseline, notes)
 
 

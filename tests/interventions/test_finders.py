@@ -60,7 +60,7 @@ def test_zerotuning_profiles_heads_then_searches_gamma():
     found = zerotuning.find(spec, Calibration(None, None, INFO, score=score))
     (best,) = found.specs
     assert best.gamma == 3.0 and heads_of(recipe_of(best)) == {(l, h) for l in range(6) for h in up}
-    assert found.notes["up_effective"] == {l: [1, 3] for l in range(6)}
+    assert found.notes["up_effective"] == {"layers": list(range(6)), "heads": [1, 3]}
     grid = [r["candidate"] for r in found.candidates if r["candidate"]["stage"] == "grid"]
     assert all(c["gamma"] > 1 for c in grid if c["heads"] == "up") and all(c["gamma"] < 1 for c in grid if c["heads"] == "down")
     assert len([r for r in found.candidates if r["candidate"]["stage"] == "profile"]) == 4
