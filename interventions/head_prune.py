@@ -240,6 +240,23 @@ def _means_only(spec: HeadPruneSpec, cal: Calibration) -> Found:
     return Found([out], [], {"heads": targets, "means_over": f"{len(cal.prompts)} calibration prompts"}, None, {})
 
 
+def _recalled(cal: Calibration, conflicts: list[ConflictPrompt], bs: int) -> tuple[list[ConflictPrompt], torch.Tensor]:
+    """Keep the conflicts whose fact the model recalls without the context; (kept, (N, 2) [memory, context] ids)."""
+    ids = torch.tensor([[c.memory_id, c.context_id] for c in conflicts], dtype=torch.long)
+    device = next(cal.model.parameters()).device
+    known = _logit_diff(cal.model, cal.tokenizer, [c.question for c in conflicts], ids, bs, device) > 0
+    kept = [c for c, ok in zip(conflicts, known.tolist()) if ok]
+    if len(kept) < 8:
+        raise AttneditError(f"only {len(kept)} conflict prompts ask facts the model recalls; PH3 needs at least 8 (raise --limit)")
+    return kept, ids[known]
+
+
+def _top_k(scores: dict[tuple[int, int], float], prune: str, k: int) -> list[tuple[tuple[int, int], float]]:
+    """The k strongest memory heads (positive scores) or context heads (negative scores)."""
+    sign = 1.0 if prune == "memory" else -1.0
+    return sorted((kv for kv in scores.items() if sign * kv[1] > 0), key=lambda kv: -sign * kv[1])[:k]
+
+
 @finder("head_prune")
 def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     """PH3: score every head on knowledge-conflict prompts and prune the top-k of one kind.
@@ -254,6 +271,8 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     Returns:
         A `Found` with the pruning spec (with means for mean ablation) and every head's score.
     """
+    import attnedit  # noqa: PLC0415
+
     prune, k = str(cal.options.get("prune", "memory")), int(cal.options.get("k", 5))
     patching, bs = str(cal.options.get("patching", "direct")), int(cal.options.get("batch_size", 8))
     if prune not in ("memory", "context") or patching not in ("direct", "total"):
@@ -264,44 +283,31 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     if not conflicts:
         raise AttneditError("PH3 head search needs knowledge-conflict prompts: use a knowledge_conflict task (--task lama-conflict)")
     model, tok, info = cal.model, cal.tokenizer, cal.info
-    device = next(model.parameters()).device
-    ids = torch.tensor([[c.memory_id, c.context_id] for c in conflicts], dtype=torch.long)
-    known = _logit_diff(model, tok, [c.question for c in conflicts], ids, bs, device) > 0  # the model recalls the fact
-    conflicts = [c for c, ok in zip(conflicts, known.tolist()) if ok]
-    ids = ids[known]
-    if len(conflicts) < 8:
-        raise AttneditError(f"only {len(conflicts)} conflict prompts ask facts the model recalls; PH3 needs at least 8 (raise --limit)")
-    texts = [c.prompt for c in conflicts]
-    targets = spec.targets(info)
-    all_heads = {l: list(range(info.n_heads)) for l in range(info.n_layers)}
-    means = head_means(model, tok, texts, all_heads, info.head_dim, bs) if spec.ablation == "mean" else None
+    conflicts, ids = _recalled(cal, conflicts, bs)
+    texts, targets = [c.prompt for c in conflicts], spec.targets(info)
+    every = {l: list(range(info.n_heads)) for l in range(info.n_layers)}
+    means = head_means(model, tok, texts, every, info.head_dim, bs) if spec.ablation == "mean" else None
 
     def spec_for(heads):
         m = {l: {h: means[l][h] for h in hs} for l, hs in heads.items()} if means else None
         return HeadPruneSpec(type="head_prune", heads=heads, ablation=spec.ablation, means=m)
 
     if patching == "direct":
-        ref = {l: torch.tensor([means[l][h] for h in range(info.n_heads)]) if means else torch.zeros(info.n_heads, info.head_dim) for l in range(info.n_layers)}
+        ref = {l: torch.tensor([means[l][h] for h in every[l]]) if means else torch.zeros(info.n_heads, info.head_dim) for l in every}
         effect = _direct_effects(model, tok, texts, ids, ref, bs, info)
         scores = {(l, h): float(effect[l, h]) for l, hs in targets.items() for h in hs}
     else:
         scores = _total_effects(model, tok, texts, ids, spec_for, targets, bs, cal)
-    sign = 1.0 if prune == "memory" else -1.0
-    ranked = sorted((kv for kv in scores.items() if sign * kv[1] > 0), key=lambda kv: -sign * kv[1])[:k]
+    ranked = _top_k(scores, prune, k)
     heads: dict[int, list[int]] = {}
-    for (l, h), _ in ranked:
+    for (l, h), _ in sorted(ranked):
         heads.setdefault(l, []).append(h)
-    heads = {l: sorted(hs) for l, hs in sorted(heads.items())}
-    before = _logit_diff(model, tok, texts, ids, bs, device)
+    device = next(model.parameters()).device
     records = [{"candidate": {"layer": l, "head": h}, "score": s} for (l, h), s in scores.items()]
-    notes = {"prune": prune, "k": k, "patching": patching, "n_conflicts": len(texts), "memory_rate_before": float((before > 0).float().mean())}
+    notes = {"prune": prune, "k": k, "patching": patching, "n_conflicts": len(texts),
+             "memory_rate_before": float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean())}
     if not heads:
         return Found([], records, None, None, notes)
-    out = spec_for(heads)
-    import attnedit  # noqa: PLC0415
-
-    with attnedit.patch(model, recipe_of(out), backend="reference"):
-        after = _logit_diff(model, tok, texts, ids, bs, device)
-    notes["memory_rate_after"] = float((after > 0).float().mean())
-    chosen = {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}
-    return Found([out], records, chosen, None, notes)
+    with attnedit.patch(model, recipe_of(spec_for(heads)), backend="reference"):
+        notes["memory_rate_after"] = float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean())
+    return Found([spec_for(heads)], records, {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}, None, notes)

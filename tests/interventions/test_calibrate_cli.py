@@ -137,3 +137,24 @@ def test_calibrate_mean_ablation_computes_means_over_train_prompts(tmp_path, tin
     assert result.exit_code == 0, result.output
     (spec,) = Recipe.from_yaml(out).interventions
     assert spec.ablation == "mean" and sorted(spec.means[1]) == [0, 2] and len(spec.means[1][0]) == 16
+
+
+def test_entropy_objective_ignores_labels(tmp_path, tiny_model_dir):
+    import math
+
+    from attnedit import evals
+    from attnedit.interventions import calibration as C
+
+    task = evals.load_task(str(_task(tmp_path, 40)))
+    model, tok = attnedit.load(str(tiny_model_dir), device="cpu", dtype="float32")
+    examples = C.calibration_examples(task, 16, seed=0)
+    score = C.task_scorer(model, tok, task, examples, objective="entropy", shots=0, seed=0, batch_size=8, backend=None)
+    recs = score.records(None)
+    want = 0.0
+    for r in recs:
+        p = [math.exp(s) for s in r["scores"]]
+        p = [x / sum(p) for x in p]
+        want -= -sum(x * math.log(x) for x in p) / len(recs)
+    assert score(None) == pytest.approx(want)
+    flipped = [type(e)(e.id, e.fields, e.choices, (1 - e.gold[0],), e.targets, e.label) for e in examples]  # other labels
+    assert C.task_scorer(model, tok, task, flipped, objective="entropy", shots=0, seed=0, batch_size=8, backend=None)(None) == pytest.approx(want)
