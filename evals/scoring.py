@@ -41,10 +41,17 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
 def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int, **extra) -> torch.Tensor:
     """Logits of the last `keep` positions, (B, keep, V), fp32."""
     kwargs = dict(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False, **extra)
-    if "pixel_values" not in extra:  # text models: positions count from each row's first real token
+    if plain_positions(model):  # positions count from each row's first real token
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         return model(**kwargs).logits.float()
+
+
+def plain_positions(model) -> bool:
+    """Whether the model takes 1-D position ids (not Qwen2-VL's multimodal rope, which builds its own)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    return not (isinstance(rope, dict) and "mrope_section" in rope)
 
 
 def choice_scores(model, items: Sequence[Encoded], pad_id: int, chunk: int = 8) -> tuple[list[list[float]], list[list[int]]]:

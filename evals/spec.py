@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from attnedit.errors import AttneditError, RecipeError
 from attnedit.recipe import _nearest_line, _pydantic_problems, format_path, load_yaml
@@ -38,6 +38,13 @@ class TaskError(AttneditError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("labels", "label_map", mode="before", check_fields=False)
+    @classmethod
+    def _no_yaml_booleans(cls, v):
+        if isinstance(v, dict) and any(isinstance(x, bool) for pair in v.items() for x in pair):
+            raise ValueError("YAML reads yes/no/true/false/on/off as booleans: quote them, e.g. {\"yes\": \"yes\"}")
+        return v
 
 
 class Carve(_Frozen):

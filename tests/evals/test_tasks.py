@@ -203,3 +203,9 @@ def test_hub_source_without_data_dir_needs_datasets(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(TaskError, match="pip install datasets"):
         load_task("sst2")
+
+
+def test_yaml_booleans_in_labels_get_a_clear_message(tmp_path):
+    path = _toy_with(tmp_path, "", spec=evalkit.TOY_SPEC.replace("labels: {neg: bad, pos: good}", "labels: {no: bad, yes: good}"))
+    with pytest.raises(TaskError, match=f"{path}:3: labels: YAML reads yes/no/true/false/on/off as booleans: quote them"):
+        load_task(str(path))
