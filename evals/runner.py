@@ -96,7 +96,7 @@ def run_tasks(model, tokenizer, recipe, tasks: Sequence[Task], out: Path, settin
         barrier()
     if rank != 0:
         return None
-    return merge(model, recipe, tasks, out, settings, patch)
+    return merge(tasks, out, settings)
 
 
 def _score_pair(model, tokenizer, task, examples, items: list[Encoded], patch, meter, chunk) -> dict:
@@ -183,7 +183,7 @@ def completed(work: Path, task: str, n_batches: int) -> set[int]:
 # --------------------------------------------------------------------------- merging and statistics
 
 
-def merge(model, recipe, tasks: Sequence[Task], out: Path, settings: Settings, patch) -> dict:
+def merge(tasks: Sequence[Task], out: Path, settings: Settings) -> dict:
     """Join every process's lines into samples files and the results dict (written to results.json)."""
     from attnedit.cli.common import write_atomic  # noqa: PLC0415
 

@@ -44,22 +44,28 @@ def setup(tmp_path_factory):
     return root, model_dir, toy, tasks
 
 
-def _lm_eval_acc(model_dir, tasks, recipe=None, batch_size=4) -> float:
-    import attnedit.evals.harness  # noqa: F401  (registers the model type)
-    from lm_eval import simple_evaluate
+@pytest.fixture(scope="module")
+def manager(setup):
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=str(setup[3]))  # indexing lm-eval's own tasks takes a while: once
+
+
+def _lm_eval_acc(model_dir, manager, recipe=None, batch_size=4) -> float:
+    import attnedit.evals.harness  # noqa: F401  (registers the model type)
+    from lm_eval import simple_evaluate
+
     args = f"pretrained={model_dir},dtype=float32,device=cpu,batch_size={batch_size}" + (f",recipe={recipe}" if recipe else "")
-    out = simple_evaluate(model="attnedit", model_args=args, tasks=["toy_attnedit"], task_manager=TaskManager(include_path=str(tasks)))
+    out = simple_evaluate(model="attnedit", model_args=args, tasks=["toy_attnedit"], task_manager=manager)
     return out["results"]["toy_attnedit"]["acc,none"]
 
 
 @pytest.mark.parametrize("recipe", [None, "zt", "act"])
-def test_lm_eval_accuracy_equals_attnedit_scoring(setup, recipe, monkeypatch):
+def test_lm_eval_accuracy_equals_attnedit_scoring(setup, manager, recipe, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     root, model_dir, toy, tasks = setup
     rec_path = root / f"{recipe}.yaml" if recipe else None
-    acc = _lm_eval_acc(model_dir, tasks, rec_path)
+    acc = _lm_eval_acc(model_dir, manager, rec_path)
     model, tok = attnedit.load(str(model_dir), dtype="float32", device="cpu")
     task = load_task(str(toy))
     rec = attnedit.Recipe.from_yaml(rec_path) if recipe else None
