@@ -11,8 +11,6 @@ from attnedit.cli.main import app
 
 pytestmark = pytest.mark.slow
 
-INSTRUCTION = "Classify the sentiment of the movie review as positive or negative."
-
 
 def test_sst2_baseline_equals_a_hand_written_loop(smollm2, data_root, tmp_path):
     model, tok = smollm2
@@ -32,7 +30,7 @@ def test_sst2_baseline_equals_a_hand_written_loop(smollm2, data_root, tmp_path):
     correct = 0
     for line in lines:
         label, text = int(line[0]), line[2:].strip()
-        messages = [{"role": "user", "content": f"{INSTRUCTION}\n\nReview: {text}\nSentiment:"}]
+        messages = [{"role": "user", "content": f"Review: {text}\nSentiment:"}]
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
