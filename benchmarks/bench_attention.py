@@ -39,16 +39,26 @@ def device_line() -> str:
             f"triton {triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}")
 
 
+def sink_keys(N: int) -> list[int]:
+    return [0, 37 % N, N // 3, N // 2 + 5]
+
+
 def inputs(H: int, Hkv: int, D: int, N: int, Q: int | None = None, seed: int = 0):
-    """q (1, H, Q, D) as a view of (1, Q, H, D) memory, k/v (1, Hkv, N, D), as transformers passes them."""
+    """q (1, H, Q, D) as a view of (1, Q, H, D) memory, k/v (1, Hkv, N, D), as transformers passes them.
+
+    Attention sinks as in trained models: the first key takes about 40% of a late row's mass and
+    three more keys about 12% each, at every length (their logits grow like log N).
+    """
     Q = N if Q is None else Q
     g = torch.Generator(device="cuda").manual_seed(seed)
     u = torch.randn(1, 1, H, D, device="cuda", generator=g)  # a direction every query shares a little of
     q = (torch.randn(1, Q, H, D, device="cuda", generator=g) + 0.5 * u).to(torch.bfloat16)
     k = torch.randn(1, N, Hkv, D, device="cuda", generator=g, dtype=torch.bfloat16)
     v = torch.randn(1, N, Hkv, D, device="cuda", generator=g, dtype=torch.bfloat16)
-    sinks = torch.tensor([0, 37, N // 3, N // 2 + 5], device="cuda") % N  # strong keys most rows attend to
-    k[:, sinks] += (2.0 * u[:, :, :: H // Hkv]).to(k.dtype)
+    rest = math.log(N) + 0.625  # log sum_j e^{s_j} of the ordinary keys (logit variance ~1.25)
+    for key, share in zip(sink_keys(N), (0.40, 0.12, 0.12, 0.12)):
+        logit = rest + math.log(share / 0.24)  # the ordinary keys keep 24%
+        k[:, key] += (2 * logit / D**0.5 * u[0, 0, :: H // Hkv]).to(k.dtype)  # q.k/sqrt(D) = 0.5 c |u|^2 / sqrt(D)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
@@ -88,8 +98,11 @@ def act_pre(H, N):
     return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (), None, None)
 
 
+_KEEP: dict = {}
+
+
 def act_tables(found: torch.Tensor, H, beta=0.4):
-    keep = torch.full((H,), beta, device="cuda")
+    keep = _KEEP.setdefault((H, beta), torch.full((H,), beta, device="cuda"))  # a plan tensor: made once, as in a patch
     return LayerTables(found.to(torch.uint8), torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (Move(1, 2, keep),), None, None)
 
 
@@ -109,7 +122,7 @@ def var(H, N, img=(35, 576), p=0.6):
 
 def act_full(q, k, v, mask, scaling, detector, H, N):
     """ACT as the patch runs it at prefill: column scores, detection, then attention with the sinks."""
-    colsum, count = triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=scaling)
+    colsum, count = triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=scaling, value=v)
     found = detector.detect(colsum, count, mask.first_key)
     return triton_ops.attention(q, k, v, act_tables(found, H), mask, scaling=scaling)
 
@@ -153,7 +166,7 @@ def eager(q, k, v, scaling):
 
 
 def measure(fn, *, mem: bool = True) -> dict:
-    """Median ms over do_bench, and the peak extra memory of one call (MiB)."""
+    """Median device ms over do_bench, host us per call (no sync inside), peak extra memory of one call (MiB)."""
     try:
         fn()
         torch.cuda.synchronize()
@@ -164,11 +177,48 @@ def measure(fn, *, mem: bool = True) -> dict:
             fn()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-        return {"ms": ms, "peak_mib": peak}
+        eager = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        t = time.perf_counter()
+        for _ in range(10):
+            fn()
+        host_us = (time.perf_counter() - t) / 10 * 1e6
+        torch.cuda.synchronize()
+        return {"ms": graph_ms(fn), "eager_ms": eager, "host_us": host_us, "peak_mib": peak}
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return {"ms": None, "peak_mib": None, "note": "out of memory"}
+        return {"ms": None, "eager_ms": None, "host_us": None, "peak_mib": None, "note": "out of memory"}
+
+
+def measure_eager(fn) -> dict:
+    """A whole model forward, as users run it: eager, median of do_bench, and its peak memory."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return {"ms": do_bench(fn, warmup=100, rep=2000, return_mode="median"), "peak_mib": peak}
+
+
+def graph_ms(fn) -> float | None:
+    """Device time of one call, without host overhead: the call captured in a CUDA graph, replays timed."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+        del graph
+        return ms
+    except Exception as e:  # a call that cannot be captured (host sync, unsupported op)
+        print(f"    (no graph: {type(e).__name__}: {str(e).splitlines()[0][:100]})", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
 
 
 def prefill_row(shape: str, N: int, args) -> list[dict]:
@@ -177,9 +227,10 @@ def prefill_row(shape: str, N: int, args) -> list[dict]:
     mask, sc = causal(N), D**-0.5
     det = ActSinks(torch.full((H,), 0.1, device="cuda"))
     zt, pa, pr, vr = zerotuning(H, N), pasta(H, N), prune(H), var(H, N)
+    act_known = act_tables(det.detect(*triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc), mask.first_key), H)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)  # noqa: E731
     fns = {"sdpa": sdpa}
-    if not args.no_flex:
+    if not args.no_flex and N in [int(x) for x in args.flex.split(",") if x]:
         for name, f in flex_fns(H, Hkv, N, N).items():
             fns[name] = lambda f=f: f(q, k, v)
     if N <= 4096:
@@ -191,6 +242,8 @@ def prefill_row(shape: str, N: int, args) -> list[dict]:
         "attnedit pasta": lambda: triton_ops.attention(q, k, v, pa, mask, scaling=sc),
         "attnedit head prune": lambda: triton_ops.attention(q, k, v, pr, mask, scaling=sc),
         "attnedit act (+detection)": lambda: act_full(q, k, v, mask, sc, det, H, N),
+        "  act: column scores alone": lambda: triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc),
+        "  act: attention, sinks known": lambda: triton_ops.attention(q, k, v, act_known, mask, scaling=sc),
         "attnedit var": lambda: triton_ops.attention(q, k, v, vr, mask, scaling=sc),
         "attnedit plain (fused)": lambda: triton_ops.attention(q, k, v, None, mask, scaling=sc, path="fused"),
     })
@@ -203,7 +256,7 @@ def decode_row(shape: str, N: int, args) -> list[dict]:
     mask, sc = causal(N, 1), D**-0.5
     zt, pr, vr = zerotuning(H, N), prune(H), var(H, N)
     sinks = torch.zeros(1, H, N, dtype=torch.bool, device="cuda")
-    sinks[:, :, [37 % N, N // 3]] = True
+    sinks[:, :, sink_keys(N)[1:]] = True
     ac = act_tables(sinks, H)
     fns = {
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc, enable_gqa=True),
@@ -217,25 +270,33 @@ def decode_row(shape: str, N: int, args) -> list[dict]:
 
 
 def run_all(fns: dict, shape: str, N: int, kind: str) -> list[dict]:
+    """Measure every variant; SDPA is measured first and again last, and ratios use the mean of the two."""
     rows = []
-    for name, fn in fns.items():
+    for name, fn in list(fns.items()) + [("sdpa (again)", fns["sdpa"])]:
         t = time.time()
         r = measure(fn)
         rows.append({"shape": shape, "kind": kind, "tokens": N, "variant": name, **r})
         print(f"  {shape:12s} {kind:7s} {N:6d} {name:30s} {r['ms'] if r['ms'] is None else round(r['ms'], 4)!s:>9} ms "
               f"({time.time() - t:.1f}s)", file=sys.stderr, flush=True)
-    base = next(r for r in rows if r["variant"] == "sdpa")
+    first, last = rows[0], rows.pop()
+    first["sdpa_drift"] = None if not last["ms"] or not first["ms"] else last["ms"] / first["ms"] - 1
+    for key, rkey in (("ms", "ratio"), ("eager_ms", "eager_ratio")):
+        base = (first[key] + last[key]) / 2 if first[key] and last[key] else first[key]
+        for r in rows:
+            r[rkey] = None if r[key] is None or not base else r[key] / base
     for r in rows:
-        r["ratio"] = None if r["ms"] is None or base["ms"] is None else r["ms"] / base["ms"]
-        r["mem_ratio"] = None if r["peak_mib"] is None or not base["peak_mib"] else r["peak_mib"] / base["peak_mib"]
+        r["mem_ratio"] = None if r["peak_mib"] is None or not first["peak_mib"] else r["peak_mib"] / first["peak_mib"]
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"| shape | kind | tokens | variant | ms | x SDPA | peak MiB | x SDPA mem |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | kind | tokens | variant | device ms (graph) | x SDPA | eager ms | x SDPA | host us/call | peak MiB | x SDPA mem |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x, p: "—" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['kind']} | {r['tokens']} | {r['variant']} | {fmt(r['ms'], 3)} | {fmt(r['ratio'], 2)} | "
+        name = r["variant"] + (f" (drift {100 * r['sdpa_drift']:+.1f}%)" if r.get("sdpa_drift") is not None else "")
+        lines.append(f"| {r['shape']} | {r['kind']} | {r['tokens']} | {name} | {fmt(r['ms'], 3)} | {fmt(r['ratio'], 2)} | "
+                     f"{fmt(r.get('eager_ms'), 3)} | {fmt(r.get('eager_ratio'), 2)} | {fmt(r.get('host_us'), 0)} | "
                      f"{fmt(r['peak_mib'], 0)} | {fmt(r['mem_ratio'], 2)} |")
     return "\n".join(lines)
 
@@ -268,6 +329,31 @@ def sweep(args) -> None:
                 print(f"  {cfg}: " + "; ".join(out), flush=True)
 
 
+def sweep_colsum() -> None:
+    """Tile shapes of the column-sum kernel (ACT's sink scores) against SDPA."""
+    from attnedit.kernels import triton_colsum
+
+    cfgs = {128: [(64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)], 64: [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]}
+    for shape in SHAPES:
+        H, Hkv, D = SHAPES[shape]
+        for N in (4096, 16384):
+            q, k, v = inputs(H, Hkv, D, N)
+            sc = D**-0.5
+            base = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True),
+                            warmup=25, rep=200, return_mode="median")
+            lse2 = (torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=sc)[1]
+                    .reshape(1, H, N) * 1.4426950408889634).contiguous()
+            out = []
+            for cfg in cfgs[D]:
+                try:
+                    ms = do_bench(lambda: triton_colsum.colsum(q, k, lse2, scaling=sc, diag=0, config=cfg), warmup=25, rep=200,
+                                  return_mode="median")
+                    out.append(f"{cfg} {ms:.3f} ({ms / base:.2f}x)")
+                except Exception as e:  # a config that does not compile
+                    out.append(f"{cfg} failed: {type(e).__name__}")
+            print(f"colsum {shape} N={N} sdpa {base:.3f}: " + "; ".join(out), flush=True)
+
+
 def backends(args) -> None:
     """Which SDPA kernel runs by default, and the private flash ops that also return the log-sum-exp."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -295,6 +381,52 @@ def backends(args) -> None:
             print(f"{shape} N={N}: " + "; ".join(out), flush=True)
 
 
+def profile(args) -> None:
+    """Host time per call of each path (no device sync inside), and where it goes (cProfile)."""
+    import cProfile
+    import pstats
+
+    H, Hkv, D = SHAPES["llama3.1-8b"]
+    N = 4096
+    q, k, v = inputs(H, Hkv, D, N)
+    qd, kd, vd = inputs(H, Hkv, D, N, Q=1)
+    sc = D**-0.5
+    det = ActSinks(torch.full((H,), 0.1, device="cuda"))
+    zt, pr = zerotuning(H, N), prune(H)
+    fns = {
+        "sdpa prefill": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True),
+        "zerotuning prefill": lambda: triton_ops.attention(q, k, v, zt, causal(N), scaling=sc),
+        "head prune prefill": lambda: triton_ops.attention(q, k, v, pr, causal(N), scaling=sc),
+        "sdpa decode": lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, scale=sc, enable_gqa=True),
+        "plain decode": lambda: triton_ops.attention(qd, kd, vd, None, causal(N, 1), scaling=sc),
+        "zerotuning decode": lambda: triton_ops.attention(qd, kd, vd, zt, causal(N, 1), scaling=sc),
+    }
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            fn()
+        host = (time.perf_counter() - t) / 20
+        torch.cuda.synchronize()
+        print(f"{name:22s} host {host * 1e6:8.1f} us/call", flush=True)
+    from attnedit.kernels import triton_colsum, triton_decode, triton_prefill
+
+    for mod, attr in ((triton_prefill, "_LAUNCH"), (triton_decode, "_LAUNCH_DECODE"), (triton_colsum, "_LAUNCH")):
+        ln = getattr(mod, attr)
+        print(f"{mod.__name__}.{attr}: {ln.fast} fast launches, {len(ln.cache)} compiled variants", flush=True)
+    for name in ("plain decode", "zerotuning prefill"):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            fns[name]()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- {name}: top functions by own time (20 calls)")
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+
+
 def e2e(args) -> list[dict]:
     """8k-token prefill of a random Llama-3.1-8B-shaped model: unpatched SDPA against patched recipes."""
     import attnedit
@@ -319,12 +451,12 @@ def e2e(args) -> list[dict]:
         with torch.no_grad():
             return model(ids, logits_to_keep=1).logits
 
-    rows = [{"variant": "unpatched sdpa", **measure(fwd, mem=True)}]
+    rows = [{"variant": "unpatched sdpa", **measure_eager(fwd)}]
     for name, text in recipes.items():
         recipe = attnedit.Recipe.from_str(text, "bench.yaml")
         spans = [[(100, 196)]] if "pasta" in name else None
         with attnedit.patch(model, recipe, backend="triton", spans=spans):
-            rows.append({"variant": name, **measure(fwd, mem=True)})
+            rows.append({"variant": name, **measure_eager(fwd)})
     base = rows[0]["ms"]
     for r in rows:
         r["throughput_ratio"] = None if r["ms"] is None else base / r["ms"]
@@ -340,8 +472,11 @@ def main() -> None:
     ap.add_argument("--decode", default="4096,32768")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--flex", default="4096,16384", help="prefill lengths that also run FlexAttention (each compiles)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--backends", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sweep-colsum", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=8192)
     args = ap.parse_args()
@@ -351,6 +486,10 @@ def main() -> None:
         return sweep(args)
     if args.backends:
         return backends(args)
+    if args.profile:
+        return profile(args)
+    if args.sweep_colsum:
+        return sweep_colsum()
     rows, e2e_rows = [], []
     if args.prefill or args.decode:
         for shape in args.shapes.split(","):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import dot_pv, dot_qk, emulate_bf16, finish_rows, move_coefficients
+from .triton_common import Launcher, dot_pv, dot_qk, emulate_bf16, finish_rows, move_coefficients, placeholders, sm_count
 
 BLOCK_N = 64  # keys per tile; splits hold whole tiles
 
@@ -141,6 +141,10 @@ def _combine_kernel(
              mask=rmask[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
+_LAUNCH_DECODE = Launcher(_decode_kernel)
+_LAUNCH_COMBINE = Launcher(_combine_kernel)
+
+
 def n_splits(n_keys: int, n_programs: int, n_sm: int) -> int:
     """Key splits: enough programs to fill the device about four times, at least two tiles per split."""
     want = max(1, (4 * n_sm + n_programs - 1) // n_programs)
@@ -188,36 +192,30 @@ def decode(
     block_r = max(16, triton.next_power_of_2(R))
     G = n_groups
     NG = max(2, triton.next_power_of_2(G)) if per_group else 1
-    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-    S = splits or n_splits(NK, B * Hkv, n_sm)
+    S = splits or n_splits(NK, B * Hkv, sm_count(dev))
     kps = triton.cdiv(triton.cdiv(NK, S), BLOCK_N) * BLOCK_N
     S = triton.cdiv(NK, kps)
-    dummy = torch.zeros(8, dtype=torch.int32, device=dev)
-    dummy_f = torch.zeros(8, dtype=torch.float32, device=dev)
+    dummy, dummy_f, dummy_u8 = placeholders(dev)
     po = torch.empty(B, H, S, NG, d_pad, dtype=torch.float32, device=dev)
     pl = torch.empty(B, H, S, NG, dtype=torch.float32, device=dev)
     pm = torch.empty(B, H, S, dtype=torch.float32, device=dev)
-    kg = key_group if key_group is not None else torch.zeros(1, 1, 1, dtype=torch.uint8, device=dev)
-    dm = dense if dense is not None else torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=dev)
-    _decode_kernel[(S, B * Hkv)](
-        q, k, v, kg, bias if bias is not None else dummy_f, kv_start if kv_start is not None else dummy, dm, po, pl, pm,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        kg.stride(0), kg.stride(1), dm.stride(0),
-        H, Hkv, R, NK, diag, kps, S, scaling * 1.4426950408889634,
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=BLOCK_N, MASK_MODE=0 if dense is None else 1,
-        HAS_KV_START=kv_start is not None, HAS_BIAS=bias is not None, HAS_GROUPS=key_group is not None,
-        HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1, G=G, NG=NG, IEEE=q.dtype == torch.float32,
-        EMU=emulate_bf16(q.dtype), num_warps=4, num_stages=2,
-    )
+    kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
+    dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
+    args = (q, k, v, kg, bias if bias is not None else dummy_f, kv_start if kv_start is not None else dummy, dm, po, pl, pm,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            kg.stride(0), kg.stride(1), dm.stride(0), H, Hkv, R, NK, diag, kps, S, scaling * 1.4426950408889634)
+    consts = dict(HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=BLOCK_N, MASK_MODE=0 if dense is None else 1,
+                  HAS_KV_START=kv_start is not None, HAS_BIAS=bias is not None, HAS_GROUPS=key_group is not None,
+                  HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1, G=G, NG=NG, IEEE=q.dtype == torch.float32,
+                  EMU=emulate_bf16(q.dtype))
+    _LAUNCH_DECODE((S, B * Hkv), args, consts, 4, 2)
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=dev)
     masses = torch.empty(B, H, 1, G, dtype=torch.float32, device=dev) if write_masses else None
-    mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy.long())
-    _combine_kernel[(B * Hkv,)](
-        po, pl, pm, out, masses if masses is not None else dummy_f, mv_i, mv_f, keep, row_start,
-        scale if scale is not None else dummy_f, shift if shift is not None else dummy_f,
-        out.stride(0), out.stride(2), B, H, Hkv, R, S, q_pos,
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, NG=NG, G=G, NM=mv_i.shape[0] if moves else 0,
-        SCALE_MODE=0 if scale is None else scale.dim(), HAS_SHIFT=shift is not None, WRITE_MASSES=write_masses,
-        num_warps=4,
-    )
+    mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
+    args = (po, pl, pm, out, masses if masses is not None else dummy_f, mv_i, mv_f, keep, row_start,
+            scale if scale is not None else dummy_f, shift if shift is not None else dummy_f,
+            out.stride(0), out.stride(2), B, H, Hkv, R, S, q_pos)
+    consts = dict(HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, NG=NG, G=G, NM=mv_i.shape[0] if moves else 0,
+                  SCALE_MODE=0 if scale is None else scale.dim(), HAS_SHIFT=shift is not None, WRITE_MASSES=write_masses)
+    _LAUNCH_COMBINE((B * Hkv,), args, consts, 4)
     return out, masses

@@ -14,8 +14,8 @@ picks a path. None of them waits for the device (no host sync per call):
   where the edit would amplify the bulk's rounding more than 2x are flagged
   and recomputed exactly by the fused kernel (``only_flagged=``);
 - **fused** (everything else: padding, dense masks, chunked prefill, fp32, or
-  no cuDNN): `triton_prefill` with member-tile passes (moves), or with the
-  bias added inside the main loop (biases only).
+  no cuDNN): `triton_prefill`, its main loop leaving the member keys out and
+  its member-tile passes adding them back with their biases and moves.
 
 `column_scores(..., value=v)` computes the flash bulk once for ACT's sink
 scores and keeps it for the `attention` call on the same q, k, v that follows.
@@ -40,7 +40,7 @@ from attnedit.tables import LayerTables, MaskInfo
 from . import reference
 from .triton_colsum import colsum as _colsum
 from .triton_decode import decode as _decode
-from .triton_prefill import SENTINEL, pick_config, prefill as _prefill
+from .triton_prefill import member_tiles, pick_config, prefill as _prefill
 from .triton_scale import scale_heads as _scale_heads
 
 log = logging.getLogger("attnedit")
@@ -139,8 +139,9 @@ def column_scores(
             lse = (bulk[1] * LOG2E).contiguous()
     if lse is None:
         cfg = config or pick_config(_d_pad(q), q.element_size())
+        members = member_tiles(t.key_group, cfg[1]) if bias is not None else None
         _, lse, _, _ = _prefill(q, k, k, q_pos0=geo.q_pos0, lse_only=True, key_group=t.key_group if bias is not None else None,
-                                n_groups=t.n_groups, bias=bias, key_bias=bias is not None, config=cfg, **kw)
+                                n_groups=t.n_groups, bias=bias, members=members, config=cfg, **kw)
     cs = _colsum(q, k, lse, key_group=t.key_group, n_groups=t.n_groups, bias=bias, config=config, **kw)
     return cs, _counts(mask, geo, q.shape[0], q.shape[2], k.shape[2], q.device)
 
@@ -208,26 +209,6 @@ class _Geometry:
         return cls(0, mask.q_offset, None, dense.view(torch.uint8))
 
 
-def _member_tiles(key_group: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted indices of the key tiles that hold flagged keys, per (batch row, key-group head), on the device.
-
-    Returns:
-        (list (B, Hg, nT + 1) int32 padded with SENTINEL, count (B, Hg) int32).
-    """
-    B, Hg, K = key_group.shape
-    nT = triton.cdiv(K, block_n)
-    flagged = key_group != 0
-    if nT * block_n != K:
-        flagged = torch.nn.functional.pad(flagged, (0, nT * block_n - K))
-    has = flagged.reshape(B, Hg, nT, block_n).any(-1)  # (B, Hg, nT)
-    count = has.sum(-1, dtype=torch.int32)
-    idx = torch.arange(nT, device=key_group.device)
-    order = torch.where(has, idx, idx + nT).argsort(dim=-1)  # flagged tiles first, ascending
-    lst = torch.where(idx < count[..., None], order, SENTINEL)
-    lst = torch.nn.functional.pad(lst, (0, 1), value=SENTINEL).to(torch.int32)
-    return lst.contiguous(), count.contiguous()
-
-
 def _pack_moves(moves, B: int, device) -> tuple:
     """(mv_i (NM, 5) int32, mv_f (NM, 2) fp32, keep (NM, H) fp32, row_start (NM, B) int64) on the device."""
     ints = tuple((m.src, m.dst, int(m.gate is not None), *(m.gate or (0, 0, 0.0, 0.0))) for m in moves)
@@ -278,16 +259,13 @@ def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_
         out, _, masses, _ = _prefill(q, k, v, config=config, write_masses=return_masses, **kw)
         return out, masses
     cfg = config or pick_config(_d_pad(q), q.element_size())
-    members = _member_tiles(t.key_group, cfg[1])
+    members = member_tiles(t.key_group, cfg[1])
     kw.update(key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=cfg)
     bulk = (_take_stash(q, k, v, scaling) or _flash_with_lse(q, k, v, scaling)) if flash else None
     if bulk is not None:
         out, _, masses, flags = _prefill(q, k, v, members=members, bulk=bulk, write_masses=return_masses, **kw)
         _prefill(q, k, v, members=members, only_flagged=flags, out=out, **kw)  # exact rows where the bulk is not
         return out, masses
-    if t.moves is None and not return_masses:
-        out, _, _, _ = _prefill(q, k, v, key_bias=True, **kw)
-        return out, None
     out, _, masses, _ = _prefill(q, k, v, members=members, write_masses=return_masses, **kw)
     return out, masses
 

@@ -13,8 +13,7 @@ the corrections comes from one of two *bulks*:
   group to the same running max (group masses W_g: sums of positive terms,
   nothing cancels); the moves turn masses into coefficients c_g; pass 2 adds
   sum_j c_g(j) p_j v_j / L to c_0 acc / L. Without moves one pass continues
-  the flash recurrence with biased logits. ``KEY_BIAS`` instead adds a
-  per-key bias inside the main loop (dense groups, no moves).
+  the flash recurrence with biased logits.
 - ``BULK``: a flash kernel's output O and log-sum-exp over *all* keys
   (cuDNN through torch). With a_j = exp(s_j - lse) the member masses are
   U_g = sum_{j in g} a_j, U_0 = 1 - sum U_g, W_g = e^{b_g} U_g, L = sum W_g,
@@ -34,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, add_group_sums, dot_pv, dot_qk, emulate_bf16, finish_rows, key_bias, key_coef, move_coefficients
+from .triton_common import (LOG2E, LOG2E_F, Launcher, add_group_sums, dot_pv, dot_qk, emulate_bf16, finish_rows, key_bias,
+                            key_coef, move_coefficients, placeholders)
 
 # Tile shapes per padded head_dim and element size: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # Chosen by benchmarks/bench_attention.py --sweep on an H100 (see benchmarks/results/NOTES.md).
@@ -70,10 +70,9 @@ def _visible(rows, cols, ks, NK, DIAG, DM_ROW0, stride_dq, MASK_MODE: tl.constex
 
 @triton.jit
 def _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, lo, hi,
-          offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale, BIAS_ROW, stride_kn, stride_vn, stride_dq,
+          offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale, stride_kn, stride_vn, stride_dq,
           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-          MASK_MODE: tl.constexpr, MEMBERS: tl.constexpr, KEY_BIAS: tl.constexpr, G: tl.constexpr,
-          LSE_ONLY: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
+          MASK_MODE: tl.constexpr, MEMBERS: tl.constexpr, LSE_ONLY: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
     """Flash recurrence over key tiles [lo, hi) (multiples of BLOCK_N); member keys excluded."""
     dmask = (offs_d < HEAD_DIM)[None, :]
     for n in range(lo, hi, BLOCK_N):
@@ -94,17 +93,9 @@ def _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, lo,
                 qk = tl.where((kg != 0)[None, :], float("-inf"), qk)
                 mi += 1
                 nm = tl.load(ML_ROW + mi) * BLOCK_N
-        if KEY_BIAS:
-            kg = tl.load(KG_ROW + cols, mask=cols < NK, other=0)
-            s = qk * qk_scale + key_bias(BIAS_ROW, kg, G)[None, :]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if KEY_BIAS:
-            p = tl.math.exp2(s - m_use[:, None])
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if not LSE_ONLY:
@@ -213,14 +204,14 @@ def _bulk_members(acc, m2, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW,
     amplifies by more than ALPHA_MAX (c_0 / L).
     """
     cols_g = tl.arange(0, GP)
-    m_use = tl.where(m2 == float("-inf"), 0.0, m2)
+    m_col = tl.where(m2 == float("-inf"), 0.0, m2)[:, None]  # one broadcast, shared by both loops
     U = tl.zeros([acc.shape[0], GP], tl.float32)  # unbiased member masses a_j summed per group
     for t in range(0, cnt):
         n = tl.load(ML_ROW + t) * BLOCK_N
         if (n < hi) & (n + BLOCK_N > lo):
             s, kg = _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale,
                                    stride_kn, stride_dq, HEAD_DIM, MASK_MODE, IEEE, EMU)
-            U = add_group_sums(U, tl.math.exp2(s - m_use[:, None]), kg, G, GP)
+            U = add_group_sums(U, tl.math.exp2(s - m_col), kg, G, GP)
     eb = _group_exp_bias(BIAS_ROW, G, GP, HAS_BIAS)
     u0 = tl.maximum(1.0 - tl.sum(U, 1), 0.0)
     W = U * eb[None, :] + tl.where((cols_g == 0)[None, :], u0[:, None], 0.0)
@@ -237,7 +228,7 @@ def _bulk_members(acc, m2, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW,
             if (n < hi) & (n + BLOCK_N > lo):
                 s, kg = _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale,
                                        stride_kn, stride_dq, HEAD_DIM, MASK_MODE, IEEE, EMU)
-                w = tl.math.exp2(s - m_use[:, None]) * key_coef(coef, kg, G, GP)
+                w = tl.math.exp2(s - m_col) * key_coef(coef, kg, G, GP)
                 acc = dot_pv(w, _load_v(V_BASE, n, offs_n, offs_d, NK, stride_vn, HEAD_DIM), acc, IEEE, EMU)
     return acc, L, mass, (c0 * inv) > ALPHA_MAX
 
@@ -253,7 +244,7 @@ def _prefill_kernel(
     B, H, R, NQ, NK, DIAG, Q_POS0, N_MLIST, qk_scale, ALPHA_MAX,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr, HAS_KV_START: tl.constexpr, BULK: tl.constexpr, MEMBERS: tl.constexpr,
-    KEY_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, HG_PER_HEAD: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HG_PER_HEAD: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     NM: tl.constexpr, TWO_PASS: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     LSE_ONLY: tl.constexpr, WRITE_LSE: tl.constexpr, WRITE_MASSES: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
     IEEE: tl.constexpr, EMU: tl.constexpr,
@@ -321,21 +312,21 @@ def _prefill_kernel(
             full_hi = tl.maximum(full_lo, tl.minimum((edge // BLOCK_N) * BLOCK_N, (NK // BLOCK_N) * BLOCK_N))
             acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
                                           lo_al, tl.minimum(full_lo, hi_al), offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, BIAS_ROW, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          True, MASK_MODE, MEMBERS, KEY_BIAS, G, LSE_ONLY, IEEE, EMU)
+                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
+                                          True, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
             acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
                                           full_lo, full_hi, offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, BIAS_ROW, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          False, MASK_MODE, MEMBERS, KEY_BIAS, G, LSE_ONLY, IEEE, EMU)
+                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
+                                          False, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
             acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
                                           tl.maximum(full_hi, full_lo), hi_al, offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, BIAS_ROW, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          True, MASK_MODE, MEMBERS, KEY_BIAS, G, LSE_ONLY, IEEE, EMU)
+                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
+                                          True, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
         else:
             acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
                                           lo, hi_al, offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, BIAS_ROW, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          True, MASK_MODE, MEMBERS, KEY_BIAS, G, LSE_ONLY, IEEE, EMU)
+                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
+                                          True, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
         if MEMBERS:
             acc, norm, L, m_i, mass = _fused_members(
                 acc, l_i, m_i, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW, tl.load(MCOUNT + b * n_hg + hg), lo, hi, b, h,
@@ -374,7 +365,6 @@ def prefill(
     n_groups: int = 1,
     bias: torch.Tensor | None = None,
     members: tuple[torch.Tensor, torch.Tensor] | None = None,
-    key_bias: bool = False,
     moves: tuple | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
@@ -399,8 +389,7 @@ def prefill(
         n_groups: G.
         bias: (H, G) fp32 log2-domain logit bias with group 0 shifted to 0, or None.
         members: (list (B, Hg, N) int32 sorted member-tile indices at this config's BLOCK_N,
-            padded with SENTINEL; count (B, Hg) int32): member passes.
-        key_bias: add `bias` to every key in the main loop instead (no members, no moves).
+            padded with SENTINEL; count (B, Hg) int32), from `member_tiles`.
         moves: (mv_i (NM, 5) int32, mv_f (NM, 2) fp32, keep (NM, H) fp32, row_start (NM, B) int64) or None.
         scale: (H,) or (B, H) fp32 output scale, or None; shift: (H, D) fp32, or None.
         bulk: (out (B, H, Q, D), lse (B, H, Q) natural log) of a flash kernel over all keys, causal.
@@ -417,8 +406,7 @@ def prefill(
     d_pad = max(16, triton.next_power_of_2(D))
     BM, BN, warps, stages = config or pick_config(d_pad, q.element_size())
     dev = q.device
-    dummy = torch.zeros(8, dtype=torch.int32, device=dev)
-    dummy_f = torch.zeros(8, dtype=torch.float32, device=dev)
+    dummy, dummy_f, dummy_u8 = placeholders(dev)
     if out is None and not lse_only:
         out = torch.empty(B, NQ, H, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, NQ, dtype=torch.float32, device=dev) if (write_lse or lse_only) else None
@@ -426,14 +414,16 @@ def prefill(
     GP = max(2, triton.next_power_of_2(G))
     masses = torch.empty(B, H, NQ, G, dtype=torch.float32, device=dev) if write_masses else None
     flags = torch.empty(B, H, NQ, dtype=torch.int8, device=dev) if bulk is not None else only_flagged
-    kg = key_group if key_group is not None else torch.zeros(1, 1, 1, dtype=torch.uint8, device=dev)
+    kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
     mlist, mcount = members if members is not None else (dummy, dummy)
     bo, bl = bulk if bulk is not None else (dummy_f.view(1, 1, 1, 8), dummy_f.view(1, 1, 8))
-    mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy.long())
+    mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
     nm = mv_i.shape[0] if moves else 0
-    dm = dense if dense is not None else torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=dev)
+    dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
     grid = (triton.cdiv(NQ, BM), B * H)
-    _prefill_kernel[grid](
+    if bulk is not None:
+        stages = 1  # the bulk epilogue has no main loop to pipeline (and Triton 3.6 fails to pipeline its member loops)
+    args = (
         q, k, v, out if out is not None else dummy_f, lse if lse is not None else dummy_f,
         masses if masses is not None else dummy_f, flags if flags is not None else dummy,
         kg, bias if bias is not None else dummy_f, mlist, mcount, kv_start if kv_start is not None else dummy, dm, bo, bl,
@@ -441,13 +431,60 @@ def prefill(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *(out.stride()[:3] if out is not None else (0, 0, 0)), kg.stride(0), kg.stride(1), dm.stride(0), dm.stride(2),
         bo.stride(0), bo.stride(1), bo.stride(2), bl.stride(0), bl.stride(1),
-        B, H, H // Hkv, NQ, NK, diag, q_pos0, mlist.shape[-1] if members is not None else 1, scaling * LOG2E, ALPHA_MAX,
+        B, H, H // Hkv, NQ, NK, diag, q_pos0, mlist.shape[-1] if members is not None else 1, scaling * LOG2E_F, ALPHA_MAX,
+    )
+    consts = dict(
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BM, BLOCK_N=BN, MASK_MODE=0 if dense is None else 1,
         HAS_KV_START=kv_start is not None, BULK=bulk is not None, MEMBERS=members is not None and bulk is None,
-        KEY_BIAS=key_bias, HAS_BIAS=bias is not None, HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
+        HAS_BIAS=bias is not None, HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
         G=G, GP=GP, NM=nm, TWO_PASS=nm > 0 or write_masses, SCALE_MODE=0 if scale is None else scale.dim(),
         HAS_SHIFT=shift is not None, LSE_ONLY=lse_only, WRITE_LSE=write_lse or lse_only, WRITE_MASSES=write_masses,
         ONLY_FLAGGED=only_flagged is not None, IEEE=q.dtype == torch.float32, EMU=emulate_bf16(q.dtype),
-        num_warps=warps, num_stages=stages,
     )
+    _LAUNCH(grid, args, consts, warps, stages)
     return out, lse, masses, flags if bulk is not None else None
+
+
+_LAUNCH = Launcher(_prefill_kernel)
+
+
+@triton.jit
+def _member_list_kernel(KG, LIST, COUNT, stride_gb, stride_gh, HG, NK, NT, N_LIST,
+                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SENTINEL: tl.constexpr):
+    """One program per (batch row, key-group head): indices of the key tiles holding a flagged key, ascending."""
+    row = tl.program_id(0)
+    KG_ROW = KG + (row // HG).to(tl.int64) * stride_gb + (row % HG) * stride_gh
+    LIST_ROW = LIST + row.to(tl.int64) * N_LIST
+    tiles = tl.arange(0, CHUNK)
+    offs = tl.arange(0, BLOCK_N)
+    cnt = row * 0
+    for t0 in range(0, NT, CHUNK):
+        cols = (t0 + tiles)[:, None] * BLOCK_N + offs[None, :]  # (CHUNK, BLOCK_N) keys of CHUNK tiles
+        has = tl.max(tl.load(KG_ROW + cols, mask=cols < NK, other=0).to(tl.int32), 1) > 0
+        pos = cnt + tl.cumsum(has.to(tl.int32), 0) - 1
+        tl.store(LIST_ROW + pos, t0 + tiles, mask=has)
+        cnt += tl.sum(has.to(tl.int32), 0)
+    for p0 in range(0, N_LIST, CHUNK):  # the rest of the list: the end marker
+        pos = p0 + tiles
+        tl.store(LIST_ROW + pos, SENTINEL + tiles * 0, mask=(pos >= cnt) & (pos < N_LIST))
+    tl.store(COUNT + row, cnt)
+
+
+_LAUNCH_LIST = Launcher(_member_list_kernel)
+
+
+def member_tiles(key_group: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of the key tiles (of `block_n` keys) that hold flagged keys, per (batch row, key-group head).
+
+    Args:
+        key_group: (B, Hg, K) uint8, last dim contiguous.
+    Returns:
+        (list (B, Hg, nT + 1) int32, padded with SENTINEL; count (B, Hg) int32), on the device, one launch.
+    """
+    B, Hg, K = key_group.shape
+    nT = triton.cdiv(K, block_n)
+    lst = torch.empty(B, Hg, nT + 1, dtype=torch.int32, device=key_group.device)
+    count = torch.empty(B, Hg, dtype=torch.int32, device=key_group.device)
+    args = (key_group, lst, count, key_group.stride(0), key_group.stride(1), Hg, K, nT, nT + 1)
+    _LAUNCH_LIST((B * Hg,), args, dict(BLOCK_N=block_n, CHUNK=64, SENTINEL=SENTINEL), 4)
+    return lst, count

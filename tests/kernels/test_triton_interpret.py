@@ -71,6 +71,10 @@ def test_bulk_epilogue_and_exact_fixup(results, spec):
         assert r["flagged"] > 0 and r["before_fixup"] > 3 * r["err"]
 
 
+def test_member_tile_lists(results):
+    assert _get(results, "member_list")["ok"]
+
+
 def test_inert_tables_give_plain_attention(results):
     r = _get(results, "inert")
     assert r["inert_err"] < 1e-5 and r["live_err"] < 1e-5
