@@ -55,30 +55,41 @@ def plain_positions(model) -> bool:
 
 
 def choice_scores(model, items: Sequence[Encoded], pad_id: int, chunk: int = 8) -> tuple[list[list[float]], list[list[int]]]:
-    """Per item and choice: the summed log-likelihood of the choice's tokens, and their number."""
-    device = _device(model)
-    if all(len(c) == 1 for it in items for c in it.choice_ids):
-        ids, mask = left_pad([it.prompt_ids for it in items], pad_id, device)
-        logp = forward_logits(model, ids, mask, 1)[:, -1].log_softmax(-1)  # (B, V)
-        raw = [[logp[b, c[0]].item() for c in it.choice_ids] for b, it in enumerate(items)]
-        lengths = [[1] * len(it.choice_ids) for it in items]
-    else:
-        seqs = [(b, j) for b, it in enumerate(items) for j in range(len(it.choice_ids))]
-        raw = [[0.0] * len(it.choice_ids) for it in items]
-        lengths = [[len(c) for c in it.choice_ids] for it in items]
-        for start in range(0, len(seqs), chunk):
-            part = seqs[start : start + chunk]
-            rows = [items[b].prompt_ids + items[b].choice_ids[j] for b, j in part]
-            conts = [items[b].choice_ids[j] for b, j in part]
-            keep = max(len(c) for c in conts) + 1
-            ids, mask = left_pad(rows, pad_id, device)
-            logp = forward_logits(model, ids, mask, keep).log_softmax(-1)  # (b, keep, V)
-            for r, ((b, j), cont) in enumerate(zip(part, conts)):
-                # the logits at kept position p predict token p + 1; the choice fills the last len(cont) tokens
-                pos = torch.arange(keep - 1 - len(cont), keep - 1, device=device)
-                tgt = torch.tensor(cont, device=device)
-                raw[b][j] = logp[r, pos, tgt].sum().item()
+    """Per item and choice: the summed log-likelihood of the choice's tokens, and their number.
+
+    The path is chosen per item, never per batch, so an item scores the same whatever it is batched
+    with (a patch that detects sinks over the whole sequence would otherwise see different inputs).
+    """
+    raw = [[0.0] * len(it.choice_ids) for it in items]
+    lengths = [[len(c) for c in it.choice_ids] for it in items]
+    single = [b for b, it in enumerate(items) if all(len(c) == 1 for c in it.choice_ids)]
+    if single:
+        _last_position(model, items, single, pad_id, raw)
+    seqs = [(b, j) for b, it in enumerate(items) if b not in single for j in range(len(it.choice_ids))]
+    for start in range(0, len(seqs), chunk):
+        _continuations(model, items, seqs[start : start + chunk], pad_id, raw)
     return raw, lengths
+
+
+def _last_position(model, items, rows: list[int], pad_id: int, raw: list[list[float]]) -> None:
+    """Single-token choices: one forward of each prompt, read at its last position."""
+    ids, mask = left_pad([items[b].prompt_ids for b in rows], pad_id, _device(model))
+    logp = forward_logits(model, ids, mask, 1)[:, -1].log_softmax(-1)  # (B, V)
+    for r, b in enumerate(rows):
+        raw[b] = [logp[r, c[0]].item() for c in items[b].choice_ids]
+
+
+def _continuations(model, items, part: list[tuple[int, int]], pad_id: int, raw: list[list[float]]) -> None:
+    """Longer choices: forwards of prompt + choice; the choice's tokens' log-probabilities summed."""
+    device = _device(model)
+    conts = [items[b].choice_ids[j] for b, j in part]
+    keep = max(len(c) for c in conts) + 1
+    ids, mask = left_pad([items[b].prompt_ids + c for (b, _), c in zip(part, conts)], pad_id, device)
+    logp = forward_logits(model, ids, mask, keep).log_softmax(-1)  # (rows, keep, V)
+    for r, ((b, j), cont) in enumerate(zip(part, conts)):
+        # the logits at kept position p predict token p + 1; the choice fills the last len(cont) tokens
+        pos = torch.arange(keep - 1 - len(cont), keep - 1, device=device)
+        raw[b][j] = logp[r, pos, torch.tensor(cont, device=device)].sum().item()
 
 
 def normalise_scores(raw: list[float], lengths: list[int], choices: Sequence[str], how: str) -> list[float]:

@@ -157,3 +157,29 @@ def test_generation_task(tiny, tmp_path):
     for r in recs:
         assert isinstance(r["prediction"], str) and r["correct"] == ("paris" in r["prediction"].lower() if r["id"].endswith(":1") else "rome" in r["prediction"].lower())
     assert metric(recs, task)["contains"] == sum(r["correct"] for r in recs) / 2
+
+
+def test_mixed_answer_lengths_do_not_depend_on_the_batch(tiny, tmp_path):
+    """Some examples have one-token choices, some longer ones: each is scored by its own path, in any batch."""
+    import json
+
+    import evalkit
+
+    model, tok = tiny
+    rows = []
+    for i, r in enumerate(evalkit.toy_rows(12, 5)):
+        choices = ["bad", "good"] if i % 3 else ["bad film", "good film", "fine"]
+        rows.append({"q": r["sentence"], "choices": choices, "gold": r["label"]})
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "mc.yaml").write_text(
+        "name: mc\nkind: multiple_choice\ntemplate: 'review : {q} sentiment :'\nchat: false\n"
+        "local: {format: jsonl, train: train.jsonl, test: test.jsonl, fields: {q: q}}\n"
+    )
+    task = load_task(str(tmp_path / "mc.yaml"))
+    examples = task.split("test")
+    rec = attnedit.Recipe.from_str(RECIPES["act"])
+    one = score(model, tok, task, examples, batch_size=1, recipe=rec, progress=False)
+    many = score(model, tok, task, examples, batch_size=5, recipe=rec, progress=False)
+    for a, b in zip(one, many):
+        assert a["scores"] == pytest.approx(b["scores"], abs=2e-5)
