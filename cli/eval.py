@@ -54,7 +54,7 @@ def run(
     settings.identity = {
         "model": name, "model_hash": model_hash(name, cache_dir), "recipe_hash": rec.hash(), "tasks": [t.name for t in loaded],
         "limit": limit, "shots": shots, "seed": seed, "batch_size": batch_size, "chat": chat, "backend": backend, "dtype": dtype,
-        "data_dir": str(data_dir or os.environ.get("ATTNEDIT_DATA_DIR") or ""), "bootstrap": bootstrap,
+        "data_dir": _data_dir_name(data_dir), "bootstrap": bootstrap,
     }
     if rank == 0:
         _prepare_out(out, force)
@@ -134,6 +134,11 @@ def _backend(rec, backend: str | None, model) -> str:
     from attnedit.kernels import choose  # noqa: PLC0415
 
     return choose(backend or rec.backend, next(model.parameters()).device)
+
+
+def _data_dir_name(data_dir: Path | None) -> str:
+    raw = data_dir or os.environ.get("ATTNEDIT_DATA_DIR")
+    return str(Path(raw).expanduser().resolve()) if raw else ""
 
 
 def _slug(text: str) -> str:
