@@ -354,6 +354,26 @@ def sweep_colsum() -> None:
             print(f"colsum {shape} N={N} sdpa {base:.3f}: " + "; ".join(out), flush=True)
 
 
+def sweep_decode() -> None:
+    """Key splits, tile width and pipelining of the decode kernel against SDPA (graph replay)."""
+    from attnedit.kernels import triton_decode
+
+    for shape in SHAPES:
+        H, Hkv, D = SHAPES[shape]
+        for N in (4096, 32768):
+            q, k, v = inputs(H, Hkv, D, N, Q=1)
+            sc = D**-0.5
+            base = graph_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc, enable_gqa=True))
+            auto = triton_decode.n_splits(N, Hkv, 132)
+            out = []
+            for S in (auto // 2, auto, 2 * auto):
+                for bn, st in ((64, 2), (64, 3), (128, 2), (128, 3)):
+                    ms = graph_ms(lambda: triton_decode.decode(q, k, v, scaling=sc, diag=N - 1, q_pos=N - 1, splits=max(1, S),
+                                                               block_n=bn, num_stages=st))
+                    out.append(f"S={max(1, S)} bn={bn} st={st}: {ms / base:.2f}x")
+            print(f"decode {shape} N={N} sdpa {base * 1e3:.1f} us: " + "; ".join(out), flush=True)
+
+
 def backends(args) -> None:
     """Which SDPA kernel runs by default, and the private flash ops that also return the log-sum-exp."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -477,6 +497,7 @@ def main() -> None:
     ap.add_argument("--backends", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sweep-colsum", action="store_true")
+    ap.add_argument("--sweep-decode", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=8192)
     args = ap.parse_args()
@@ -490,6 +511,8 @@ def main() -> None:
         return profile(args)
     if args.sweep_colsum:
         return sweep_colsum()
+    if args.sweep_decode:
+        return sweep_decode()
     rows, e2e_rows = [], []
     if args.prefill or args.decode:
         for shape in args.shapes.split(","):

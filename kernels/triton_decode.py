@@ -146,9 +146,13 @@ _LAUNCH_COMBINE = Launcher(_combine_kernel)
 
 
 def n_splits(n_keys: int, n_programs: int, n_sm: int) -> int:
-    """Key splits: enough programs to fill the device about four times, at least two tiles per split."""
-    want = max(1, (4 * n_sm + n_programs - 1) // n_programs)
-    return max(1, min(want, triton.cdiv(n_keys, 2 * BLOCK_N)))
+    """Key splits: about two programs per multiprocessor, at least 512 keys per split.
+
+    More splits than that lose more in the combine (which walks the splits one by one) than they
+    gain in parallelism (benchmarks/bench_attention.py --sweep-decode, H100).
+    """
+    want = max(1, (2 * n_sm + n_programs - 1) // n_programs)
+    return max(1, min(want, n_keys // 512))
 
 
 def decode(
@@ -170,6 +174,8 @@ def decode(
     shift: torch.Tensor | None = None,
     write_masses: bool = False,
     splits: int | None = None,
+    block_n: int = BLOCK_N,
+    num_stages: int = 3,
 ):
     """Launch decode + combine for one query row.
 
@@ -180,7 +186,7 @@ def decode(
         dense: (B, 1, 1, K) uint8 mask, or None.
         key_group, n_groups, bias (H, G) log2-domain, moves, scale, shift: as `triton_prefill.prefill`.
         per_group: keep per-group partial sums (moves or masses need them).
-        splits: key splits override.
+        splits: key splits override; block_n, num_stages: tile shape and pipelining (benchmark sweeps).
     Returns:
         (out (B, 1, H, D), masses (B, H, 1, G) or None).
     """
@@ -193,7 +199,7 @@ def decode(
     G = n_groups
     NG = max(2, triton.next_power_of_2(G)) if per_group else 1
     S = splits or n_splits(NK, B * Hkv, sm_count(dev))
-    kps = triton.cdiv(triton.cdiv(NK, S), BLOCK_N) * BLOCK_N
+    kps = triton.cdiv(triton.cdiv(NK, S), block_n) * block_n
     S = triton.cdiv(NK, kps)
     dummy, dummy_f, dummy_u8 = placeholders(dev)
     po = torch.empty(B, H, S, NG, d_pad, dtype=torch.float32, device=dev)
@@ -204,11 +210,11 @@ def decode(
     args = (q, k, v, kg, bias if bias is not None else dummy_f, kv_start if kv_start is not None else dummy, dm, po, pl, pm,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             kg.stride(0), kg.stride(1), dm.stride(0), H, Hkv, R, NK, diag, kps, S, scaling * 1.4426950408889634)
-    consts = dict(HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=BLOCK_N, MASK_MODE=0 if dense is None else 1,
+    consts = dict(HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=block_n, MASK_MODE=0 if dense is None else 1,
                   HAS_KV_START=kv_start is not None, HAS_BIAS=bias is not None, HAS_GROUPS=key_group is not None,
                   HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1, G=G, NG=NG, IEEE=q.dtype == torch.float32,
                   EMU=emulate_bf16(q.dtype))
-    _LAUNCH_DECODE((S, B * Hkv), args, consts, 4, 2)
+    _LAUNCH_DECODE((S, B * Hkv), args, consts, 4, num_stages)
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=dev)
     masses = torch.empty(B, H, 1, G, dtype=torch.float32, device=dev) if write_masses else None
     mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)

@@ -263,7 +263,10 @@ def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_
     kw.update(key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=cfg)
     bulk = (_take_stash(q, k, v, scaling) or _flash_with_lse(q, k, v, scaling)) if flash else None
     if bulk is not None:
-        out, _, masses, flags = _prefill(q, k, v, members=members, bulk=bulk, write_masses=return_masses, **kw)
+        # each program reads its rows of the flash output before writing them: the result can go in place
+        in_place = bulk[0].transpose(1, 2)
+        out, _, masses, flags = _prefill(q, k, v, members=members, bulk=bulk, write_masses=return_masses,
+                                         out=in_place if in_place.is_contiguous() else None, **kw)
         _prefill(q, k, v, members=members, only_flagged=flags, out=out, **kw)  # exact rows where the bulk is not
         return out, masses
     out, _, masses, _ = _prefill(q, k, v, members=members, write_masses=return_masses, **kw)
