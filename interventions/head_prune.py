@@ -23,12 +23,13 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from attnedit.errors import AttneditError, RecipeError, UnsupportedModelError
-from attnedit.modelinfo import decoder_layers, text_decoder
+from attnedit.errors import AttneditError, RecipeError
+from attnedit.modelinfo import text_decoder
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import Scale
 
 from .calibration import Calibration, Found, recipe_of
+from .heads import HeadOutputs, head_means, left_padded, o_proj
 from .registry import finder, register
 
 
@@ -76,79 +77,6 @@ def compile(spec: HeadPruneSpec, info, model=None) -> list:
     return out
 
 
-# --------------------------------------------------------------------------- head outputs
-
-
-def _o_proj(model, layer: int) -> torch.nn.Linear:
-    attn = decoder_layers(model)[layer].self_attn
-    proj = getattr(attn, "o_proj", None)
-    if not isinstance(proj, torch.nn.Linear):
-        raise UnsupportedModelError(f"{type(attn).__name__} has no o_proj linear layer to read head outputs from")
-    return proj
-
-
-class HeadOutputs:
-    """Context manager recording each layer's head outputs (the input of o_proj) on every forward.
-
-    `self.out[layer]` is the list of (B, T, H, D) fp32 tensors seen, in order.
-    """
-
-    def __init__(self, model, layers, head_dim: int):
-        self.model, self.layers, self.D = model, list(layers), head_dim
-        self.out: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
-        self._handles = []
-
-    def __enter__(self):
-        for l in self.layers:
-            def grab(module, args, layer=l):
-                x = args[0]
-                self.out[layer].append(x.detach().float().view(*x.shape[:2], -1, self.D))
-            self._handles.append(_o_proj(self.model, l).register_forward_pre_hook(grab))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-
-
-def _batches(tokenizer, texts: list[str], batch_size: int, device):
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        for i in range(0, len(texts), batch_size):
-            yield tok(texts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-    finally:
-        tok.padding_side = side
-
-
-@torch.no_grad()
-def head_means(model, tokenizer, texts: list[str], targets: dict[int, list[int]], head_dim: int, batch_size: int = 8) -> dict[int, dict[int, list[float]]]:
-    """Mean output of each target head over every real token of a reference set.
-
-    Args:
-        model, tokenizer: the loaded model and its tokenizer.
-        texts: the reference prompts.
-        targets: {layer: [heads]}.
-        head_dim: the model's head dimension.
-    Returns:
-        {layer: {head: [head_dim floats]}}, the `means` field of a mean-ablation spec.
-    """
-    if not texts:
-        raise AttneditError("mean ablation needs a non-empty reference set")
-    device = next(model.parameters()).device
-    sums: dict[int, torch.Tensor] = {}
-    count = 0
-    with HeadOutputs(model, targets, head_dim) as rec:
-        for enc in _batches(tokenizer, texts, batch_size, device):
-            model(**enc, use_cache=False)
-            real = enc["attention_mask"].bool().cpu()  # (B, T)
-            count += int(real.sum())
-            for l in targets:
-                part = rec.out[l].pop().cpu()[real].sum(0)  # (H, D) over real tokens
-                sums[l] = sums[l] + part if l in sums else part
-    return {l: {h: [float(v) for v in sums[l][h] / count] for h in hs} for l, hs in targets.items()}
-
-
 # --------------------------------------------------------------------------- PH3
 
 
@@ -172,7 +100,7 @@ class ConflictPrompt:
 def _logit_diff(model, tokenizer, texts, ids, batch_size, device) -> torch.Tensor:
     """(N,) logit(memory) - logit(context) at each prompt's last position."""
     out = []
-    for i, enc in enumerate(_batches(tokenizer, texts, batch_size, device)):
+    for i, enc in enumerate(left_padded(tokenizer, texts, batch_size, device)):
         logits = model(**enc, use_cache=False).logits[:, -1].float()
         pair = ids[i * batch_size : i * batch_size + logits.shape[0]].to(logits.device)
         out.append((logits.gather(1, pair[:, :1]) - logits.gather(1, pair[:, 1:])).squeeze(1).cpu())
@@ -190,7 +118,7 @@ def _direct_effects(model, tokenizer, texts, ids, ref: dict, batch_size, info) -
     total = torch.zeros(L, H)
     try:
         with HeadOutputs(model, range(L), D) as rec:
-            for i, enc in enumerate(_batches(tokenizer, texts, batch_size, device)):
+            for i, enc in enumerate(left_padded(tokenizer, texts, batch_size, device)):
                 model(**enc, use_cache=False)
                 r = resid.pop()  # (B, hidden) final residual at the answer position
                 pair = ids[i * batch_size : i * batch_size + r.shape[0]].to(device)
@@ -210,7 +138,7 @@ def _normed(norm, x: torch.Tensor) -> torch.Tensor:
 
 def _delta(model, layer: int, o: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """(B, H, D) head outputs minus their ablated value -> (B, H, hidden) change of the residual stream."""
-    W = _o_proj(model, layer).weight.float()  # (hidden, H*D)
+    W = o_proj(model, layer).weight.float()  # (hidden, H*D)
     H, D = o.shape[1], o.shape[2]
     diff = o - ref.to(o.device).view(1, H, D)
     return torch.einsum("bhd,ohd->bho", diff, W.view(-1, H, D))

@@ -28,7 +28,7 @@ from attnedit.modelinfo import text_decoder
 from attnedit.recipe import HeadSel, InterventionSpec, LayerSel
 from attnedit.tables import Scale
 
-from .head_prune import _o_proj
+from .heads import o_proj
 from .registry import register
 
 # Tokens that frame an image in some chat formats; the text-only prompt drops them too.
@@ -107,7 +107,7 @@ class VisionAwareHeads:
         if self._patch is not None and self._patch() is patch and self._handles and self._handles[0] in patch._hooks:
             return
         self._patch = weakref.ref(patch)
-        self._handles = [_o_proj(patch.model, layer).register_forward_pre_hook(self._hook(patch, layer)) for layer in self.targets]
+        self._handles = [o_proj(patch.model, layer).register_forward_pre_hook(self._hook(patch, layer)) for layer in self.targets]
         patch._hooks.extend(self._handles)
 
     def _text_prefill(self, patch, ids: torch.Tensor, mask: torch.Tensor) -> None:
