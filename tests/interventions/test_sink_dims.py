@@ -52,6 +52,10 @@ def test_smollm2_sink_dimension_flags_mostly_first_tokens(smollm2):
     with torch.no_grad():
         hs = model(**enc, output_hidden_states=True).hidden_states
     flagged = torch.stack([var.normalised(h)[..., list(dims)].amax(-1) > 20.0 for h in hs[3:-1]])  # (L, B, T)
-    first = flagged[:, :, 0].float().mean()
-    others = flagged[:, :, 1:][enc["attention_mask"][:, 1:].bool().expand(flagged.shape[0], -1, -1)].float().mean()
-    assert first > 0.5 and others < 0.05
+    mask = enc["attention_mask"].bool()
+    first_pos = mask.int().argmax(-1)  # the first real token of each row, whichever side pads
+    is_first = torch.zeros_like(mask)
+    is_first[torch.arange(mask.shape[0]), first_pos] = True
+    first = flagged[:, is_first].float().mean()
+    others = flagged[:, mask & ~is_first].float().mean()
+    assert first > 0.5 and others < 0.05, (first, others)
