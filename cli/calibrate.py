@@ -22,7 +22,7 @@ def run(
     task: Annotated[str | None, typer.Option("--task", "-t", help="Task whose train split scores the candidates (sst2, trec, cb, rte, agnews, lama-conflict, a task YAML). Not needed for VAR.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated recipe (YAML).")] = Path("calibrated.yaml"),
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Evaluation data folder (default $ATTNEDIT_DATA_DIR, else ../shared/data).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Evaluation data folder (default $ATTNEDIT_DATA_DIR).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Calibration examples, drawn (seeded) from the task's train split.")] = 128,
     max_candidates: Annotated[int | None, typer.Option(min=0, help="Stop after scoring this many candidates per search.")] = None,
     shots: Annotated[int, typer.Option(min=0, help="Demonstrations per prompt (from the train split).")] = 0,

@@ -268,7 +268,7 @@ def _bigbench_spec(arg: str, root: Path | None, overrides: dict) -> tuple[TaskSp
         "name": f"bigbench:{name}",
         "kind": kind,
         "description": str(meta.get("description", ""))[:300],
-        "local": {"format": "bigbench", "test": str(path), "carve": {"train": 0.2, "seed": 0}},
+        "local": {"format": "bigbench", "test": str(path.resolve()), "carve": {"train": 0.2, "seed": 0}},
         "instruction": str(meta.get("task_prefix", "")).strip(),
         "template": in_prefix + "{input}" + out_prefix,
         "separator": "\n\n",

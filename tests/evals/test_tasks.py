@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -99,6 +100,14 @@ def test_bigbench_tasks(data_root):
     assert first.choices[0] == raw[0]["target"] and first.gold == (0,)
     by_path = load_task(f"bigbench:{data_root / 'bigbench/navigate.json'}")
     assert [e.id for e in by_path.split("test")] == [e.id for e in nav.split("test")]
+
+
+def test_bigbench_task_with_a_relative_data_dir(data_root, tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    rel = os.path.relpath(data_root, tmp_path / "work")  # e.g. ../../shared/data
+    nav = load_task("bigbench:navigate", data_dir=rel)
+    assert len(nav.split("test")) == 800
 
 
 # --------------------------------------------------------------------------- bad input
