@@ -36,9 +36,11 @@ def run(
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Find each intervention's targets with its paper's search (ACT heads, ZeroTuning gamma and heads,
-    PH3 memory/context heads, VAR sink dimensions) on a task's train split, and write a recipe with the
-    resolved heads and parameters and their provenance (model hash, data, every candidate's score)."""
+    """Find each intervention's targets with its paper's search on a task's train split; write the calibrated recipe.
+
+    The searches: ACT's per-head keep/discard, ZeroTuning's gamma and head sets, PH3's memory or context
+    heads, VAR's sink dimensions. The recipe written holds the resolved heads and parameters and their
+    provenance (model hash, data, every candidate's score)."""
     from attnedit.interventions import calibration as C  # noqa: PLC0415
     from attnedit.loading import DEFAULT_MODEL, load_config, model_hash  # noqa: PLC0415
     from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
@@ -67,16 +69,23 @@ def run(
         final = cal.score(resolved) if cal.score is not None and resolved.interventions else None
     prov = C.provenance(
         command=" ".join(["attnedit", "calibrate", *map(shlex.quote, sys.argv[2:])]) if len(sys.argv) > 1 else None,
-        source_recipe=str(rec.source), model=name, model_hash=model_hash(name, cache_dir), task=task, split="train" if task else None,
+        source_recipe=recipe if not Path(recipe).suffix else str(rec.source), model=name, model_hash=model_hash(name, cache_dir), task=task, split="train" if task else None,
         n_examples=len(examples), n_train=len(the_task.split("train")) if the_task else None, seed=seed, shots=shots, objective=objective,
         budget={"limit": limit, "max_candidates": max_candidates, "options": options}, elapsed_s=round(time.time() - started, 1),
         calibrated_score=final, searches=searches,
     )
     resolved = resolved.replace(name=f"{rec.name or Path(str(rec.source)).stem}-calibrated" + (f"-{the_task.name}" if the_task else ""),
-                                model=name, provenance=prov, description=f"{rec.description or rec.name or 'recipe'}, calibrated on {task or 'the model'}")
+                                model=name, provenance=prov, description=_description(resolved, rec, the_task, len(examples), objective))
     header = f"attnedit apply {out} --model {name}\nCalibrated by: {prov.get('command') or 'attnedit calibrate'}"
     write_atomic(out, resolved.to_yaml(header=header))
     _summary(searches, final, out, prov["elapsed_s"])
+
+
+def _description(resolved, rec, the_task, n: int, objective: str) -> str:
+    """One line for `attnedit ls`: what was calibrated, on what, from which recipe."""
+    methods = ", ".join(dict.fromkeys(s.type for s in resolved.interventions)) or "no intervention"
+    where = f"{the_task.name} train ({n} examples, {objective})" if the_task is not None else "the model's own activations"
+    return f"{methods} calibrated on {where} from {rec.name or 'a recipe'}"
 
 
 def _options(pairs: list[str]) -> dict:
