@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -66,6 +68,7 @@ def run(
     if results is None:
         return
     doc = provenance(
+        command=" ".join(["attnedit", "eval", *map(shlex.quote, sys.argv[2:])]) if len(sys.argv) > 2 else None,
         model=name, model_hash=settings.identity["model_hash"], recipe_name=rec.name, recipe=rec.to_dict(), recipe_hash=rec.hash(),
         backend=_backend(rec, backend, m), device=str(next(m.parameters()).device), dtype=str(next(m.parameters()).dtype),
         seed=seed, shots=shots, batch_size=batch_size, limit=limit, chat=chat, processes=world,
