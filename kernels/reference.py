@@ -124,19 +124,7 @@ def attention(
     bias = _key_bias(tables, B, H, K) if tables is not None else None
     onehot = _group_onehot(tables, B, H, K) if tables is not None and tables.key_group is not None else None
     outs, weights, masses_out = [], [], []
-    for q0 in range(0, Q, block):
-        qb = q[:, :, q0 : q0 + block]
-        nq = qb.shape[2]
-        s = _logits(qb, k, scaling, softcap)
-        if bias is not None:
-            s = s + bias[:, :, None, :]
-        if mask is not None:
-            see = mask[:, :, q0 : q0 + nq]
-        else:
-            rows = torch.arange(q0, q0 + nq, device=q.device)[:, None] + (K - Q)
-            see = (torch.arange(K, device=q.device)[None, :] <= rows)[None, None]
-        s = s.masked_fill(~see, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0, as flash kernels do
+    for q0, nq, see, p in _row_blocks(q, k, bias, mask, block, scaling, softcap):
         if tables is not None and onehot is not None and (tables.moves or return_masses):
             m = torch.einsum("bhqk,bhkg->bhqg", p, onehot.expand(B, H, K, -1))
             if return_masses:
@@ -165,6 +153,27 @@ def attention(
     return (out, *extras) if extras else out
 
 
+def _row_blocks(q, k, bias, mask, block: int, scaling: float, softcap: float | None):
+    """Blocks of query rows: (first row, rows, visibility (B, 1|H, rows, K), softmax of the biased logits).
+
+    The causal default aligns the last query row with the last key. Fully masked rows give 0, as flash
+    kernels do.
+    """
+    Q, K = q.shape[2], k.shape[2]
+    for q0 in range(0, Q, block):
+        qb = q[:, :, q0 : q0 + block]
+        nq = qb.shape[2]
+        s = _logits(qb, k, scaling, softcap)
+        if bias is not None:
+            s = s + bias[:, :, None, :]
+        if mask is not None:
+            see = mask[:, :, q0 : q0 + nq]
+        else:
+            rows = torch.arange(q0, q0 + nq, device=q.device)[:, None] + (K - Q)
+            see = (torch.arange(K, device=q.device)[None, :] <= rows)[None, None]
+        yield q0, nq, see, torch.softmax(s.masked_fill(~see, float("-inf")), dim=-1).nan_to_num(0.0)
+
+
 def column_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -187,19 +196,7 @@ def column_scores(
     bias = _key_bias(tables, B, H, K) if tables is not None else None
     colsum = torch.zeros(B, H, K, device=q.device)
     count = torch.zeros(B, 1 if mask is None else mask.shape[1], K, device=q.device)
-    for q0 in range(0, Q, block):
-        qb = q[:, :, q0 : q0 + block]
-        nq = qb.shape[2]
-        s = _logits(qb, k, scaling, softcap)
-        if bias is not None:
-            s = s + bias[:, :, None, :]
-        if mask is not None:
-            see = mask[:, :, q0 : q0 + nq]
-        else:
-            rows = torch.arange(q0, q0 + nq, device=q.device)[:, None] + (K - Q)
-            see = (torch.arange(K, device=q.device)[None, :] <= rows)[None, None]
-        s = s.masked_fill(~see, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    for _, _, see, p in _row_blocks(q, k, bias, mask, block, scaling, softcap):
         colsum += p.sum(2)
         count += see.float().sum(2).expand(count.shape[0], count.shape[1], K)
     return colsum, count
