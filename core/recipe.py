@@ -338,7 +338,7 @@ class Recipe:
                 out[key] = getattr(self, key)
         if self.backend != "auto":
             out["backend"] = self.backend
-        out["interventions"] = [_plain(spec.model_dump(mode="python")) for spec in self.interventions]
+        out["interventions"] = [_spec_dict(spec) for spec in self.interventions]
         if self.provenance is not None:
             out["provenance"] = copy.deepcopy(self.provenance)
         return out
@@ -424,6 +424,14 @@ _FORMS = {
     "heads": "'all', a list of head indices, or a map {layer: [heads]}",
     "sink_dims": "'auto' or a list of hidden-state dimensions",
 }
+
+
+def _spec_dict(spec: "InterventionSpec") -> dict:
+    """A spec as recipe YAML writes it: a head map {layer: [heads]} names its layers, so `layers` is left out."""
+    out = _plain(spec.model_dump(mode="python"))
+    if isinstance(spec.heads, dict):
+        out.pop("layers", None)
+    return out
 
 
 def _plain(obj: Any) -> Any:
