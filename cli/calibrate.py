@@ -83,8 +83,11 @@ def run(
 
 def _description(resolved, rec, the_task, n: int, objective: str) -> str:
     """One line for `attnedit ls`: what was calibrated, on what, from which recipe."""
-    methods = ", ".join(dict.fromkeys(s.type for s in resolved.interventions)) or "no intervention"
     where = f"{the_task.name} train ({n} examples, {objective})" if the_task is not None else "the model's own activations"
+    if not resolved.interventions:
+        searched = ", ".join(dict.fromkeys(s.type for s in rec.interventions))
+        return f"{searched} calibrated on {where} from {rec.name or 'a recipe'}: no candidate beat the unpatched model, nothing kept"
+    methods = ", ".join(dict.fromkeys(s.type for s in resolved.interventions))
     return f"{methods} calibrated on {where} from {rec.name or 'a recipe'}"
 
 
