@@ -12,21 +12,42 @@ import sys
 from pathlib import Path
 
 
+def _recipe(doc: dict) -> str:
+    """The recipe as the command named it (a built-in name or a path), else its name."""
+    words = (doc.get("command") or "").split()[2:]
+    flags = {"--plot", "--force", "--json", "--chat", "--no-chat"}
+    i = 0
+    while i < len(words):
+        if words[i].startswith("-"):
+            i += 1 if words[i] in flags or "=" in words[i] else 2
+            continue
+        return Path(words[i]).stem
+    return doc["recipe_name"]
+
+
+KIND_ORDER = {"classification": 0, "multiple_choice": 1, "knowledge_conflict": 2}
+TASK_ORDER = ["sst2", "agnews", "trec", "cb", "rte"]
+
+
 def rows(root: Path) -> list[str]:
-    out = []
+    """Classification first (SST-2, AGNews, TREC, CB, RTE; zero-shot before few-shot), then multiple
+    choice, then knowledge conflicts."""
+    found = []
     for path in sorted(root.glob("*/results.json")):
         doc = json.loads(path.read_text())
         for name, t in doc["tasks"].items():
             d = t["difference"]
             lo, hi = d["ci95"]
             mark = " *" if lo > 0 or hi < 0 else ""
-            shots = f"{doc['shots']}-shot" if t["kind"] in ("classification", "multiple_choice") else ""
-            out.append(
-                f"| {name} {shots} | {doc['recipe_name']} | {t['metric']} | {t['baseline']['value']:.3f} | "
+            shots = f" {doc['shots']}-shot" if t["kind"] in ("classification", "multiple_choice") else ""
+            line = (
+                f"| {name}{shots} | {_recipe(doc)} | {t['metric']} | {t['baseline']['value']:.3f} | "
                 f"{t['patched']['value']:.3f} | {d['value']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} | {t['n']} | "
                 f"`{doc.get('command') or '(see benchmarks/evidence/run.sh)'}` |"
             )
-    return out
+            task_rank = TASK_ORDER.index(name) if name in TASK_ORDER else len(TASK_ORDER)
+            found.append(((KIND_ORDER.get(t["kind"], 9), task_rank, name, doc["shots"], path.parent.name), line))
+    return [line for _, line in sorted(found)]
 
 
 def main() -> None:

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Evidence on SmolLM2-135M-Instruct (CPU, fp32): calibrate on train splits, evaluate on test splits.
+# Every command here is printed beside its figure in the README's results table.
+#   bash benchmarks/evidence/run.sh LANE      (LANE: ph3 | ph3k | zt | act | unsup | fewshot | colored)
+# Run from the repository root with the data folder at ../shared/data.
+# Each step is skipped when its output exists, so an interrupted lane resumes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=benchmarks/results/evidence
+T=benchmarks/evidence/tasks
+mkdir -p "$R/logs"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
+  local out=$1; shift
+  if [ -e "$out" ]; then echo "skip (exists): $out"; return; fi
+  echo "+ $*"
+  local t0=$SECONDS
+  "$@"
+  echo "  done in $((SECONDS - t0)) s: $out"
+}
+
+evaluable() {  # a calibrated recipe that kept at least one intervention (an empty one equals the baseline)
+  python3 -c "import sys, yaml; sys.exit(0 if (yaml.safe_load(open('$1')) or {}).get('interventions') else 1)"
+}
+
+lane=${1:?lane: ph3 | ph3k | zt | act | unsup | fewshot | colored}
+case $lane in
+ph3)  # PH3 heads on train relations; measured on the other relations and on BIG-bench conflicts
+  step recipes/ph3-context-smollm2.yaml attnedit calibrate --data-dir ../shared/data ph3-search --task $T/lama-conflict-train.yaml --limit 256 \
+       --param prune=memory --param k=5 --out recipes/ph3-context-smollm2.yaml
+  step $R/ph3-context/results.json attnedit eval --data-dir ../shared/data recipes/ph3-context-smollm2.yaml \
+       --tasks $T/lama-conflict-other.yaml,$T/lama-recall-other.yaml --limit 400 --out $R/ph3-context
+  step $R/ph3-context-facts/results.json attnedit eval ph3-context-smollm2 --tasks facts-conflict,facts-recall \
+       --out $R/ph3-context-facts
+  step $R/ph3-context-bigbench/results.json attnedit eval --data-dir ../shared/data recipes/ph3-context-smollm2.yaml \
+       --tasks bigbench:contextual_parametric_knowledge_conflicts --limit 200 --out $R/ph3-context-bigbench
+  ;;
+ph3k)  # PH3 pruning more memory heads (k = 10, 20): how far context-following goes, and what recall pays
+  for k in 10 20; do
+    step recipes/ph3-context-k$k-smollm2.yaml attnedit calibrate --data-dir ../shared/data ph3-search --task $T/lama-conflict-train.yaml \
+         --limit 256 --param prune=memory --param k=$k --out recipes/ph3-context-k$k-smollm2.yaml
+    step $R/ph3-context-k$k/results.json attnedit eval --data-dir ../shared/data recipes/ph3-context-k$k-smollm2.yaml \
+         --tasks $T/lama-conflict-other.yaml,$T/lama-recall-other.yaml --limit 400 --out $R/ph3-context-k$k
+    step $R/ph3-context-k$k-facts/results.json attnedit eval ph3-context-k$k-smollm2 --tasks facts-conflict,facts-recall \
+         --out $R/ph3-context-k$k-facts
+  done
+  ;;
+zt)   # ZeroTuning, supervised (the task's accuracy on train examples)
+  for task in sst2 trec agnews cb rte; do
+    lim=48; case $task in cb|rte) lim=32;; esac
+    step recipes/zerotuning-$task.yaml attnedit calibrate --data-dir ../shared/data zerotuning-paper --task $task --limit $lim \
+         --out recipes/zerotuning-$task.yaml
+  done
+  for task in sst2 trec agnews cb rte; do
+    evaluable recipes/zerotuning-$task.yaml || { echo "recipes/zerotuning-$task.yaml kept nothing: nothing to evaluate"; continue; }
+    step $R/zerotuning-$task/results.json attnedit eval --data-dir ../shared/data recipes/zerotuning-$task.yaml --tasks $task --limit 200 \
+         --out $R/zerotuning-$task
+  done
+  ;;
+act)  # ACT's per-head keep/discard search
+  for task in sst2 agnews; do
+    step recipes/act-$task.yaml attnedit calibrate --data-dir ../shared/data act-paper --task $task --limit 16 --out recipes/act-$task.yaml
+  done
+  for task in sst2 agnews; do
+    evaluable recipes/act-$task.yaml || { echo "recipes/act-$task.yaml kept no head: nothing to evaluate"; continue; }
+    step $R/act-$task/results.json attnedit eval --data-dir ../shared/data recipes/act-$task.yaml --tasks $task --limit 200 --out $R/act-$task
+  done
+  ;;
+unsup)  # ZeroTuning, unsupervised (answer entropy on unlabelled train prompts)
+  for task in sst2 agnews; do
+    step recipes/zerotuning-unsup-$task.yaml attnedit calibrate --data-dir ../shared/data zerotuning-paper --task $task --limit 48 \
+         --objective entropy --out recipes/zerotuning-unsup-$task.yaml
+  done
+  for task in sst2 agnews; do
+    evaluable recipes/zerotuning-unsup-$task.yaml || { echo "recipes/zerotuning-unsup-$task.yaml kept nothing: nothing to evaluate"; continue; }
+    step $R/zerotuning-unsup-$task/results.json attnedit eval --data-dir ../shared/data recipes/zerotuning-unsup-$task.yaml --tasks $task \
+         --limit 200 --out $R/zerotuning-unsup-$task
+  done
+  ;;
+fewshot)  # the supervised ZeroTuning recipes with 4 demonstrations from the train split
+  for task in sst2 agnews; do
+    step $R/zerotuning-$task-4shot/results.json attnedit eval --data-dir ../shared/data recipes/zerotuning-$task.yaml \
+         --tasks $task --shots 4 --limit 100 --out $R/zerotuning-$task-4shot
+  done
+  ;;
+colored)  # BIG-bench Colored Objects (the circuit-reuse paper's task) under head-level edits
+  step $R/colored-zerotuning-paper/results.json attnedit eval --data-dir ../shared/data zerotuning-paper \
+       --tasks bigbench:reasoning_about_colored_objects --limit 100 --out $R/colored-zerotuning-paper
+  step $R/colored-ph3-context/results.json attnedit eval --data-dir ../shared/data recipes/ph3-context-smollm2.yaml \
+       --tasks bigbench:reasoning_about_colored_objects --limit 100 --out $R/colored-ph3-context
+  ;;
+*) echo "unknown lane $lane" >&2; exit 2;;
+esac
