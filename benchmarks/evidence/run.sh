@@ -68,11 +68,11 @@ act)  # ACT's per-head keep/discard search
   done
   ;;
 unsup)  # ZeroTuning, unsupervised (answer entropy on unlabelled train prompts)
-  for task in sst2 agnews; do
-    step recipes/zerotuning-unsup-$task.yaml attnedit calibrate --data-dir ../shared/data zerotuning-paper --task $task --limit 48 \
+  for task in ${TASKS:-sst2 agnews cb rte}; do
+    step recipes/zerotuning-unsup-$task.yaml attnedit calibrate --data-dir ../shared/data zerotuning-paper --task $task --limit $([ $task = cb ] || [ $task = rte ] && echo 32 || echo 48) \
          --objective entropy --out recipes/zerotuning-unsup-$task.yaml
   done
-  for task in sst2 agnews; do
+  for task in ${TASKS:-sst2 agnews cb rte}; do
     evaluable recipes/zerotuning-unsup-$task.yaml || { echo "recipes/zerotuning-unsup-$task.yaml kept nothing: nothing to evaluate"; continue; }
     step $R/zerotuning-unsup-$task/results.json attnedit eval --data-dir ../shared/data recipes/zerotuning-unsup-$task.yaml --tasks $task \
          --limit 200 --out $R/zerotuning-unsup-$task
