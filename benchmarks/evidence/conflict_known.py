@@ -15,18 +15,22 @@ import argparse
 import json
 from pathlib import Path
 
+from attnedit.evals.runner import _slug  # the samples file's name, as `attnedit eval` writes it
 from attnedit.evals.stats import mcnemar, mean_diff_interval
 
 
 def _samples(run: Path, kind: str) -> tuple[str, dict[str, dict]]:
-    doc = json.loads((run / "results.json").read_text())
+    results = run / "results.json"
+    if not results.is_file():
+        raise SystemExit(f"error: {results} not found: give a folder written by `attnedit eval`")
+    doc = json.loads(results.read_text())
     names = [n for n, t in doc["tasks"].items() if t["kind"] == "knowledge_conflict" and t["metric"] == kind]
     if len(names) != 1:
-        raise SystemExit(f"{run}: expected one knowledge-conflict task with metric {kind}, found {names}")
+        raise SystemExit(f"error: {run}: expected one knowledge-conflict task with metric {kind}, found {names}")
     name = names[0]
-    path = run / f"samples_{name.replace('/', '_').replace(':', '_')}.jsonl"
-    if not path.exists():
-        path = next(run.glob("samples_*.jsonl"))
+    path = run / f"samples_{_slug(name)}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found (the per-example file of task {name!r})")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return name, {r["id"]: r for r in rows}
 
@@ -41,7 +45,7 @@ def main() -> None:
     recall_name, recall = _samples(a.recall_run, "memory_rate")
     known = [i for i, r in recall.items() if r["baseline"]["pred"] == 1 and i in conflict]
     if not known:
-        raise SystemExit("no fact is recalled by the unpatched model: nothing to report")
+        raise SystemExit("error: no fact is recalled by the unpatched model: nothing to report")
     base = [conflict[i]["baseline"]["pred"] == 0 for i in known]
     patched = [conflict[i]["patched"]["pred"] == 0 for i in known]
     lo, hi = mean_diff_interval([float(x) for x in base], [float(x) for x in patched])

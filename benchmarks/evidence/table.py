@@ -52,6 +52,8 @@ def rows(root: Path) -> list[str]:
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/evidence")
+    if not any(root.glob("*/results.json")):
+        raise SystemExit(f"error: no */results.json under {root}: give the folder that holds the `attnedit eval` runs")
     print("| task | recipe | metric | baseline | patched | difference [95% CI] | n | command |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows(root):
