@@ -11,6 +11,7 @@ during one call, over what the inputs already hold.
     python benchmarks/bench_attention.py --sweep                            # tile shapes of the fused kernel
     python benchmarks/bench_attention.py --e2e --out benchmarks/results     # 8k prefill of a Llama-3.1-8B-shaped model
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ LOG = math.log
 
 def device_line() -> str:
     p = torch.cuda.get_device_properties(0)
-    return (f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
-            f"triton {triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}")
+    return (
+        f"{p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+        f"triton {triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}"
+    )
 
 
 def sink_keys(N: int) -> list[int]:
@@ -103,7 +106,9 @@ _KEEP: dict = {}
 
 def act_tables(found: torch.Tensor, H, beta=0.4):
     keep = _KEEP.setdefault((H, beta), torch.full((H,), beta, device="cuda"))  # a plan tensor: made once, as in a patch
-    return LayerTables(found.to(torch.uint8), torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (Move(1, 2, keep),), None, None)
+    return LayerTables(
+        found.to(torch.uint8), torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (Move(1, 2, keep),), None, None
+    )
 
 
 def var(H, N, img=(35, 576), p=0.6):
@@ -227,7 +232,9 @@ def prefill_row(shape: str, N: int, args) -> list[dict]:
     mask, sc = causal(N), D**-0.5
     det = ActSinks(torch.full((H,), 0.1, device="cuda"))
     zt, pa, pr, vr = zerotuning(H, N), pasta(H, N), prune(H), var(H, N)
-    act_known = act_tables(det.detect(*triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc), mask.first_key), H)
+    act_known = act_tables(
+        det.detect(*triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc), mask.first_key), H
+    )
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)  # noqa: E731
     fns = {"sdpa": sdpa}
     if not args.no_flex and N in [int(x) for x in args.flex.split(",") if x]:
@@ -236,17 +243,19 @@ def prefill_row(shape: str, N: int, args) -> list[dict]:
     if N <= 4096:
         fns["eager"] = lambda: eager(q, k, v, sc)
         fns["reference zerotuning"] = lambda: reference.attention(q, k, v, zt, scaling=sc)
-    fns.update({
-        "attnedit zerotuning": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc),
-        "attnedit zerotuning (fused)": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc, path="fused"),
-        "attnedit pasta": lambda: triton_ops.attention(q, k, v, pa, mask, scaling=sc),
-        "attnedit head prune": lambda: triton_ops.attention(q, k, v, pr, mask, scaling=sc),
-        "attnedit act (+detection)": lambda: act_full(q, k, v, mask, sc, det, H, N),
-        "  act: column scores alone": lambda: triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc),
-        "  act: attention, sinks known": lambda: triton_ops.attention(q, k, v, act_known, mask, scaling=sc),
-        "attnedit var": lambda: triton_ops.attention(q, k, v, vr, mask, scaling=sc),
-        "attnedit plain (fused)": lambda: triton_ops.attention(q, k, v, None, mask, scaling=sc, path="fused"),
-    })
+    fns.update(
+        {
+            "attnedit zerotuning": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc),
+            "attnedit zerotuning (fused)": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc, path="fused"),
+            "attnedit pasta": lambda: triton_ops.attention(q, k, v, pa, mask, scaling=sc),
+            "attnedit head prune": lambda: triton_ops.attention(q, k, v, pr, mask, scaling=sc),
+            "attnedit act (+detection)": lambda: act_full(q, k, v, mask, sc, det, H, N),
+            "  act: column scores alone": lambda: triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc),
+            "  act: attention, sinks known": lambda: triton_ops.attention(q, k, v, act_known, mask, scaling=sc),
+            "attnedit var": lambda: triton_ops.attention(q, k, v, vr, mask, scaling=sc),
+            "attnedit plain (fused)": lambda: triton_ops.attention(q, k, v, None, mask, scaling=sc, path="fused"),
+        }
+    )
     return run_all(fns, shape, N, "prefill")
 
 
@@ -276,8 +285,12 @@ def run_all(fns: dict, shape: str, N: int, kind: str) -> list[dict]:
         t = time.time()
         r = measure(fn)
         rows.append({"shape": shape, "kind": kind, "tokens": N, "variant": name, **r})
-        print(f"  {shape:12s} {kind:7s} {N:6d} {name:30s} {r['ms'] if r['ms'] is None else round(r['ms'], 4)!s:>9} ms "
-              f"({time.time() - t:.1f}s)", file=sys.stderr, flush=True)
+        print(
+            f"  {shape:12s} {kind:7s} {N:6d} {name:30s} {r['ms'] if r['ms'] is None else round(r['ms'], 4)!s:>9} ms "
+            f"({time.time() - t:.1f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
     first, last = rows[0], rows.pop()
     first["sdpa_drift"] = None if not last["ms"] or not first["ms"] else last["ms"] / first["ms"] - 1
     for key, rkey in (("ms", "ratio"), ("eager_ms", "eager_ratio")):
@@ -290,14 +303,18 @@ def run_all(fns: dict, shape: str, N: int, kind: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| shape | kind | tokens | variant | device ms (graph) | x SDPA | eager ms | x SDPA | host us/call | peak MiB | x SDPA mem |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | kind | tokens | variant | device ms (graph) | x SDPA | eager ms | x SDPA | host us/call | peak MiB | x SDPA mem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda x, p: "—" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
         name = r["variant"] + (f" (drift {100 * r['sdpa_drift']:+.1f}%)" if r.get("sdpa_drift") is not None else "")
-        lines.append(f"| {r['shape']} | {r['kind']} | {r['tokens']} | {name} | {fmt(r['ms'], 3)} | {fmt(r['ratio'], 2)} | "
-                     f"{fmt(r.get('eager_ms'), 3)} | {fmt(r.get('eager_ratio'), 2)} | {fmt(r.get('host_us'), 0)} | "
-                     f"{fmt(r['peak_mib'], 0)} | {fmt(r['mem_ratio'], 2)} |")
+        lines.append(
+            f"| {r['shape']} | {r['kind']} | {r['tokens']} | {name} | {fmt(r['ms'], 3)} | {fmt(r['ratio'], 2)} | "
+            f"{fmt(r.get('eager_ms'), 3)} | {fmt(r.get('eager_ratio'), 2)} | {fmt(r.get('host_us'), 0)} | "
+            f"{fmt(r['peak_mib'], 0)} | {fmt(r['mem_ratio'], 2)} |"
+        )
     return "\n".join(lines)
 
 
@@ -306,23 +323,35 @@ def table(rows: list[dict]) -> str:
 
 def sweep(args) -> None:
     """Tile shapes of the fused kernel (plain, ZeroTuning members, VAR) against SDPA, per shape and length."""
-    cfgs = {128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-            64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]}
+    cfgs = {
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    }
     for shape in SHAPES:
         H, Hkv, D = SHAPES[shape]
         for N in (4096, 16384):
             q, k, v = inputs(H, Hkv, D, N)
             mask, sc = causal(N), D**-0.5
             zt, vr = zerotuning(H, N), var(H, N)
-            base = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True),
-                            warmup=25, rep=200, return_mode="median")
+            base = do_bench(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=sc, enable_gqa=True
+                ),
+                warmup=25,
+                rep=200,
+                return_mode="median",
+            )
             print(f"{shape} N={N} sdpa {base:.3f} ms", flush=True)
             for cfg in cfgs[D]:
                 out = []
                 for name, tb in (("plain", None), ("zt", zt), ("var", vr)):
                     try:
-                        ms = do_bench(lambda: triton_ops.attention(q, k, v, tb, mask, scaling=sc, path="fused", config=cfg),
-                                      warmup=25, rep=200, return_mode="median")
+                        ms = do_bench(
+                            lambda: triton_ops.attention(q, k, v, tb, mask, scaling=sc, path="fused", config=cfg),
+                            warmup=25,
+                            rep=200,
+                            return_mode="median",
+                        )
                         out.append(f"{name} {ms:.3f} ({ms / base:.2f}x)")
                     except Exception as e:  # a config that does not compile (shared memory, registers)
                         out.append(f"{name} failed: {type(e).__name__}")
@@ -333,21 +362,38 @@ def sweep_colsum() -> None:
     """Tile shapes of the column-sum kernel (ACT's sink scores) against SDPA."""
     from attnedit.kernels import triton_colsum
 
-    cfgs = {128: [(64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)], 64: [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]}
+    cfgs = {
+        128: [(64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)],
+        64: [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    }
     for shape in SHAPES:
         H, Hkv, D = SHAPES[shape]
         for N in (4096, 16384):
             q, k, v = inputs(H, Hkv, D, N)
             sc = D**-0.5
-            base = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True),
-                            warmup=25, rep=200, return_mode="median")
-            lse2 = (torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=sc)[1]
-                    .reshape(1, H, N) * 1.4426950408889634).contiguous()
+            base = do_bench(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=sc, enable_gqa=True
+                ),
+                warmup=25,
+                rep=200,
+                return_mode="median",
+            )
+            lse2 = (
+                torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=sc)[
+                    1
+                ].reshape(1, H, N)
+                * 1.4426950408889634
+            ).contiguous()
             out = []
             for cfg in cfgs[D]:
                 try:
-                    ms = do_bench(lambda: triton_colsum.colsum(q, k, lse2, scaling=sc, diag=0, config=cfg), warmup=25, rep=200,
-                                  return_mode="median")
+                    ms = do_bench(
+                        lambda: triton_colsum.colsum(q, k, lse2, scaling=sc, diag=0, config=cfg),
+                        warmup=25,
+                        rep=200,
+                        return_mode="median",
+                    )
                     out.append(f"{cfg} {ms:.3f} ({ms / base:.2f}x)")
                 except Exception as e:  # a config that does not compile
                     out.append(f"{cfg} failed: {type(e).__name__}")
@@ -363,13 +409,18 @@ def sweep_decode() -> None:
         for N in (4096, 32768):
             q, k, v = inputs(H, Hkv, D, N, Q=1)
             sc = D**-0.5
-            base = graph_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc, enable_gqa=True))
+            base = graph_ms(
+                lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc, enable_gqa=True)
+            )
             auto = triton_decode.n_splits(N, Hkv, 132)
             out = []
             for S in (auto // 2, auto, 2 * auto):
                 for bn, st in ((64, 2), (64, 3), (128, 2), (128, 3)):
-                    ms = graph_ms(lambda: triton_decode.decode(q, k, v, scaling=sc, diag=N - 1, q_pos=N - 1, splits=max(1, S),
-                                                               block_n=bn, num_stages=st))
+                    ms = graph_ms(
+                        lambda: triton_decode.decode(
+                            q, k, v, scaling=sc, diag=N - 1, q_pos=N - 1, splits=max(1, S), block_n=bn, num_stages=st
+                        )
+                    )
                     out.append(f"S={max(1, S)} bn={bn} st={st}: {ms / base:.2f}x")
             print(f"decode {shape} N={N} sdpa {base * 1e3:.1f} us: " + "; ".join(out), flush=True)
 
@@ -383,15 +434,29 @@ def backends(args) -> None:
         for N in (4096, 16384):
             q, k, v = inputs(H, Hkv, D, N)
             sc = D**-0.5
-            res = {"default": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)}
+            res = {
+                "default": lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=sc, enable_gqa=True
+                )
+            }
             for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+
                 def f(b=b):
                     with sdpa_kernel([b]):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)
+                        return torch.nn.functional.scaled_dot_product_attention(
+                            q, k, v, is_causal=True, scale=sc, enable_gqa=True
+                        )
+
                 res[str(b).split(".")[-1]] = f
-            res["aten flash+lse"] = lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=sc)
-            res["aten cudnn+lse"] = lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=sc)
-            res["aten efficient+lse"] = lambda: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, True, scale=sc)
+            res["aten flash+lse"] = lambda: torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, True, False, scale=sc
+            )
+            res["aten cudnn+lse"] = lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, True, False, scale=sc
+            )
+            res["aten efficient+lse"] = lambda: torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, 0.0, True, scale=sc
+            )
             out = []
             for name, fn in res.items():
                 try:
@@ -414,7 +479,9 @@ def profile(args) -> None:
     det = ActSinks(torch.full((H,), 0.1, device="cuda"))
     zt, pr = zerotuning(H, N), prune(H)
     fns = {
-        "sdpa prefill": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True),
+        "sdpa prefill": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=sc, enable_gqa=True
+        ),
         "zerotuning prefill": lambda: triton_ops.attention(q, k, v, zt, causal(N), scaling=sc),
         "head prune prefill": lambda: triton_ops.attention(q, k, v, pr, causal(N), scaling=sc),
         "sdpa decode": lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, scale=sc, enable_gqa=True),
@@ -449,12 +516,23 @@ def profile(args) -> None:
 
 def e2e(args) -> list[dict]:
     """8k-token prefill of a random Llama-3.1-8B-shaped model: unpatched SDPA against patched recipes."""
-    import attnedit
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                               num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-                               rope_theta=500000.0, rms_norm_eps=1e-5)
+    import attnedit
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    )
     with torch.device("cuda"):
         torch.set_default_dtype(torch.bfloat16)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
@@ -481,7 +559,11 @@ def e2e(args) -> list[dict]:
     for r in rows:
         r["throughput_ratio"] = None if r["ms"] is None else base / r["ms"]
         r["tokens_per_s"] = None if r["ms"] is None else args.e2e_tokens / r["ms"] * 1e3
-        print(f"  e2e {r['variant']:28s} {r['ms']:.1f} ms  {r['tokens_per_s']:.0f} tok/s  x{r['throughput_ratio']:.3f}", file=sys.stderr, flush=True)
+        print(
+            f"  e2e {r['variant']:28s} {r['ms']:.1f} ms  {r['tokens_per_s']:.0f} tok/s  x{r['throughput_ratio']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -526,8 +608,10 @@ def main() -> None:
     text = table(rows) if rows else ""
     if e2e_rows:
         text += "\n\n| end to end, 8k prefill | ms | tokens/s | x unpatched throughput | peak MiB |\n|---|---|---|---|---|\n"
-        text += "\n".join(f"| {r['variant']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['throughput_ratio']:.3f} | {r['peak_mib']:.0f} |"
-                          for r in e2e_rows)
+        text += "\n".join(
+            f"| {r['variant']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['throughput_ratio']:.3f} | {r['peak_mib']:.0f} |"
+            for r in e2e_rows
+        )
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

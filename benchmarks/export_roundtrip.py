@@ -7,6 +7,7 @@ Prints a markdown table: export and attnedit.load times (CPU, fp32), the relativ
 patched model in memory, of plain transformers against the folded part alone, and whether 12
 greedy tokens match. Figures and the machine they came from are kept in docs/export.md.
 """
+
 import shutil
 import tempfile
 import time
@@ -18,14 +19,20 @@ import attnedit
 
 model, tok = attnedit.load("smollm2-135m-instruct", dtype="float32", device="cpu")
 tok.padding_side = "left"
-enc = tok(["The capital of France is", "Review: a gorgeous, witty, seductive movie. Sentiment:"], return_tensors="pt", padding=True)
+enc = tok(
+    ["The capital of France is", "Review: a gorgeous, witty, seductive movie. Sentiment:"],
+    return_tensors="pt",
+    padding=True,
+)
 m = enc.attention_mask.bool()
 rel = lambda a, b: ((a[m] - b[m]).norm() / b[m].norm()).item()
 recipes = {
     "static (head_prune, 5 heads)": "interventions: [{type: head_prune, heads: {3: [1, 4], 12: [0], 20: [3, 8]}}]",
     "mixed (+ zerotuning, act)": "interventions: [{type: head_prune, heads: {3: [1, 4], 12: [0], 20: [3, 8]}}, {type: zerotuning, gamma: 2.0, layers: '10:'}, {type: act}]",
 }
-print("| recipe | export s | load s (attnedit) | logits rel. err. (attnedit.load) | logits rel. err. (plain transformers, folded part) | 12 greedy tokens equal |")
+print(
+    "| recipe | export s | load s (attnedit) | logits rel. err. (attnedit.load) | logits rel. err. (plain transformers, folded part) | 12 greedy tokens equal |"
+)
 print("|---|---|---|---|---|---|")
 for name, text in recipes.items():
     r = attnedit.Recipe.from_str(text)
@@ -33,8 +40,12 @@ for name, text in recipes.items():
         want = model(**enc).logits
         want_tok = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     out = tempfile.mkdtemp() + "/x"
-    t = time.perf_counter(); attnedit.export(model, r, out, tokenizer=tok); t_exp = time.perf_counter() - t
-    t = time.perf_counter(); m2, _ = attnedit.load(out, dtype="float32", device="cpu"); t_load = time.perf_counter() - t
+    t = time.perf_counter()
+    attnedit.export(model, r, out, tokenizer=tok)
+    t_exp = time.perf_counter() - t
+    t = time.perf_counter()
+    m2, _ = attnedit.load(out, dtype="float32", device="cpu")
+    t_load = time.perf_counter() - t
     if hasattr(m2, "attnedit_patch"):
         m2.attnedit_patch.backend = "reference"
     with torch.no_grad():
@@ -48,5 +59,7 @@ for name, text in recipes.items():
             folded_only = m2(**enc).logits
         else:
             folded_only = want
-    print(f"| {name} | {t_exp:.2f} | {t_load:.2f} | {rel(got, want):.1e} | {rel(p, folded_only):.1e} | {torch.equal(toks, want_tok)} |")
+    print(
+        f"| {name} | {t_exp:.2f} | {t_load:.2f} | {rel(got, want):.1e} | {rel(p, folded_only):.1e} | {torch.equal(toks, want_tok)} |"
+    )
     shutil.rmtree(out)

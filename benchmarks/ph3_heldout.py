@@ -7,6 +7,7 @@
 Calibration reads the task's train split (LAMA train facts); this script scores 300 examples of its
 test split (LAMA dev facts) and prints a markdown table. Needs $ATTNEDIT_DATA_DIR (or ../shared/data).
 """
+
 from __future__ import annotations
 
 import random
@@ -33,7 +34,12 @@ def main(paths: list[str], n: int = 300, k: int = 5) -> None:
         heads: dict[int, list[int]] = {}
         for layer, h in random.Random(seed).sample(every, k):
             heads.setdefault(layer, []).append(h)
-        rows.append((f"random {k} heads (seed {seed})", rate(Recipe.from_dict({"interventions": [{"type": "head_prune", "heads": heads}]}))))
+        rows.append(
+            (
+                f"random {k} heads (seed {seed})",
+                rate(Recipe.from_dict({"interventions": [{"type": "head_prune", "heads": heads}]})),
+            )
+        )
     print(f"| recipe | memory rate on {n} test conflicts |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.3f} |")

@@ -1,4 +1,5 @@
 """attnedit apply: generate with and without a recipe, side by side."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,17 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .common import (
-    BackendOpt, CacheOpt, DeviceOpt, DtypeOpt, check_writable, console, err_console, load_model, load_recipe,
-    read_prompts, write_atomic,
+    BackendOpt,
+    CacheOpt,
+    DeviceOpt,
+    DtypeOpt,
+    check_writable,
+    console,
+    err_console,
+    load_model,
+    load_recipe,
+    read_prompts,
+    write_atomic,
 )
 
 COMMAND = "apply"
@@ -20,12 +30,23 @@ ORDER = 25
 
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable). PASTA: mark spans with the recipe's markers.")] = None,
-    prompts_file: Annotated[Path | None, typer.Option(help="Prompts, one a line (or JSONL with a 'prompt' field).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="A prompt (repeatable). PASTA: mark spans with the recipe's markers."),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="Prompts, one a line (or JSONL with a 'prompt' field).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt (greedy).")] = 48,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (left padded).")] = 8,
-    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template (default: if the tokenizer has one).")] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template (default: if the tokenizer has one)."),
+    ] = None,
     system: Annotated[str | None, typer.Option(help="System message for the chat template.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
@@ -88,7 +109,9 @@ def generate_both(model, tokenizer, recipe, prompts, max_new_tokens, batch_size,
                     enc = {k: v.to(model.device) for k, v in enc.items()}
                     patch.set_spans(spans)
                     with torch.no_grad():
-                        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                        out = model.generate(
+                            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                        )
                     runs[label] += tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                     bar.advance(task)
             finally:
@@ -96,7 +119,10 @@ def generate_both(model, tokenizer, recipe, prompts, max_new_tokens, batch_size,
     from attnedit.kernels import choose  # noqa: PLC0415
 
     used = choose(patch.backend, model.device)
-    rows = [{"prompt": p, "unpatched": a.strip(), "patched": b.strip()} for p, a, b in zip(prompts, runs["unpatched"], runs["patched"])]
+    rows = [
+        {"prompt": p, "unpatched": a.strip(), "patched": b.strip()}
+        for p, a, b in zip(prompts, runs["unpatched"], runs["patched"])
+    ]
     return {"backend": used, "max_new_tokens": max_new_tokens, "generations": rows}
 
 

@@ -1,4 +1,5 @@
 """attnedit calibrate: run each method's own target search and write the resolved recipe."""
+
 from __future__ import annotations
 
 import shlex
@@ -11,23 +12,68 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import BackendOpt, CacheOpt, DeviceOpt, DtypeOpt, UsageError, check_writable, console, err_console, load_model, load_recipe, write_atomic
+from .common import (
+    BackendOpt,
+    CacheOpt,
+    DeviceOpt,
+    DtypeOpt,
+    UsageError,
+    check_writable,
+    console,
+    err_console,
+    load_model,
+    load_recipe,
+    write_atomic,
+)
 
 COMMAND = "calibrate"
 ORDER = 30
 
 
 def run(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name; its interventions are the search's starting point.")],
-    task: Annotated[str | None, typer.Option("--task", "-t", help="Task whose train split scores the candidates (sst2, trec, cb, rte, agnews, lama-conflict, a task YAML). Not needed for VAR.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated recipe (YAML).")] = Path("calibrated.yaml"),
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
+    recipe: Annotated[
+        str,
+        typer.Argument(
+            help="Recipe YAML file or built-in recipe name; its interventions are the search's starting point."
+        ),
+    ],
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            "-t",
+            help="Task whose train split scores the candidates (sst2, trec, cb, rte, agnews, lama-conflict, a task YAML). Not needed for VAR.",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated recipe (YAML).")] = Path(
+        "calibrated.yaml"
+    ),
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Evaluation data folder (default $ATTNEDIT_DATA_DIR).")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Calibration examples, drawn (seeded) from the task's train split.")] = 128,
-    max_candidates: Annotated[int | None, typer.Option(min=0, help="Stop after scoring this many candidates per search.")] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Calibration examples, drawn (seeded) from the task's train split.")
+    ] = 128,
+    max_candidates: Annotated[
+        int | None, typer.Option(min=0, help="Stop after scoring this many candidates per search.")
+    ] = None,
     shots: Annotated[int, typer.Option(min=0, help="Demonstrations per prompt (from the train split).")] = 0,
-    objective: Annotated[str, typer.Option(help="accuracy (the task's metric), logprob (mean log-probability of the gold answer) or entropy (unsupervised: minus the answer entropy).")] = "accuracy",
-    param: Annotated[list[str] | None, typer.Option("--param", "-P", help="Method option KEY=VALUE (repeatable), e.g. profile=head, gammas=0.5,2,3, k=5, prune=context.")] = None,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="accuracy (the task's metric), logprob (mean log-probability of the gold answer) or entropy (unsupervised: minus the answer entropy)."
+        ),
+    ] = "accuracy",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-P",
+            help="Method option KEY=VALUE (repeatable), e.g. profile=head, gammas=0.5,2,3, k=5, prune=context.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the example draw and the demonstrations.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
@@ -57,25 +103,58 @@ def run(
     m, tok = load_model(name, dtype, device, cache_dir)
     started = time.time()
     with _progress() as progress:
-        cal = C.Calibration(m, tok, info, objective=objective, max_candidates=max_candidates, seed=seed, progress=progress, options=options)
+        cal = C.Calibration(
+            m,
+            tok,
+            info,
+            objective=objective,
+            max_candidates=max_candidates,
+            seed=seed,
+            progress=progress,
+            options=options,
+        )
         if the_task is not None:
             if the_task.kind == "knowledge_conflict":
                 cal.examples = C.conflict_prompts(the_task, examples, tok)
             else:
                 cal.examples = examples
-                cal.score = C.task_scorer(m, tok, the_task, examples, objective=objective, shots=shots, seed=seed, batch_size=batch_size, backend=backend)
+                cal.score = C.task_scorer(
+                    m,
+                    tok,
+                    the_task,
+                    examples,
+                    objective=objective,
+                    shots=shots,
+                    seed=seed,
+                    batch_size=batch_size,
+                    backend=backend,
+                )
                 cal.prompts = cal.score.prompts
         resolved, searches = C.calibrate(rec, cal)
         final = cal.score(resolved) if cal.score is not None and resolved.interventions else None
     prov = C.provenance(
         command=" ".join(["attnedit", "calibrate", *map(shlex.quote, sys.argv[2:])]) if len(sys.argv) > 1 else None,
-        source_recipe=recipe if not Path(recipe).suffix else str(rec.source), model=name, model_hash=model_hash(name, cache_dir), task=task, split="train" if task else None,
-        n_examples=len(examples), n_train=len(the_task.split("train")) if the_task else None, seed=seed, shots=shots, objective=objective,
-        budget={"limit": limit, "max_candidates": max_candidates, "options": options}, elapsed_s=round(time.time() - started, 1),
-        calibrated_score=final, searches=searches,
+        source_recipe=recipe if not Path(recipe).suffix else str(rec.source),
+        model=name,
+        model_hash=model_hash(name, cache_dir),
+        task=task,
+        split="train" if task else None,
+        n_examples=len(examples),
+        n_train=len(the_task.split("train")) if the_task else None,
+        seed=seed,
+        shots=shots,
+        objective=objective,
+        budget={"limit": limit, "max_candidates": max_candidates, "options": options},
+        elapsed_s=round(time.time() - started, 1),
+        calibrated_score=final,
+        searches=searches,
     )
-    resolved = resolved.replace(name=f"{rec.name or Path(str(rec.source)).stem}-calibrated" + (f"-{the_task.name}" if the_task else ""),
-                                model=name, provenance=prov, description=_description(resolved, rec, the_task, len(examples), objective))
+    resolved = resolved.replace(
+        name=f"{rec.name or Path(str(rec.source)).stem}-calibrated" + (f"-{the_task.name}" if the_task else ""),
+        model=name,
+        provenance=prov,
+        description=_description(resolved, rec, the_task, len(examples), objective),
+    )
     header = f"attnedit apply {out} --model {name}\nCalibrated by: {prov.get('command') or 'attnedit calibrate'}"
     write_atomic(out, resolved.to_yaml(header=header))
     _summary(searches, final, out, prov["elapsed_s"])
@@ -83,7 +162,9 @@ def run(
 
 def _description(resolved, rec, the_task, n: int, objective: str) -> str:
     """One line for `attnedit ls`: what was calibrated, on what, from which recipe."""
-    where = f"{the_task.name} train ({n} examples, {objective})" if the_task is not None else "the model's own activations"
+    where = (
+        f"{the_task.name} train ({n} examples, {objective})" if the_task is not None else "the model's own activations"
+    )
     if not resolved.interventions:
         searched = ", ".join(dict.fromkeys(s.type for s in rec.interventions))
         return f"{searched} calibrated on {where} from {rec.name or 'a recipe'}: no candidate beat the unpatched model, nothing kept"
@@ -117,7 +198,9 @@ def _task(task, data_dir, limit, seed, rec):
     if task is None:
         needs = [s.type for s in rec.interventions if s.type in ("act", "zerotuning", "head_prune")]
         if needs:
-            raise UsageError(f"calibrating {', '.join(sorted(set(needs)))} needs --task (e.g. --task sst2, or --task lama-conflict for head_prune)")
+            raise UsageError(
+                f"calibrating {', '.join(sorted(set(needs)))} needs --task (e.g. --task sst2, or --task lama-conflict for head_prune)"
+            )
         return None, []
     from attnedit.evals import load_task  # noqa: PLC0415
 
@@ -129,7 +212,13 @@ class _progress:
     """Rich progress bars on stderr; `progress(total, label)` adds a bar and returns its advance callable."""
 
     def __enter__(self):
-        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        cols = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         self.bar = Progress(*cols, console=err_console, transient=False)
         self.bar.start()
         return self
@@ -149,7 +238,13 @@ def _summary(searches: list[dict], final, out: Path, elapsed: float) -> None:
     for s in searches:
         chosen = s.get("chosen") or ("kept as given" if not s["searched"] else "nothing beat the unpatched model")
         base = s.get("baseline")
-        table.add_row(str(s["index"]), s["method"], "-" if base is None else f"{base:.4f}", str(len(s.get("candidates", []))), str(chosen))
+        table.add_row(
+            str(s["index"]),
+            s["method"],
+            "-" if base is None else f"{base:.4f}",
+            str(len(s.get("candidates", []))),
+            str(chosen),
+        )
     console.print(table)
     if final is not None:
         console.print(f"score of the calibrated recipe on the calibration examples: {final:.4f}")

@@ -1,4 +1,5 @@
 """What the CLI commands share: options, console, error handling, safe file writes."""
+
 from __future__ import annotations
 
 import functools
@@ -25,10 +26,14 @@ ModelOpt = Annotated[
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
 BackendOpt = Annotated[
-    str | None, typer.Option(help="auto (Triton on CUDA, reference elsewhere), triton or reference; default: the recipe's.")
+    str | None,
+    typer.Option(help="auto (Triton on CUDA, reference elsewhere), triton or reference; default: the recipe's."),
 ]
 CacheOpt = Annotated[
-    Path | None, typer.Option("--cache-dir", help="Where converted models are cached (default $ATTNEDIT_CACHE or ~/.cache/attnedit).")
+    Path | None,
+    typer.Option(
+        "--cache-dir", help="Where converted models are cached (default $ATTNEDIT_CACHE or ~/.cache/attnedit)."
+    ),
 ]
 
 

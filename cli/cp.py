@@ -1,4 +1,5 @@
 """attnedit cp: copy a built-in recipe to edit it."""
+
 from __future__ import annotations
 
 from pathlib import Path

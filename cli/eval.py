@@ -1,4 +1,5 @@
 """attnedit eval: a recipe against the unpatched model on the same examples, with paired statistics."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,18 @@ from typing import Annotated
 
 import typer
 
-from .common import BackendOpt, CacheOpt, DeviceOpt, DtypeOpt, UsageError, console, err_console, load_model, load_recipe, write_atomic
+from .common import (
+    BackendOpt,
+    CacheOpt,
+    DeviceOpt,
+    DtypeOpt,
+    UsageError,
+    console,
+    err_console,
+    load_model,
+    load_recipe,
+    write_atomic,
+)
 
 COMMAND = "eval"
 ORDER = 40
@@ -18,18 +30,38 @@ ORDER = 40
 
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
-    tasks: Annotated[str, typer.Option("--tasks", "-t", help="Comma-separated tasks: built-in names, bigbench:<name or .json>, or task YAML files.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks", "-t", help="Comma-separated tasks: built-in names, bigbench:<name or .json>, or task YAML files."
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Score the first N test examples of each task.")] = None,
     shots: Annotated[int, typer.Option(min=0, help="Demonstrations per example, drawn from the train split.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the demonstrations and of the bootstrap.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward (left padded; scores do not depend on it).")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Rows per forward (left padded; scores do not depend on it).")
+    ] = 8,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: attnedit-eval/<recipe>_<model>).")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Data folder of the built-in tasks (default: $ATTNEDIT_DATA_DIR).")] = None,
-    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Chat-template prompts (default: the task's setting, else if the tokenizer has one).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data folder of the built-in tasks (default: $ATTNEDIT_DATA_DIR).")
+    ] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Chat-template prompts (default: the task's setting, else if the tokenizer has one).",
+        ),
+    ] = None,
     plot: Annotated[bool, typer.Option("--plot", help="Also write DIR/differences.png.")] = False,
     bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the 95% interval.")] = 10_000,
-    force: Annotated[bool, typer.Option("--force", help="Discard what --out holds from an earlier run instead of resuming it.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Discard what --out holds from an earlier run instead of resuming it.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json instead of the table.")] = False,
     backend: BackendOpt = None,
     dtype: DtypeOpt = "auto",
@@ -52,11 +84,23 @@ def run(
     rec.check_model(ModelInfo.from_config(load_config(name, cache_dir), name=name))  # before loading weights
     out = out or Path("attnedit-eval") / _slug(f"{rec.name or Path(recipe).stem}_{Path(name).name}")
     rank, world, barrier, dist_device = _processes()
-    settings = runner.Settings(shots=shots, seed=seed, batch_size=batch_size, limit=limit, chat=chat, backend=backend, n_boot=bootstrap)
+    settings = runner.Settings(
+        shots=shots, seed=seed, batch_size=batch_size, limit=limit, chat=chat, backend=backend, n_boot=bootstrap
+    )
     settings.identity = {
-        "model": name, "model_hash": model_hash(name, cache_dir), "recipe_hash": rec.hash(), "tasks": [t.name for t in loaded],
-        "limit": limit, "shots": shots, "seed": seed, "batch_size": batch_size, "chat": chat, "backend": backend, "dtype": dtype,
-        "data_dir": _data_dir_name(data_dir), "bootstrap": bootstrap,
+        "model": name,
+        "model_hash": model_hash(name, cache_dir),
+        "recipe_hash": rec.hash(),
+        "tasks": [t.name for t in loaded],
+        "limit": limit,
+        "shots": shots,
+        "seed": seed,
+        "batch_size": batch_size,
+        "chat": chat,
+        "backend": backend,
+        "dtype": dtype,
+        "data_dir": _data_dir_name(data_dir),
+        "bootstrap": bootstrap,
     }
     if rank == 0:
         _prepare_out(out, force)
@@ -64,15 +108,29 @@ def run(
     if barrier is not None:
         barrier()
     m, tok = load_model(name, dtype, device or dist_device, cache_dir)
-    results = runner.run_tasks(m, tok, rec, loaded, out, settings, rank=rank, world=world, progress=rank == 0, barrier=barrier)
+    results = runner.run_tasks(
+        m, tok, rec, loaded, out, settings, rank=rank, world=world, progress=rank == 0, barrier=barrier
+    )
     if results is None:
         return
     doc = provenance(
         command=" ".join(["attnedit", "eval", *map(shlex.quote, sys.argv[2:])]) if len(sys.argv) > 2 else None,
-        model=name, model_hash=settings.identity["model_hash"], recipe_name=rec.name, recipe=rec.to_dict(), recipe_hash=rec.hash(),
-        backend=_backend(rec, backend, m), device=str(next(m.parameters()).device), dtype=str(next(m.parameters()).dtype),
-        seed=seed, shots=shots, batch_size=batch_size, limit=limit, chat=chat, processes=world,
-        bootstrap={"resamples": bootstrap, "seed": seed, "level": 0.95}, tasks=results,
+        model=name,
+        model_hash=settings.identity["model_hash"],
+        recipe_name=rec.name,
+        recipe=rec.to_dict(),
+        recipe_hash=rec.hash(),
+        backend=_backend(rec, backend, m),
+        device=str(next(m.parameters()).device),
+        dtype=str(next(m.parameters()).dtype),
+        seed=seed,
+        shots=shots,
+        batch_size=batch_size,
+        limit=limit,
+        chat=chat,
+        processes=world,
+        bootstrap={"resamples": bootstrap, "seed": seed, "level": 0.95},
+        tasks=results,
     )
     write_atomic(out / "results.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     if plot:

@@ -1,4 +1,5 @@
 """attnedit export: write a model with a recipe applied as a folder that loads anywhere."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,9 +17,14 @@ ORDER = 50
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write (its parent must exist).")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a non-empty folder.")] = False,
-    results: Annotated[Path | None, typer.Option(help="Results JSON from `attnedit eval`, shown in the model card.")] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="Results JSON from `attnedit eval`, shown in the model card.")
+    ] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB or 500MB.")] = "5GB",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
@@ -39,7 +45,9 @@ def run(
     rec.check_model(ModelInfo.from_config(load_config(name, cache_dir), name=name))
     m, tok = load_model(name, dtype, device, cache_dir)
     with err_console.status(f"writing {out} ..."):
-        result = export(m, rec, out, tokenizer=tok, force=force, results=results, base_model=name, max_shard_size=max_shard_size)
+        result = export(
+            m, rec, out, tokenizer=tok, force=force, results=results, base_model=name, max_shard_size=max_shard_size
+        )
     table = Table(title=f"{rec.name or rec.source} exported to {out}")
     for col in Edit.COLUMNS:
         table.add_column(col, overflow="fold")

@@ -1,4 +1,5 @@
 """attnedit inspect: where each head's attention goes, and which tokens are sinks."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,18 @@ ORDER = 26
 
 def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to inspect.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias, hub id, local folder or .gguf file.")] = "smollm2-135m-instruct",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Alias, hub id, local folder or .gguf file.")
+    ] = "smollm2-135m-instruct",
     recipe: Annotated[str | None, typer.Option(help="Also inspect the model patched with this recipe.")] = None,
     tau: Annotated[float, typer.Option(min=0.0, max=1.0, help="Column-score threshold for sinks (ACT's rule).")] = 0.1,
-    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")] = False,
+    chat: Annotated[
+        bool | None, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")
+    ] = False,
     png: Annotated[Path, typer.Option(help="Where to write the heat map.")] = Path("attnedit_inspect.png"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print per-head figures as JSON instead of the table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print per-head figures as JSON instead of the table.")
+    ] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,

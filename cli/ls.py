@@ -1,4 +1,5 @@
 """attnedit ls: the built-in recipes."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -24,7 +25,9 @@ def run(
     for name, path in builtin_recipes().items():
         recipe = Recipe.from_yaml(path)
         methods = ", ".join(dict.fromkeys(spec.type for spec in recipe.interventions))
-        rows.append({"name": name, "methods": methods, "model": recipe.model or "", "description": recipe.description or ""})
+        rows.append(
+            {"name": name, "methods": methods, "model": recipe.model or "", "description": recipe.description or ""}
+        )
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -1,4 +1,5 @@
 """The `attnedit` command: one module per subcommand in this package, found by its COMMAND name."""
+
 from __future__ import annotations
 
 import importlib

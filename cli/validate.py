@@ -1,7 +1,7 @@
 """attnedit validate: check a recipe, optionally against a model's config (no weights loaded)."""
+
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer

@@ -1,11 +1,12 @@
 """attnedit: training-free attention interventions for Hugging Face checkpoints.
 
-    import attnedit
-    model, tokenizer = attnedit.load("smollm2-135m-instruct")
-    recipe = attnedit.Recipe.from_yaml("recipe.yaml")
-    with attnedit.patch(model, recipe):
-        out = model(**batch)
+import attnedit
+model, tokenizer = attnedit.load("smollm2-135m-instruct")
+recipe = attnedit.Recipe.from_yaml("recipe.yaml")
+with attnedit.patch(model, recipe):
+    out = model(**batch)
 """
+
 from .errors import AttneditError, BackendError, ModelLoadError, RecipeError, UnsupportedModelError
 from .export import export
 from .loading import load

@@ -8,6 +8,7 @@ list of flat records or a map from task name to its metrics (lm-eval's form);
 nested objects become dotted columns. Other top-level scalars (model, date)
 are listed above the table.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,9 @@ def read_results(path: Path) -> ResultsTable:
     elif isinstance(body, list) and body and all(isinstance(r, dict) for r in body):
         records = [_flat(r) for r in body]
     else:
-        raise AttneditError(f"results file {path}: '{key}' is empty or neither a list of records nor a map; expected {expected}")
+        raise AttneditError(
+            f"results file {path}: '{key}' is empty or neither a list of records nor a map; expected {expected}"
+        )
     columns = list(dict.fromkeys(k for r in records for k in r))
     rows = [[_cell(r.get(c)) for c in columns] for r in records]
     return ResultsTable(str(path), meta, columns, rows)
@@ -72,7 +75,9 @@ _PAIRED = ("task", "n", "metric", "baseline", "patched", "difference", "95% CI",
 
 def _is_paired(r: Any) -> bool:
     """A task of `attnedit eval`'s results: baseline and patched metrics with their paired difference."""
-    return isinstance(r, dict) and all(isinstance(r.get(k), dict) and "value" in r[k] for k in ("baseline", "patched", "difference"))
+    return isinstance(r, dict) and all(
+        isinstance(r.get(k), dict) and "value" in r[k] for k in ("baseline", "patched", "difference")
+    )
 
 
 def _paired_row(name: str, r: dict) -> list[str]:
@@ -81,8 +86,16 @@ def _paired_row(name: str, r: dict) -> list[str]:
     ci = f"[{ci[0]:+.4g}, {ci[1]:+.4g}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
     p = (diff.get("mcnemar") or {}).get("p")
     value = diff["value"]
-    return [name, _cell(r.get("n")), _cell(r.get("metric")), _cell(r["baseline"]["value"]), _cell(r["patched"]["value"]),
-            f"{value:+.4g}" if isinstance(value, (int, float)) else _cell(value), ci, _cell(p)]
+    return [
+        name,
+        _cell(r.get("n")),
+        _cell(r.get("metric")),
+        _cell(r["baseline"]["value"]),
+        _cell(r["patched"]["value"]),
+        f"{value:+.4g}" if isinstance(value, (int, float)) else _cell(value),
+        ci,
+        _cell(p),
+    ]
 
 
 def _flat(record: dict, prefix: str = "") -> dict:
@@ -137,7 +150,9 @@ def model_card(result, model, results: ResultsTable | None = None) -> str:
         _base_section(result, model),
         _edits(plan),
         "## Recipe\n\nThe whole recipe as applied to the base model, every `auto` resolved (also in "
-        "`attnedit_recipe.yaml`; the dynamic part alone is `attnedit_dynamic.yaml`):\n\n```yaml\n" + plan.recipe.to_yaml() + "```",
+        "`attnedit_recipe.yaml`; the dynamic part alone is `attnedit_dynamic.yaml`):\n\n```yaml\n"
+        + plan.recipe.to_yaml()
+        + "```",
     ]
     if results is not None:
         parts.append(_results_section(results, result))
@@ -183,17 +198,22 @@ def _loading(model, plan) -> str:
         "",
         "```python",
         "import attnedit",
-        'model, tokenizer = attnedit.load("DIR")  # every edit' + ("; model.attnedit_patch holds the dynamic ones" if plan.dynamic else ""),
+        'model, tokenizer = attnedit.load("DIR")  # every edit'
+        + ("; model.attnedit_patch holds the dynamic ones" if plan.dynamic else ""),
         "",
         f"from transformers import {auto}",
         f'model = {auto}.from_pretrained("DIR")  # ' + ("the folded edits only" if plan.dynamic else "every edit"),
     ]
     if plan.dynamic:
-        lines.append(f'model = {auto}.from_pretrained("DIR", trust_remote_code=True)  # every edit; needs attnedit installed')
+        lines.append(
+            f'model = {auto}.from_pretrained("DIR", trust_remote_code=True)  # every edit; needs attnedit installed'
+        )
     lines.append("```")
     lines += ["", "`DIR` is this folder (or its hub id)."]
     if plan.dynamic:
-        lines[-1] += " `model.attnedit_patch.remove()` takes the dynamic edits off again; the folded ones are in the weights."
+        lines[-1] += (
+            " `model.attnedit_patch.remove()` takes the dynamic edits off again; the folded ones are in the weights."
+        )
     return "\n".join(lines)
 
 
@@ -203,7 +223,10 @@ def _base_section(result, model) -> str:
         ["name", result.base_model or "(unnamed: built in memory)"],
         ["weights hash", f"`{result.base_hash}`" if result.base_hash else "(not recorded)"],
         ["class", type(model).__name__],
-        ["text decoder", f"{info.n_layers} layers, {info.n_heads} query heads ({info.n_kv_heads} kv), head_dim {info.head_dim}"],
+        [
+            "text decoder",
+            f"{info.n_layers} layers, {info.n_heads} query heads ({info.n_kv_heads} kv), head_dim {info.head_dim}",
+        ],
     ]
     base_export = getattr(model.config, "attnedit", None)
     if isinstance(base_export, dict):
@@ -214,7 +237,10 @@ def _base_section(result, model) -> str:
 def _results_section(results: ResultsTable, result) -> str:
     text = f"## Evaluation\n\nFrom `{Path(results.source).name}` (copied as `eval_results.json`)."
     other = []
-    if results.meta.get("recipe_hash") and results.meta["recipe_hash"] not in (result.recipe_hash, result.plan.recipe.hash()):
+    if results.meta.get("recipe_hash") and results.meta["recipe_hash"] not in (
+        result.recipe_hash,
+        result.plan.recipe.hash(),
+    ):
         other.append("another recipe (its recipe_hash differs)")
     if results.meta.get("model_hash") and result.base_hash and results.meta["model_hash"] != result.base_hash:
         other.append("another base model (its model_hash differs)")

@@ -4,6 +4,7 @@ Every error a user can cause by what they typed or wrote derives from
 `AttneditError`. The CLI prints these as one clear message and exits non-zero;
 anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

@@ -8,6 +8,7 @@ model card, into a temporary folder renamed into place at the end.
 (`attnedit.load` calls it); `entry_point` does the same for
 ``from_pretrained(DIR, trust_remote_code=True)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,17 @@ from .fold import Edit, ExportPlan, folded_weights, model_name, out_proj, plan_e
 from .patch import _ACTIVE, Patch
 from .recipe import Recipe
 
-__all__ = ["Edit", "ExportPlan", "ExportResult", "check_target", "entry_point", "export", "plan_export", "restore", "staged"]
+__all__ = [
+    "Edit",
+    "ExportPlan",
+    "ExportResult",
+    "check_target",
+    "entry_point",
+    "export",
+    "plan_export",
+    "restore",
+    "staged",
+]
 
 CONFIG_KEY = "attnedit"  # the block export adds to config.json
 FORMAT = 1
@@ -260,7 +271,9 @@ def _base_tokenizer(model, base: str):
 
         return AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError) as e:
-        raise AttneditError(f"could not load the tokenizer of {base}: {str(e).splitlines()[0]}; pass tokenizer=...") from None
+        raise AttneditError(
+            f"could not load the tokenizer of {base}: {str(e).splitlines()[0]}; pass tokenizer=..."
+        ) from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -285,7 +298,9 @@ def restore(model: torch.nn.Module, source: str | os.PathLike, revision: str | N
     if not isinstance(block, dict) or not block.get("dynamic"):
         return None
     if block.get("format", FORMAT) > FORMAT:
-        raise ModelLoadError(f"{source} was exported by attnedit {block.get('version')}, newer than this one; upgrade attnedit")
+        raise ModelLoadError(
+            f"{source} was exported by attnedit {block.get('version')}, newer than this one; upgrade attnedit"
+        )
     name = block.get("dynamic_recipe") or DYNAMIC_RECIPE
     try:
         path = cached_file(str(source), name, revision=revision)

@@ -15,6 +15,7 @@ where it does not, the earlier intervention stays dynamic. An intervention that
 runs extra forwards or reads weights to compile (and so would see the folded
 weights when it is rebuilt at load) keeps the whole recipe dynamic.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,7 +60,13 @@ class Edit:
         return [str(self.index), self.type, str(len(self.targets)), str(self.n_heads), self.how]
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "type": self.type, "how": self.how, "layers": len(self.targets), "heads": self.n_heads}
+        return {
+            "index": self.index,
+            "type": self.type,
+            "how": self.how,
+            "layers": len(self.targets),
+            "heads": self.n_heads,
+        }
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,9 @@ def out_proj(model, layer: int, info: ModelInfo) -> torch.nn.Linear | None:
     return None
 
 
-def folded_weights(lin: torch.nn.Linear, plan: T.LayerPlan, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor | None]:
+def folded_weights(
+    lin: torch.nn.Linear, plan: T.LayerPlan, info: ModelInfo
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """o_proj's weight (and bias) with the layer's output maps folded in.
 
     ``o_proj(a * o + b) = (W * a_cols) o + (bias + W b)``, computed in fp32 and cast back.

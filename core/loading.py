@@ -6,6 +6,7 @@ against a known sha256, converted once to safetensors and cached (set the
 cache folder with ``ATTNEDIT_CACHE`` or ``cache_dir=``); later loads read the
 cache and need neither the network nor the conversion.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,14 @@ ALIASES = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -106,7 +114,16 @@ def alias_dir(name: str, cache_dir=None, progress: bool = True) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "attnedit_source.json").write_text(
-            json.dumps({"alias": name, "package": alias.package, "file": alias.filename, "sha256": alias.sha256, "about": alias.about}, indent=2)
+            json.dumps(
+                {
+                    "alias": name,
+                    "package": alias.package,
+                    "file": alias.filename,
+                    "sha256": alias.sha256,
+                    "about": alias.about,
+                },
+                indent=2,
+            )
         )
         if target.exists():  # another process converted it meanwhile
             shutil.rmtree(tmp)
@@ -129,7 +146,9 @@ def resolve(name: str, cache_dir=None) -> tuple[str, dict]:
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is a folder without config.json; point --model at a Hugging Face model folder")
+            raise ModelLoadError(
+                f"{path} is a folder without config.json; point --model at a Hugging Face model folder"
+            )
         return str(path), {}
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} is neither a model folder nor a .gguf file")

@@ -1,4 +1,5 @@
 """What attnedit needs to know of a model, read from its config alone (no weights)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

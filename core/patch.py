@@ -10,6 +10,7 @@ forward pre-hooks, which `remove` takes off again.
 Layers the recipe does not touch, and attention modules outside the text
 decoder (a vision tower), run transformers' SDPA path unchanged.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -111,7 +112,9 @@ class Patch:
         if self.active:
             return self
         if self.model in _ACTIVE:
-            raise AttneditError("this model is already patched by attnedit; remove that patch first (patches do not nest)")
+            raise AttneditError(
+                "this model is already patched by attnedit; remove that patch first (patches do not nest)"
+            )
         layers = decoder_layers(self.model)
         self._layer_of = {id(layer.self_attn): i for i, layer in enumerate(layers)}
         AttentionInterface.register(self.name, self._attention)
@@ -240,7 +243,9 @@ class Patch:
         if any(d.flag == T.IMAGE for d in self.compiled.input_detectors):
             image = (self.state.input_flags & T.IMAGE) != 0
             P = image.shape[1]
-            last = torch.where(image, torch.arange(P, device=image.device), torch.full_like(image, -1, dtype=torch.long))
+            last = torch.where(
+                image, torch.arange(P, device=image.device), torch.full_like(image, -1, dtype=torch.long)
+            )
             self.state.image_end = last.amax(1) + 1
         for hook in self.compiled.forward_hooks:
             hook.on_forward(self, args, kwargs, past)
@@ -313,7 +318,9 @@ class Patch:
         plan = self.compiled.layers.get(layer) if layer is not None else None
         per_input_scale = self.state.head_scale.get(layer) if layer is not None else None
         if plan is None and per_input_scale is None and (self.capture is None or layer is None):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         softcap = kwargs.get("softcap")
         mask = self._mask_info(attention_mask, query, key)
@@ -324,9 +331,21 @@ class Patch:
             from attnedit.kernels import reference  # noqa: PLC0415
 
             out, weights = reference.attention(
-                query, key, value, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset, return_weights=True
+                query,
+                key,
+                value,
+                tables,
+                scaling=scaling,
+                mask=mask.dense,
+                softcap=softcap,
+                q_start=mask.q_offset,
+                return_weights=True,
             )
-            self.capture[layer] = {"weights": weights.cpu(), "first_key": mask.first_key.cpu(), "q_offset": mask.q_offset}
+            self.capture[layer] = {
+                "weights": weights.cpu(),
+                "first_key": mask.first_key.cpu(),
+                "q_offset": mask.q_offset,
+            }
             return out, None
         from attnedit.kernels import dispatch  # noqa: PLC0415
 
@@ -345,10 +364,14 @@ class Patch:
         if key not in self._device_plans:
             mv = tuple(replace(m, keep=m.keep.to(device)) for m in plan.moves)
             to = lambda t: None if t is None else t.to(device)  # noqa: E731
-            self._device_plans[key] = replace(plan, bias=to(plan.bias), moves=mv, out_scale=to(plan.out_scale), out_shift=to(plan.out_shift))
+            self._device_plans[key] = replace(
+                plan, bias=to(plan.bias), moves=mv, out_scale=to(plan.out_scale), out_shift=to(plan.out_shift)
+            )
         return self._device_plans[key]
 
-    def _tables(self, layer, plan, query, key, mask: T.MaskInfo, scaling, softcap, backend, per_input_scale, value=None) -> T.LayerTables:
+    def _tables(
+        self, layer, plan, query, key, mask: T.MaskInfo, scaling, softcap, backend, per_input_scale, value=None
+    ) -> T.LayerTables:
         """This forward's tables for one layer: key groups from the detections, plus the plan."""
         B, H, Q, _ = query.shape
         K = key.shape[2]
@@ -364,7 +387,9 @@ class Patch:
             pre = self._grouped(plan, flags, first_key, moves=False)
             from attnedit.kernels import dispatch  # noqa: PLC0415
 
-            colsum, count = dispatch.column_scores(backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=value)
+            colsum, count = dispatch.column_scores(
+                backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=value
+            )
             found = torch.zeros(B, H, K, dtype=torch.bool, device=query.device)
             for det in plan.attention_detectors:
                 found |= det.detect(colsum, count, first_key)
@@ -414,7 +439,10 @@ class Patch:
         mv = ()
         if moves:
             mv = tuple(
-                replace(m, row_start=self.state.image_end if self.state.image_end is not None else torch.zeros_like(first_key))
+                replace(
+                    m,
+                    row_start=self.state.image_end if self.state.image_end is not None else torch.zeros_like(first_key),
+                )
                 if m.after_image
                 else m
                 for m in plan.moves
@@ -448,7 +476,7 @@ def _window(flags: torch.Tensor, lo: int, hi: int, B: int) -> torch.Tensor:
             "run a fresh prefill (a forward without a cache) for the new batch"
         )
     P = flags.shape[-1]
-    part = flags[..., lo:min(hi, P)]
+    part = flags[..., lo : min(hi, P)]
     if part.shape[-1] < hi - lo:
         pad = torch.zeros(*part.shape[:-1], hi - lo - part.shape[-1], dtype=part.dtype, device=part.device)
         part = torch.cat([part, pad], dim=-1)

@@ -1,4 +1,5 @@
 """Turning user text into the exact string a model sees."""
+
 from __future__ import annotations
 
 

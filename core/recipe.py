@@ -5,6 +5,7 @@ registry (`attnedit.interventions`). Parsing needs no model and no weights;
 `Recipe.check_model` checks layer and head indices against a model's config.
 Every problem is reported at once, each with its file, line and field path.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,9 +37,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in keys:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         keys.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -94,7 +93,9 @@ HeadSel = Union[Literal["all"], list[int], dict[int, Union[Literal["all"], list[
 
 def _check_slice(text: str) -> str:
     if not _SLICE_RE.match(text):
-        raise ValueError(f"'{text}' is not a layer range; write 'start:stop' (Python slice, stop excluded, negatives count from the end)")
+        raise ValueError(
+            f"'{text}' is not a layer range; write 'start:stop' (Python slice, stop excluded, negatives count from the end)"
+        )
     return text
 
 
@@ -144,7 +145,9 @@ class InterventionSpec(BaseModel):
                 if isinstance(item, str):
                     _check_slice(item)
                 elif item < 0:
-                    raise ValueError(f"layer {item} is negative; use a range string such as '-4:' to count from the end")
+                    raise ValueError(
+                        f"layer {item} is negative; use a range string such as '-4:' to count from the end"
+                    )
         return v
 
     @field_validator("heads")
@@ -187,11 +190,15 @@ class InterventionSpec(BaseModel):
         if isinstance(self.heads, dict):
             for layer, hs in self.heads.items():
                 if layer >= L:
-                    problems.append((("heads", layer), f"layer {layer} does not exist: the model has layers 0..{L - 1}"))
+                    problems.append(
+                        (("heads", layer), f"layer {layer} does not exist: the model has layers 0..{L - 1}")
+                    )
                 if hs != "all":
                     bad = [h for h in hs if h >= H]
                     if bad:
-                        problems.append((("heads", layer), f"heads {bad} do not exist: the model has query heads 0..{H - 1}"))
+                        problems.append(
+                            (("heads", layer), f"heads {bad} do not exist: the model has query heads 0..{H - 1}")
+                        )
         else:
             items = [self.layers] if isinstance(self.layers, str) else self.layers
             for i, item in enumerate(items):
@@ -355,7 +362,10 @@ class Recipe:
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes) -> "Recipe":
-        fields = {k: getattr(self, k) for k in ("interventions", "name", "description", "model", "backend", "provenance", "source", "lines")}
+        fields = {
+            k: getattr(self, k)
+            for k in ("interventions", "name", "description", "model", "backend", "provenance", "source", "lines")
+        }
         fields.update(changes)
         return Recipe(**fields)
 

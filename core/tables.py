@@ -24,10 +24,11 @@ model); `attnedit.patch` turns a `LayerPlan` into `LayerTables` at every
 forward (the key groups of this input), which a backend in `attnedit.kernels`
 executes.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -256,7 +257,9 @@ def compile_recipe(recipe, info: ModelInfo, model: torch.nn.Module | None = None
     return build_plans(effects, info, tuple(hooks), needs_spans)
 
 
-def build_plans(effects: Sequence[Effect], info: ModelInfo, hooks: tuple = (), needs_spans: bool = False) -> CompiledRecipe:
+def build_plans(
+    effects: Sequence[Effect], info: ModelInfo, hooks: tuple = (), needs_spans: bool = False
+) -> CompiledRecipe:
     H, D = info.n_heads, info.head_dim
     by_layer: dict[int, list[Effect]] = {}
     input_detectors = []
@@ -298,7 +301,12 @@ def build_plans(effects: Sequence[Effect], info: ModelInfo, hooks: tuple = (), n
                 keep[heads] = float(e.keep)
                 gate = None
                 if e.gate is not None:
-                    gate = (plan.groups_where(e.gate.num), plan.groups_where(e.gate.den), float(e.gate.max_ratio), float(e.gate.min_den))
+                    gate = (
+                        plan.groups_where(e.gate.num),
+                        plan.groups_where(e.gate.den),
+                        float(e.gate.max_ratio),
+                        float(e.gate.min_den),
+                    )
                 moves.append(Move(plan.groups_where(e.src), plan.groups_where(e.dst), keep, gate, e.after_image))
             elif isinstance(e, Scale):
                 for i, h in enumerate(heads):

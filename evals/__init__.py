@@ -12,6 +12,7 @@
 the same prompts. `run_eval` (used by `attnedit eval`) adds the paired
 statistics, resumable output files and multi-process sharding.
 """
+
 from .prompts import Encoded, demonstrations, encode
 from .records import metric, per_example, score
 from .spec import TaskError, TaskSpec, builtin_specs

@@ -13,6 +13,7 @@ caller split the facts: find heads on some relations, report on others.
 Only templates whose ``[Y]`` comes after ``[X]`` are used (the question must
 end right before the object).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,40 +24,134 @@ from .spec import LocalSource, TaskError
 
 # relation -> (template, {subject: object}); written for this project, common knowledge only.
 FACTS: dict[str, tuple[str, dict[str, str]]] = {
-    "capital": ("The capital of [X] is [Y] .", {
-        "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-        "Russia": "Moscow", "China": "Beijing", "Egypt": "Cairo", "Greece": "Athens", "Portugal": "Lisbon",
-        "Austria": "Vienna", "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
-        "Denmark": "Copenhagen", "Poland": "Warsaw", "Hungary": "Budapest", "Thailand": "Bangkok", "Kenya": "Nairobi",
-        "Peru": "Lima", "Argentina": "Buenos Aires", "England": "London", "Belgium": "Brussels", "Cuba": "Havana",
-        "South Korea": "Seoul", "Turkey": "Ankara", "Canada": "Ottawa", "Australia": "Canberra", "Iran": "Tehran",
-    }),
-    "language": ("The official language of [X] is [Y] .", {
-        "France": "French", "Germany": "German", "Italy": "Italian", "Spain": "Spanish", "Japan": "Japanese",
-        "Russia": "Russian", "China": "Chinese", "Greece": "Greek", "Portugal": "Portuguese", "Brazil": "Portuguese",
-        "Mexico": "Spanish", "Poland": "Polish", "Sweden": "Swedish", "Finland": "Finnish", "Turkey": "Turkish",
-        "the Netherlands": "Dutch", "Hungary": "Hungarian", "Thailand": "Thai", "Austria": "German", "Argentina": "Spanish",
-    }),
-    "continent": ("[X] is a country in [Y] .", {
-        "France": "Europe", "Germany": "Europe", "Italy": "Europe", "Norway": "Europe", "Poland": "Europe",
-        "Japan": "Asia", "China": "Asia", "India": "Asia", "Thailand": "Asia", "Vietnam": "Asia",
-        "Egypt": "Africa", "Kenya": "Africa", "Nigeria": "Africa", "Ghana": "Africa", "Ethiopia": "Africa",
-        "Brazil": "South America", "Peru": "South America", "Chile": "South America", "Argentina": "South America",
-        "Canada": "North America", "Mexico": "North America", "Australia": "Oceania", "New Zealand": "Oceania",
-    }),
-    "landmark": ("[X] is in the city of [Y] .", {
-        "The Eiffel Tower": "Paris", "The Colosseum": "Rome", "Big Ben": "London", "The Statue of Liberty": "New York",
-        "The Brandenburg Gate": "Berlin", "The Kremlin": "Moscow", "The Acropolis": "Athens", "The Sagrada Familia": "Barcelona",
-        "The Golden Gate Bridge": "San Francisco", "The Sydney Opera House": "Sydney", "The Forbidden City": "Beijing",
-        "The Leaning Tower": "Pisa", "The Louvre": "Paris", "The Space Needle": "Seattle", "The Alamo": "San Antonio",
-    }),
-    "author": ("[X] was written by [Y] .", {
-        "Hamlet": "Shakespeare", "Romeo and Juliet": "Shakespeare", "War and Peace": "Tolstoy", "Don Quixote": "Cervantes",
-        "Pride and Prejudice": "Jane Austen", "Oliver Twist": "Charles Dickens", "The Odyssey": "Homer",
-        "Faust": "Goethe", "Crime and Punishment": "Dostoevsky", "Nineteen Eighty-Four": "George Orwell",
-        "The Divine Comedy": "Dante", "Moby-Dick": "Herman Melville", "Les Miserables": "Victor Hugo",
-        "The Old Man and the Sea": "Ernest Hemingway", "Harry Potter": "J. K. Rowling",
-    }),
+    "capital": (
+        "The capital of [X] is [Y] .",
+        {
+            "France": "Paris",
+            "Germany": "Berlin",
+            "Italy": "Rome",
+            "Spain": "Madrid",
+            "Japan": "Tokyo",
+            "Russia": "Moscow",
+            "China": "Beijing",
+            "Egypt": "Cairo",
+            "Greece": "Athens",
+            "Portugal": "Lisbon",
+            "Austria": "Vienna",
+            "Ireland": "Dublin",
+            "Norway": "Oslo",
+            "Sweden": "Stockholm",
+            "Finland": "Helsinki",
+            "Denmark": "Copenhagen",
+            "Poland": "Warsaw",
+            "Hungary": "Budapest",
+            "Thailand": "Bangkok",
+            "Kenya": "Nairobi",
+            "Peru": "Lima",
+            "Argentina": "Buenos Aires",
+            "England": "London",
+            "Belgium": "Brussels",
+            "Cuba": "Havana",
+            "South Korea": "Seoul",
+            "Turkey": "Ankara",
+            "Canada": "Ottawa",
+            "Australia": "Canberra",
+            "Iran": "Tehran",
+        },
+    ),
+    "language": (
+        "The official language of [X] is [Y] .",
+        {
+            "France": "French",
+            "Germany": "German",
+            "Italy": "Italian",
+            "Spain": "Spanish",
+            "Japan": "Japanese",
+            "Russia": "Russian",
+            "China": "Chinese",
+            "Greece": "Greek",
+            "Portugal": "Portuguese",
+            "Brazil": "Portuguese",
+            "Mexico": "Spanish",
+            "Poland": "Polish",
+            "Sweden": "Swedish",
+            "Finland": "Finnish",
+            "Turkey": "Turkish",
+            "the Netherlands": "Dutch",
+            "Hungary": "Hungarian",
+            "Thailand": "Thai",
+            "Austria": "German",
+            "Argentina": "Spanish",
+        },
+    ),
+    "continent": (
+        "[X] is a country in [Y] .",
+        {
+            "France": "Europe",
+            "Germany": "Europe",
+            "Italy": "Europe",
+            "Norway": "Europe",
+            "Poland": "Europe",
+            "Japan": "Asia",
+            "China": "Asia",
+            "India": "Asia",
+            "Thailand": "Asia",
+            "Vietnam": "Asia",
+            "Egypt": "Africa",
+            "Kenya": "Africa",
+            "Nigeria": "Africa",
+            "Ghana": "Africa",
+            "Ethiopia": "Africa",
+            "Brazil": "South America",
+            "Peru": "South America",
+            "Chile": "South America",
+            "Argentina": "South America",
+            "Canada": "North America",
+            "Mexico": "North America",
+            "Australia": "Oceania",
+            "New Zealand": "Oceania",
+        },
+    ),
+    "landmark": (
+        "[X] is in the city of [Y] .",
+        {
+            "The Eiffel Tower": "Paris",
+            "The Colosseum": "Rome",
+            "Big Ben": "London",
+            "The Statue of Liberty": "New York",
+            "The Brandenburg Gate": "Berlin",
+            "The Kremlin": "Moscow",
+            "The Acropolis": "Athens",
+            "The Sagrada Familia": "Barcelona",
+            "The Golden Gate Bridge": "San Francisco",
+            "The Sydney Opera House": "Sydney",
+            "The Forbidden City": "Beijing",
+            "The Leaning Tower": "Pisa",
+            "The Louvre": "Paris",
+            "The Space Needle": "Seattle",
+            "The Alamo": "San Antonio",
+        },
+    ),
+    "author": (
+        "[X] was written by [Y] .",
+        {
+            "Hamlet": "Shakespeare",
+            "Romeo and Juliet": "Shakespeare",
+            "War and Peace": "Tolstoy",
+            "Don Quixote": "Cervantes",
+            "Pride and Prejudice": "Jane Austen",
+            "Oliver Twist": "Charles Dickens",
+            "The Odyssey": "Homer",
+            "Faust": "Goethe",
+            "Crime and Punishment": "Dostoevsky",
+            "Nineteen Eighty-Four": "George Orwell",
+            "The Divine Comedy": "Dante",
+            "Moby-Dick": "Herman Melville",
+            "Les Miserables": "Victor Hugo",
+            "The Old Man and the Sea": "Ernest Hemingway",
+            "Harry Potter": "J. K. Rowling",
+        },
+    ),
 }
 
 
@@ -91,8 +186,14 @@ def conflict_rows(facts: list[tuple[str, str, str, str, str]], src: LocalSource)
         question = before.replace("[X]", subject)
         counter = stable_pick(others, src.seed, rel, subject, obj)
         context = f"{question} {counter}{after}" if src.context else ""
-        data = {"context": context, "question": question, "subject": subject, "relation": rel,
-                "choices": [counter, obj], "gold": 0 if src.context else 1}
+        data = {
+            "context": context,
+            "question": question,
+            "subject": subject,
+            "relation": rel,
+            "choices": [counter, obj],
+            "gold": 0 if src.context else 1,
+        }
         rows.append(Row(where, data))
     return rows
 

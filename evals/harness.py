@@ -16,6 +16,7 @@ loaded with `attnedit.load`, so aliases, local folders, .gguf files and
 exported models all work; other HFLM arguments (batch_size, max_length, ...)
 pass through.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,15 +45,30 @@ class AttneditLM(HFLM):
         **kwargs: passed to lm-eval's HFLM (batch_size, max_length, ...).
     """
 
-    def __init__(self, pretrained: str = "smollm2-135m-instruct", recipe: str | None = None, backend: str | None = None,
-                 dtype: str = "auto", device: str | None = None, cache_dir: str | None = None, **kwargs):
+    def __init__(
+        self,
+        pretrained: str = "smollm2-135m-instruct",
+        recipe: str | None = None,
+        backend: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        cache_dir: str | None = None,
+        **kwargs,
+    ):
         import attnedit  # noqa: PLC0415
         from attnedit.cli.common import load_recipe  # noqa: PLC0415
 
         rec = load_recipe(recipe) if recipe else None
         model, tokenizer = attnedit.load(pretrained, dtype=dtype, device=device, cache_dir=cache_dir)
-        if rec is not None and any(s.type in PER_INPUT for s in rec.interventions) and str(kwargs.get("batch_size", 1)) != "1":
-            log.warning("recipe %s detects sinks per input: lm-eval's right padding would enter the detection, so batch_size is set to 1", recipe)
+        if (
+            rec is not None
+            and any(s.type in PER_INPUT for s in rec.interventions)
+            and str(kwargs.get("batch_size", 1)) != "1"
+        ):
+            log.warning(
+                "recipe %s detects sinks per input: lm-eval's right padding would enter the detection, so batch_size is set to 1",
+                recipe,
+            )
             kwargs["batch_size"] = 1
         super().__init__(pretrained=model, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), **kwargs)
         self.attnedit_recipe = rec
@@ -61,7 +77,9 @@ class AttneditLM(HFLM):
     def get_model_info(self) -> dict:
         info = super().get_model_info() if hasattr(super(), "get_model_info") else {}
         if self.attnedit_recipe is not None:
-            info.update(attnedit_recipe=self.attnedit_recipe.to_dict(), attnedit_recipe_hash=self.attnedit_recipe.hash())
+            info.update(
+                attnedit_recipe=self.attnedit_recipe.to_dict(), attnedit_recipe_hash=self.attnedit_recipe.hash()
+            )
         return info
 
 

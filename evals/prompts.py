@@ -5,6 +5,7 @@ identical token ids. Demonstrations for an example are drawn from the train
 split with a generator seeded by ``(seed, example id)``: the same example gets
 the same demonstrations in every run, whatever else is evaluated with it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,7 +68,9 @@ def answer_prefix(spec: TaskSpec, chat: bool) -> str:
     return "" if chat else " "
 
 
-def render(spec: TaskSpec, example: Example, demos: Sequence[Example], tokenizer, chat: bool, image_text: str = "") -> str:
+def render(
+    spec: TaskSpec, example: Example, demos: Sequence[Example], tokenizer, chat: bool, image_text: str = ""
+) -> str:
     """The prompt text of `example` after its demonstrations (plain text or the tokenizer's chat template)."""
     prefix = answer_prefix(spec, chat)
     intro = _fill(spec.instruction, example.fields, image_text) if spec.instruction else ""

@@ -7,6 +7,7 @@ A record is a plain dict (it goes to ``samples_<task>.jsonl`` as is)::
 
 Generation records have the generated text as `prediction` and `targets` instead of scores.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -48,11 +49,17 @@ def score(
     Returns:
         One record per example, in order (see the module docstring).
     """
-    items = list(encoded) if encoded is not None else encode_for(task, examples, tokenizer, shots=shots, seed=seed, chat=chat)
+    items = (
+        list(encoded)
+        if encoded is not None
+        else encode_for(task, examples, tokenizer, shots=shots, seed=seed, chat=chat)
+    )
     out: list[dict] = [{} for _ in items]
     with patched(model, recipe, backend), _bar(progress, len(items), task.name) as advance:
         for batch in plan_batches(items, batch_size):
-            for i, rec in zip(batch, score_batch(model, tokenizer, task, examples, [items[i] for i in batch], batch_size)):
+            for i, rec in zip(
+                batch, score_batch(model, tokenizer, task, examples, [items[i] for i in batch], batch_size)
+            ):
                 out[i] = rec
             advance(len(batch))
     return out
@@ -67,15 +74,24 @@ def encode_for(task: Task, examples, tokenizer, **kw) -> list[Encoded]:
     return encode(task, examples, tokenizer, **kw)
 
 
-def score_batch(model, tokenizer, task: Task, examples: Sequence[Example], items: Sequence[Encoded], chunk: int = 8) -> list[dict]:
+def score_batch(
+    model, tokenizer, task: Task, examples: Sequence[Example], items: Sequence[Encoded], chunk: int = 8
+) -> list[dict]:
     """Records of one batch of encoded examples (`examples[item.index]` is each item's example)."""
     spec = task.spec
     exs = [examples[it.index] for it in items]
     if spec.kind == "generation":
         outputs = generate(model, tokenizer, items, spec)
         how = spec.metric or "exact_match"
-        return [{"id": ex.id, "prediction": o, "targets": list(ex.targets), "correct": generation_correct(o, ex.targets, how)}
-                for ex, o in zip(exs, outputs)]
+        return [
+            {
+                "id": ex.id,
+                "prediction": o,
+                "targets": list(ex.targets),
+                "correct": generation_correct(o, ex.targets, how),
+            }
+            for ex, o in zip(exs, outputs)
+        ]
     if spec.kind == "pope":
         from .vision import pope_scores  # noqa: PLC0415
 
@@ -89,8 +105,14 @@ def score_batch(model, tokenizer, task: Task, examples: Sequence[Example], items
 def choice_record(ex: Example, raw: list[float], lengths: list[int], normalize: str = "none") -> dict:
     scores = normalise_scores(raw, lengths, ex.choices, normalize)
     pred = max(range(len(scores)), key=lambda j: (scores[j], -j))  # the first of equal maxima
-    return {"id": ex.id, "pred": pred, "prediction": ex.choices[pred], "scores": scores, "gold": list(ex.gold),
-            "correct": pred in ex.gold}
+    return {
+        "id": ex.id,
+        "pred": pred,
+        "prediction": ex.choices[pred],
+        "scores": scores,
+        "gold": list(ex.gold),
+        "correct": pred in ex.gold,
+    }
 
 
 def metric(records: Sequence[dict], task: Task | None = None) -> dict[str, float]:
@@ -135,7 +157,12 @@ def _pope(records: Sequence[dict], yes: int) -> dict[str, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "yes_ratio": sum(r["pred"] == yes for r in records) / len(records)}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": sum(r["pred"] == yes for r in records) / len(records),
+    }
 
 
 @contextmanager

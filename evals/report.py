@@ -1,4 +1,5 @@
 """What a person reads: the results table, the plot of differences, the run's provenance header."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,7 +19,12 @@ def provenance(**fields) -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **fields, "versions": versions, "padding_side": "left"}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+        "versions": versions,
+        "padding_side": "left",
+    }
 
 
 def table(results: dict, title: str) -> Table:

@@ -9,6 +9,7 @@ R, R + W, R + 2W, ...; process 0 waits for the others and merges the lines into
 ``samples_<task>.jsonl`` and ``results.json`` (each written through a temporary
 file, never half-written).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,19 @@ def examples_of(task: Task, limit: int | None) -> list[Example]:
     return test if limit is None else test[:limit]
 
 
-def run_tasks(model, tokenizer, recipe, tasks: Sequence[Task], out: Path, settings: Settings, *, rank: int = 0, world: int = 1,
-              progress: bool = True, barrier=None) -> dict | None:
+def run_tasks(
+    model,
+    tokenizer,
+    recipe,
+    tasks: Sequence[Task],
+    out: Path,
+    settings: Settings,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    barrier=None,
+) -> dict | None:
     """Score every task baseline vs patched, resuming from `out`; process 0 returns the merged results.
 
     Args:
@@ -86,7 +98,9 @@ def run_tasks(model, tokenizer, recipe, tasks: Sequence[Task], out: Path, settin
         repair(path)
         with _bar(progress and bool(todo), len(todo), task.name) as advance, open(path, "a", encoding="utf-8") as f:
             for k in todo:
-                line = _score_pair(model, tokenizer, task, examples, [items[i] for i in batches[k]], patch, meter, settings.batch_size)
+                line = _score_pair(
+                    model, tokenizer, task, examples, [items[i] for i in batches[k]], patch, meter, settings.batch_size
+                )
                 f.write(json.dumps({"batch": k, **line}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -105,7 +119,9 @@ def _score_pair(model, tokenizer, task, examples, items: list[Encoded], patch, m
         base = score_batch(model, tokenizer, task, examples, items, chunk)
     with meter.phase("patched"), patch:
         edit = score_batch(model, tokenizer, task, examples, items, chunk)
-    rows = [{"index": it.index, "prompt": it.prompt, "baseline": b, "patched": e} for it, b, e in zip(items, base, edit)]
+    rows = [
+        {"index": it.index, "prompt": it.prompt, "baseline": b, "patched": e} for it, b, e in zip(items, base, edit)
+    ]
     return {"rows": rows, "time_s": meter.last_time(), "peak_memory_mb": meter.last_peak()}
 
 
@@ -121,7 +137,9 @@ def claim(out: Path, identity: dict) -> None:
         diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
         if diff:
             detail = "; ".join(f"{k}: {before.get(k)!r} then, {identity.get(k)!r} now" for k in diff[:4])
-            raise TaskError(f"{out} holds a run with other settings ({detail}); use another --out, or --force to start over")
+            raise TaskError(
+                f"{out} holds a run with other settings ({detail}); use another --out, or --force to start over"
+            )
         return
     work.mkdir(parents=True, exist_ok=True)
     tmp = stamp.with_suffix(".tmp")
@@ -193,17 +211,30 @@ def merge(tasks: Sequence[Task], out: Path, settings: Settings) -> dict:
         lines = read_lines(out / WORK, task.name)
         rows = sorted((r for line in lines.values() for r in line["rows"]), key=lambda r: r["index"])
         if [r["index"] for r in rows] != list(range(len(examples))):
-            raise TaskError(f"task {task.name!r}: the work files in {out / WORK} miss some batches; run the same command again")
+            raise TaskError(
+                f"task {task.name!r}: the work files in {out / WORK} miss some batches; run the same command again"
+            )
         samples = [_sample(examples[r["index"]], r) for r in rows]
-        write_atomic(out / f"samples_{_slug(task.name)}.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        write_atomic(
+            out / f"samples_{_slug(task.name)}.jsonl",
+            "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
+        )
         results[task.name] = summarize(task, rows, list(lines.values()), settings)
     return results
 
 
 def _sample(ex: Example, row: dict) -> dict:
-    return {"index": row["index"], "id": ex.id, "fields": {k: v for k, v in ex.fields.items() if k not in ("choices", "gold")},
-            "choices": list(ex.choices), "gold": list(ex.gold), "targets": list(ex.targets),
-            "prompt": row.get("prompt"), "baseline": row["baseline"], "patched": row["patched"]}
+    return {
+        "index": row["index"],
+        "id": ex.id,
+        "fields": {k: v for k, v in ex.fields.items() if k not in ("choices", "gold")},
+        "choices": list(ex.choices),
+        "gold": list(ex.gold),
+        "targets": list(ex.targets),
+        "prompt": row.get("prompt"),
+        "baseline": row["baseline"],
+        "patched": row["patched"],
+    }
 
 
 def summarize(task: Task, rows: list[dict], lines: list[dict], settings: Settings) -> dict:
@@ -227,7 +258,9 @@ def summarize(task: Task, rows: list[dict], lines: list[dict], settings: Setting
         "patched": me,
         "difference": {"value": me["value"] - mb["value"], "ci95": list(ci), "mcnemar": test},
         "time_s": {side: round(sum(line["time_s"][side] for line in lines), 3) for side in ("baseline", "patched")},
-        "peak_memory_mb": {side: max(line["peak_memory_mb"][side] for line in lines) for side in ("baseline", "patched")},
+        "peak_memory_mb": {
+            side: max(line["peak_memory_mb"][side] for line in lines) for side in ("baseline", "patched")
+        },
         "spec": task.spec.model_dump(mode="json", exclude_none=True),
     }
 

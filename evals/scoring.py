@@ -8,6 +8,7 @@ log-probabilities of the choice's tokens). Batches are formed from the examples
 sorted by length (longest first, ties by position), so they are the same in
 every run with the same batch size.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, T - len(r):] = 1
+        ids[b, T - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, T - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -54,7 +55,9 @@ def plain_positions(model) -> bool:
     return not (isinstance(rope, dict) and "mrope_section" in rope)
 
 
-def choice_scores(model, items: Sequence[Encoded], pad_id: int, chunk: int = 8) -> tuple[list[list[float]], list[list[int]]]:
+def choice_scores(
+    model, items: Sequence[Encoded], pad_id: int, chunk: int = 8
+) -> tuple[list[list[float]], list[list[int]]]:
     """Per item and choice: the summed log-likelihood of the choice's tokens, and their number.
 
     The path is chosen per item, never per batch, so an item scores the same whatever it is batched
@@ -110,7 +113,7 @@ def generate(model, tokenizer, items: Sequence[Encoded], spec: TaskSpec) -> list
         kwargs["stopping_criteria"] = [_StopStrings(tok, list(spec.stop), ids.shape[1])]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return [cut(t, spec.stop) for t in texts]
 
 
@@ -121,7 +124,7 @@ class _StopStrings:
         self.tok, self.stops, self.start = tok, stops, start
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        texts = self.tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        texts = self.tok.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 

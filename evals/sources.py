@@ -4,6 +4,7 @@ Every reader returns `Row`s: the row's data and where it came from
 (``file:line``), so that a later problem with a row can name its line. A
 malformed row stops the read with a `TaskError` naming the file and line.
 """
+
 from __future__ import annotations
 
 import csv

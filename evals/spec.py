@@ -7,6 +7,7 @@ built-in specs live in ``evals/tasks/*.yaml``; a user passes the path of their
 own. ``extends: NAME`` starts from another spec and overrides its fields.
 Every problem is reported with its file, line and field, before any model loads.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,7 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -43,14 +44,16 @@ class _Frozen(BaseModel):
     @classmethod
     def _no_yaml_booleans(cls, v):
         if isinstance(v, dict) and any(isinstance(x, bool) for pair in v.items() for x in pair):
-            raise ValueError("YAML reads yes/no/true/false/on/off as booleans: quote them, e.g. {\"yes\": \"yes\"}")
+            raise ValueError('YAML reads yes/no/true/false/on/off as booleans: quote them, e.g. {"yes": "yes"}')
         return v
 
 
 class Carve(_Frozen):
     """A fixed train slice cut from the test rows when a source has no train file."""
 
-    train: Union[int, float] = Field(description="rows (int) or fraction (float < 1) of the rows that become the train split")
+    train: Union[int, float] = Field(
+        description="rows (int) or fraction (float < 1) of the rows that become the train split"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -68,7 +71,9 @@ class LocalSource(_Frozen):
     format: Literal["jsonl", "csv", "tsv", "regex", "bigbench", "lama", "facts"]
     test: str | None = None
     train: str | None = None
-    fields: dict[str, str] = Field(default_factory=dict, description="template field -> column / regex group / JSON key")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="template field -> column / regex group / JSON key"
+    )
     label: str | None = Field(default=None, description="column holding the label (classification, pope)")
     label_map: dict[str, str] | None = Field(default=None, description="raw label value -> label name of `labels`")
     pattern: str | None = None
@@ -123,7 +128,9 @@ class TaskSpec(_Frozen):
     answer: str = Field(default="{answer}", description="how a demonstration's answer is written")
     instruction: str = ""
     separator: str = "\n\n"
-    answer_prefix: str | None = Field(default=None, description="text between prompt and answer (default ' ' plain, '' chat)")
+    answer_prefix: str | None = Field(
+        default=None, description="text between prompt and answer (default ' ' plain, '' chat)"
+    )
     chat: bool | None = Field(default=None, description="use the chat template (default: when the tokenizer has one)")
     system: str | None = None
     fewshot: Literal["multiturn", "inline"] = "multiturn"

@@ -4,6 +4,7 @@ Both runs score the same examples, so the comparison is paired: the bootstrap
 resamples examples (the same indices for both runs) and McNemar's test looks
 only at the discordant pairs (examples one run gets right and the other wrong).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,11 +72,15 @@ def mean_diff_interval(base: Sequence[float], patched: Sequence[float], **kw) ->
     return paired_bootstrap(lambda idx: d[idx].mean(1), len(d), **kw)
 
 
-def f1_diff_interval(gold: Sequence[int], base: Sequence[int], patched: Sequence[int], n_classes: int, **kw) -> tuple[float, float]:
+def f1_diff_interval(
+    gold: Sequence[int], base: Sequence[int], patched: Sequence[int], n_classes: int, **kw
+) -> tuple[float, float]:
     """Bootstrap interval of macro-F1(patched) - macro-F1(base) on the same resampled examples."""
     g, b, p = (np.asarray(x, dtype=np.int64) for x in (gold, base, patched))
     return paired_bootstrap(
-        lambda idx: _macro_f1_batch(g[idx], p[idx], n_classes) - _macro_f1_batch(g[idx], b[idx], n_classes), len(g), **kw
+        lambda idx: _macro_f1_batch(g[idx], p[idx], n_classes) - _macro_f1_batch(g[idx], b[idx], n_classes),
+        len(g),
+        **kw,
     )
 
 

@@ -6,6 +6,7 @@
 `load_task` reads and checks every row at once, so a malformed line, an empty
 split or a missing file fails here, before any model is loaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -86,7 +87,9 @@ def data_dir_from(arg: str | os.PathLike | None) -> Path | None:
         return None
     path = Path(raw).expanduser()
     if not path.is_dir():
-        raise TaskError(f"data folder {path} does not exist (from {'--data-dir' if arg is not None else '$' + DATA_ENV})")
+        raise TaskError(
+            f"data folder {path} does not exist (from {'--data-dir' if arg is not None else '$' + DATA_ENV})"
+        )
     return path
 
 
@@ -145,8 +148,11 @@ def _local_rows(spec: TaskSpec, src: LocalSource, root: Path | None, spec_dir: P
         return _split_carved(rows, src, spec.name)
     if src.format == "lama":
         lama = path(src.test)
-        return {split: facts.conflict_rows(facts.lama_facts(lama, file, src.relations, spec.name), src)
-                for split, file in (("train", "train"), ("test", "dev"))}
+        return {
+            split: facts.conflict_rows(facts.lama_facts(lama, file, src.relations, spec.name), src)
+            for split, file in (("train", "train"), ("test", "dev"))
+        }
+
     def read(p: Path) -> list[Row]:
         rows = read_bigbench(p, spec.name)[1] if src.format == "bigbench" else read_local(p, src, spec.name)
         return [_image_beside(r, p.parent, src) for r in rows] if spec.kind == "pope" else rows
@@ -168,7 +174,9 @@ def _image_beside(row: Row, folder: Path, src: LocalSource) -> Row:
 
 def _split_carved(rows: list[Row], src: LocalSource, task: str) -> dict[str, list[Row]]:
     if src.carve is None:
-        raise TaskError(f"task {task!r} has no train file: add 'carve: {{train: N}}' to cut a fixed train slice from it")
+        raise TaskError(
+            f"task {task!r} has no train file: add 'carve: {{train: N}}' to cut a fixed train slice from it"
+        )
     train, test = carve(rows, src.carve)
     return {"train": train, "test": test}
 
@@ -221,9 +229,13 @@ def _get(data: dict, column: str, row: Row, name: str) -> Any:
         try:
             return column.format_map(data)
         except (KeyError, IndexError, ValueError):
-            raise TaskError(f"{row.where}: field {name!r} = {column!r} names a column the row lacks; it has: {', '.join(map(str, data))}") from None
+            raise TaskError(
+                f"{row.where}: field {name!r} = {column!r} names a column the row lacks; it has: {', '.join(map(str, data))}"
+            ) from None
     if column not in data:
-        raise TaskError(f"{row.where}: no column {column!r} (for field {name!r}); the row has: {', '.join(map(str, data))}")
+        raise TaskError(
+            f"{row.where}: no column {column!r} (for field {name!r}); the row has: {', '.join(map(str, data))}"
+        )
     return data[column]
 
 
@@ -252,7 +264,7 @@ def _bigbench_spec(arg: str, root: Path | None, overrides: dict) -> tuple[TaskSp
     """
     from .spec import _merge, _validate  # noqa: PLC0415
 
-    ref = arg[len("bigbench:"):]
+    ref = arg[len("bigbench:") :]
     if ref.endswith(".json"):
         raw = str(Path(ref).expanduser().resolve())
     else:

@@ -5,6 +5,7 @@ are scored from the last position of one forward over image + prompt. The
 processor turns the prompt's image token into the model's image tokens and the
 image into pixel values, batch by batch (left padded).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,7 +47,10 @@ def pope_scores(model, processor, items: Sequence[Encoded]) -> tuple[list[list[f
     tok.padding_side = "left"
     try:
         batch = processor(
-            text=[it.prompt for it in items], images=[load_image(it.image) for it in items], return_tensors="pt", padding=True
+            text=[it.prompt for it in items],
+            images=[load_image(it.image) for it in items],
+            return_tensors="pt",
+            padding=True,
         )
     finally:
         tok.padding_side = side

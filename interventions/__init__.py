@@ -1,5 +1,5 @@
 """The interventions: one module per method (schema, compile step, target finder)."""
-from . import registry
-from . import act, head_prune, pasta, var, vhr, zerotuning  # noqa: F401  (each registers itself)
+
+from . import act, head_prune, pasta, registry, var, vhr, zerotuning  # noqa: F401  (each registers itself)
 
 __all__ = ["registry"]

@@ -13,6 +13,7 @@ and MT-Bench runs; their Llama-2 classification runs stop at L-2). Which heads:
 `find` applies ACT to one candidate head at a time on a calibration set and
 keeps those that improve the score over the unpatched model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ reads ``cal.examples`` when its statistic needs the inputs (PH3's conflicts,
 mean ablation). So finders run the same on a real task and on a tiny synthetic
 scorer in tests.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -155,11 +156,15 @@ def calibration_examples(task, limit: int | None, seed: int, minimum: int = MIN_
         raise AttneditError(f"task {task.name!r} has {len(pool)} train examples; calibration needs at least {minimum}")
     chosen = random.Random(seed).sample(pool, min(len(pool), limit)) if limit is not None else pool
     if len(chosen) < minimum:
-        raise AttneditError(f"--limit {limit} leaves {len(chosen)} calibration examples; calibration needs at least {minimum}")
+        raise AttneditError(
+            f"--limit {limit} leaves {len(chosen)} calibration examples; calibration needs at least {minimum}"
+        )
     return chosen
 
 
-def task_scorer(model, tokenizer, task, examples, *, objective: str, shots: int, seed: int, batch_size: int, backend: str | None):
+def task_scorer(
+    model, tokenizer, task, examples, *, objective: str, shots: int, seed: int, batch_size: int, backend: str | None
+):
     """``score(recipe or None) -> float`` on fixed examples, by `objective`:
 
     accuracy: the task's primary metric (the papers' criterion); logprob: the mean log-probability of
@@ -178,7 +183,17 @@ def task_scorer(model, tokenizer, task, examples, *, objective: str, shots: int,
     def records(recipe):
         recs = fast(recipe) if fast is not None else None
         if recs is None:
-            recs = evals.score(model, tokenizer, task, examples, encoded=encoded, recipe=recipe, backend=backend, batch_size=batch_size, progress=False)
+            recs = evals.score(
+                model,
+                tokenizer,
+                task,
+                examples,
+                encoded=encoded,
+                recipe=recipe,
+                backend=backend,
+                batch_size=batch_size,
+                progress=False,
+            )
         return recs
 
     def score(recipe) -> float:
@@ -251,7 +266,9 @@ def conflict_prompts(task, examples, tokenizer) -> list:
     from .head_prune import ConflictPrompt  # noqa: PLC0415
 
     if task.kind != "knowledge_conflict":
-        raise AttneditError(f"PH3 head search needs a knowledge_conflict task (e.g. lama-conflict); {task.name!r} is {task.kind}")
+        raise AttneditError(
+            f"PH3 head search needs a knowledge_conflict task (e.g. lama-conflict); {task.name!r} is {task.kind}"
+        )
     out = []
     for ex, enc in zip(examples, evals.encode(task, examples, tokenizer, shots=0)):
         ctx, mem = enc.choice_ids[0], enc.choice_ids[1]  # choices are (context answer, memory answer)
@@ -273,10 +290,27 @@ def calibrate(recipe: Recipe, cal: Calibration) -> tuple[Recipe, list[dict]]:
         method = registry.get(spec.type)
         if method.find is None:
             specs.append(spec)
-            searches.append({"index": i, "method": spec.type, "searched": False, "why": "no target finder (targets are given or found per input)"})
+            searches.append(
+                {
+                    "index": i,
+                    "method": spec.type,
+                    "searched": False,
+                    "why": "no target finder (targets are given or found per input)",
+                }
+            )
             continue
         found = method.find(spec, cal)
         specs.extend(found.specs)
-        searches.append({"index": i, "method": spec.type, "searched": True, "baseline": found.baseline, "chosen": found.chosen,
-                         "kept_interventions": len(found.specs), "notes": found.notes, "candidates": found.candidates})
+        searches.append(
+            {
+                "index": i,
+                "method": spec.type,
+                "searched": True,
+                "baseline": found.baseline,
+                "chosen": found.chosen,
+                "kept_interventions": len(found.specs),
+                "notes": found.notes,
+                "candidates": found.candidates,
+            }
+        )
     return recipe.replace(interventions=tuple(specs)), searches

@@ -15,6 +15,7 @@ on every path by rerunning the model with the head ablated (``patching: total``,
 one forward per head). Heads whose presence raises LD are memory heads, those
 that lower it context heads; the top-k of the kind the user names are pruned.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,18 +57,29 @@ class HeadPruneSpec(InterventionSpec):
             have = (self.means or {}).get(layer, {})
             for h in heads:
                 if h not in have:
-                    problems.append((("means",), f"no mean for layer {layer} head {h}; `attnedit calibrate RECIPE --task T` computes "
-                                                 "them over the task's train prompts"))
+                    problems.append(
+                        (
+                            ("means",),
+                            f"no mean for layer {layer} head {h}; `attnedit calibrate RECIPE --task T` computes "
+                            "them over the task's train prompts",
+                        )
+                    )
                 elif len(have[h]) != info.head_dim:
-                    problems.append((("means", layer, h), f"has {len(have[h])} values; the model's head_dim is {info.head_dim}"))
+                    problems.append(
+                        (("means", layer, h), f"has {len(have[h])} values; the model's head_dim is {info.head_dim}")
+                    )
         return problems
 
 
 @register("head_prune", schema=HeadPruneSpec, summary=HeadPruneSpec.SUMMARY)
 def compile(spec: HeadPruneSpec, info, model=None) -> list:
     if spec.ablation == "mean" and spec.means is None:
-        raise RecipeError(["head_prune: ablation 'mean' needs 'means' ({layer: {head: [head_dim floats]}}); "
-                           "`attnedit calibrate RECIPE --task T` computes them over the task's train prompts"])
+        raise RecipeError(
+            [
+                "head_prune: ablation 'mean' needs 'means' ({layer: {head: [head_dim floats]}}); "
+                "`attnedit calibrate RECIPE --task T` computes them over the task's train prompts"
+            ]
+        )
     out = []
     for layer, heads in spec.targets(info).items():
         shift = None
@@ -123,7 +135,9 @@ def _direct_effects(model, tokenizer, texts, ids, ref: dict, batch_size, info) -
                 r = resid.pop()  # (B, hidden) final residual at the answer position
                 pair = ids[i * batch_size : i * batch_size + r.shape[0]].to(device)
                 w = (unembed[pair[:, 0]] - unembed[pair[:, 1]]).float()  # (B, hidden)
-                delta = torch.stack([_delta(model, l, rec.out[l].pop()[:, -1], ref[l]) for l in range(L)], 1)  # (B, L, H, hidden)
+                delta = torch.stack(
+                    [_delta(model, l, rec.out[l].pop()[:, -1], ref[l]) for l in range(L)], 1
+                )  # (B, L, H, hidden)
                 ld_clean = (_normed(norm, r) * w).sum(-1)  # (B,)
                 ld_ablated = (_normed(norm, r[:, None, None] - delta) * w[:, None, None]).sum(-1)  # (B, L, H)
                 total += (ld_clean[:, None, None] - ld_ablated).sum(0).cpu()
@@ -175,7 +189,9 @@ def _recalled(cal: Calibration, conflicts: list[ConflictPrompt], bs: int) -> tup
     known = _logit_diff(cal.model, cal.tokenizer, [c.question for c in conflicts], ids, bs, device) > 0
     kept = [c for c, ok in zip(conflicts, known.tolist()) if ok]
     if len(kept) < 8:
-        raise AttneditError(f"only {len(kept)} conflict prompts ask facts the model recalls; PH3 needs at least 8 (raise --limit)")
+        raise AttneditError(
+            f"only {len(kept)} conflict prompts ask facts the model recalls; PH3 needs at least 8 (raise --limit)"
+        )
     return kept, ids[known]
 
 
@@ -209,7 +225,9 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     if not conflicts and spec.ablation == "mean" and cal.prompts:
         return _means_only(spec, cal)
     if not conflicts:
-        raise AttneditError("PH3 head search needs knowledge-conflict prompts: use a knowledge_conflict task (--task lama-conflict)")
+        raise AttneditError(
+            "PH3 head search needs knowledge-conflict prompts: use a knowledge_conflict task (--task lama-conflict)"
+        )
     model, tok, info = cal.model, cal.tokenizer, cal.info
     conflicts, ids = _recalled(cal, conflicts, bs)
     texts, targets = [c.prompt for c in conflicts], spec.targets(info)
@@ -221,7 +239,10 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
         return HeadPruneSpec(type="head_prune", heads=heads, ablation=spec.ablation, means=m)
 
     if patching == "direct":
-        ref = {l: torch.tensor([means[l][h] for h in every[l]]) if means else torch.zeros(info.n_heads, info.head_dim) for l in every}
+        ref = {
+            l: torch.tensor([means[l][h] for h in every[l]]) if means else torch.zeros(info.n_heads, info.head_dim)
+            for l in every
+        }
         effect = _direct_effects(model, tok, texts, ids, ref, bs, info)
         scores = {(l, h): float(effect[l, h]) for l, hs in targets.items() for h in hs}
     else:
@@ -232,10 +253,17 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
         heads.setdefault(l, []).append(h)
     device = next(model.parameters()).device
     records = [{"candidate": {"layer": l, "head": h}, "score": s} for (l, h), s in scores.items()]
-    notes = {"prune": prune, "k": k, "patching": patching, "n_conflicts": len(texts),
-             "memory_rate_before": float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean())}
+    notes = {
+        "prune": prune,
+        "k": k,
+        "patching": patching,
+        "n_conflicts": len(texts),
+        "memory_rate_before": float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean()),
+    }
     if not heads:
         return Found([], records, None, None, notes)
     with attnedit.patch(model, recipe_of(spec_for(heads)), backend="reference"):
         notes["memory_rate_after"] = float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean())
-    return Found([spec_for(heads)], records, {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}, None, notes)
+    return Found(
+        [spec_for(heads)], records, {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}, None, notes
+    )

@@ -2,6 +2,7 @@
 
 Shared by head pruning (mean ablation, PH3 scores) and VHR (per-input head choice).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,9 +33,11 @@ class HeadOutputs:
 
     def __enter__(self):
         for l in self.layers:
+
             def grab(module, args, layer=l):
                 x = args[0]
                 self.out[layer].append(x.detach().float().view(*x.shape[:2], -1, self.D))
+
             self._handles.append(o_proj(self.model, l).register_forward_pre_hook(grab))
         return self
 
@@ -55,7 +58,9 @@ def left_padded(tokenizer, texts: list[str], batch_size: int, device):
 
 
 @torch.no_grad()
-def head_means(model, tokenizer, texts: list[str], targets: dict[int, list[int]], head_dim: int, batch_size: int = 8) -> dict[int, dict[int, list[float]]]:
+def head_means(
+    model, tokenizer, texts: list[str], targets: dict[int, list[int]], head_dim: int, batch_size: int = 8
+) -> dict[int, dict[int, list[float]]]:
     """Mean output of each target head over every real token of a reference set.
 
     Args:

@@ -13,6 +13,7 @@ tokenizes with offsets and returns the token spans for `Patch.set_spans`::
     with attnedit.patch(model, recipe, spans=spans):
         out = model.generate(**enc)
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ _OPEN_END = 2**62
 class PastaSpec(InterventionSpec):
     type: Literal["pasta"]
     alpha: float = Field(default=0.01, gt=0, le=1, description="attention multiplier of prompt keys outside the spans")
-    markers: tuple[str, str] = Field(default=DEFAULT_MARKERS, description="open and close markers of a highlighted span")
+    markers: tuple[str, str] = Field(
+        default=DEFAULT_MARKERS, description="open and close markers of a highlighted span"
+    )
 
     SUMMARY: ClassVar[str] = "PASTA: log(alpha) logit bias on prompt keys outside highlighted spans"
 
@@ -56,7 +59,9 @@ def compile(spec: PastaSpec, info, model=None) -> list:
 # --------------------------------------------------------------------------- prompts with highlighted spans
 
 
-def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS, row: int = 0) -> tuple[str, list[tuple[int, int]]]:
+def strip_markers(
+    text: str, markers: tuple[str, str] = DEFAULT_MARKERS, row: int = 0
+) -> tuple[str, list[tuple[int, int]]]:
     """Remove span markers from `text`.
 
     Args:
@@ -75,11 +80,15 @@ def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS, row: in
     while i < len(text):
         if text.startswith(open_m, i):
             if start is not None:
-                raise AttneditError(f"prompt {row}: span marker {open_m!r} at character {i} opens inside another span (spans do not nest)")
+                raise AttneditError(
+                    f"prompt {row}: span marker {open_m!r} at character {i} opens inside another span (spans do not nest)"
+                )
             start, i = n_out, i + len(open_m)
         elif text.startswith(close_m, i):
             if start is None:
-                raise AttneditError(f"prompt {row}: span marker {close_m!r} at character {i} closes a span that was never opened")
+                raise AttneditError(
+                    f"prompt {row}: span marker {close_m!r} at character {i} closes a span that was never opened"
+                )
             if n_out == start:
                 raise AttneditError(f"prompt {row}: empty span {open_m}{close_m} at character {i - len(open_m)}")
             ranges.append((start, n_out))
@@ -93,7 +102,9 @@ def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS, row: in
     return "".join(out), ranges
 
 
-def token_spans(offsets: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]], row: int = 0) -> list[tuple[int, int]]:
+def token_spans(
+    offsets: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]], row: int = 0
+) -> list[tuple[int, int]]:
     """Token ranges [start, stop) covering character ranges: every token whose characters overlap the range.
 
     Special tokens (empty offsets) never count. Raises AttneditError when a range covers no token.
@@ -150,8 +161,13 @@ def prepare(
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        enc = tok([t for t, _ in parsed], return_offsets_mapping=True, padding=True,
-                  add_special_tokens=add_special_tokens, return_tensors=return_tensors)
+        enc = tok(
+            [t for t, _ in parsed],
+            return_offsets_mapping=True,
+            padding=True,
+            add_special_tokens=add_special_tokens,
+            return_tensors=return_tensors,
+        )
     finally:
         tok.padding_side = side
     offsets = enc.pop("offset_mapping")

@@ -1,4 +1,5 @@
 """The method registry: a recipe picks a method by its `type:`, never by an import path."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ search. It serves prompts whose answers are single tokens (the last position's
 logits), the case of classification tasks with one-token labels; `Replay.fits`
 says whether it applies and whether the cache fits its memory budget.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -42,7 +43,13 @@ class Replay:
             handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in self.layers]
             try:
                 with torch.no_grad():
-                    model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False, logits_to_keep=1)
+                    model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                        use_cache=False,
+                        logits_to_keep=1,
+                    )
             finally:
                 for h in handles:
                     h.remove()

@@ -14,6 +14,7 @@ code: layers 2 .. L-2 (sinks are searched from layer 2 on; the last layer is
 skipped), tau 20, rho 0.5, p 0.6, mass floor 0.2. The sink dimensions, which
 the authors hard-code per model, are found by `find_sink_dims`.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -38,17 +39,31 @@ class VarSpec(InterventionSpec):
     type: Literal["var"]
     layers: LayerSel = "2:-1"  # layers 2 .. L-2
     tau: float = Field(default=20.0, gt=0, description="threshold on |h / rms(h)| in a sink dimension")
-    rho: float = Field(default=0.5, ge=0, le=1, description="a row is image-centric if visual sinks hold at most rho of its image attention")
+    rho: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="a row is image-centric if visual sinks hold at most rho of its image attention",
+    )
     p: float = Field(default=0.6, ge=0, le=1, description="fraction of a sink's attention that is kept")
-    min_image_mass: float = Field(default=0.2, ge=0, le=1, description="a row is edited only if the image holds at least this mass")
-    sink_dims: Union[Literal["auto"], list[int]] = Field(default="auto", description="massive-activation dimensions, or 'auto' to find them")
+    min_image_mass: float = Field(
+        default=0.2, ge=0, le=1, description="a row is edited only if the image holds at least this mass"
+    )
+    sink_dims: Union[Literal["auto"], list[int]] = Field(
+        default="auto", description="massive-activation dimensions, or 'auto' to find them"
+    )
 
     SUMMARY: ClassVar[str] = "VAR: move attention from sink tokens to the image's non-sink tokens in image-centric rows"
 
     def check_method_model(self, info):
         problems = []
         if not info.is_vlm:
-            problems.append((("type",), f"VAR needs a vision-language model with image tokens; {info.name} ({info.model_type}) has no image token id"))
+            problems.append(
+                (
+                    ("type",),
+                    f"VAR needs a vision-language model with image tokens; {info.name} ({info.model_type}) has no image token id",
+                )
+            )
         if isinstance(self.sink_dims, list):
             bad = [d for d in self.sink_dims if not 0 <= d < info.hidden_size]
             if bad:
@@ -108,7 +123,13 @@ class HiddenSinks:
 # --------------------------------------------------------------------------- sink dimensions
 
 
-def find_sink_dims(model: torch.nn.Module, tau: float = 20.0, max_dims: int = 4, min_share: float = 0.5, probe: torch.Tensor | None = None) -> tuple[int, ...]:
+def find_sink_dims(
+    model: torch.nn.Module,
+    tau: float = 20.0,
+    max_dims: int = 4,
+    min_share: float = 0.5,
+    probe: torch.Tensor | None = None,
+) -> tuple[int, ...]:
     """Find a model's massive-activation ("sink") dimensions from its hidden states.
 
     Runs a probe through the text decoder and reads the RMS-normalised inputs of
@@ -191,7 +212,9 @@ def compile(spec: VarSpec, info, model=None) -> list:
     for layer, heads in spec.targets(info).items():
         out.append(Detect(layer, sinks))
         out.append(
-            MoveEffect(layer, tuple(heads), KeySet(on=HSINK), KeySet(on=IMAGE, off=HSINK), spec.p, gate=gate, after_image=True)
+            MoveEffect(
+                layer, tuple(heads), KeySet(on=HSINK), KeySet(on=IMAGE, off=HSINK), spec.p, gate=gate, after_image=True
+            )
         )
     return out
 
@@ -200,5 +223,9 @@ def compile(spec: VarSpec, info, model=None) -> list:
 def find(spec: VarSpec, cal: Calibration) -> Found:
     """VAR's offline statistic: resolve `sink_dims: auto` to the model's sink dimensions (no task needed)."""
     dims = list(find_sink_dims(cal.model, spec.tau))
-    chosen = {"sink_dims": dims, "tau": spec.tau, "rule": "first token above tau in >= half of layers 2..L-1, median token below"}
+    chosen = {
+        "sink_dims": dims,
+        "tau": spec.tau,
+        "rule": "first token above tau in >= half of layers 2..L-1, median token below",
+    }
     return Found([spec.model_copy(update={"sink_dims": dims})], [], chosen, None, {})

@@ -16,6 +16,7 @@ position; the paper's per-step reselection would need a second, text-only
 cache during decoding. With a fixed head list the outputs are simply scaled.
 Defaults: alpha 2, layer 1 and the last 14 layers.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -32,7 +33,14 @@ from .heads import o_proj
 from .registry import register
 
 # Tokens that frame an image in some chat formats; the text-only prompt drops them too.
-_FRAME_KEYS = ("vision_start_token_id", "vision_end_token_id", "boi_token_id", "eoi_token_id", "image_start_token_id", "image_end_token_id")
+_FRAME_KEYS = (
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "boi_token_id",
+    "eoi_token_id",
+    "image_start_token_id",
+    "image_end_token_id",
+)
 
 
 class VhrSpec(InterventionSpec):
@@ -50,7 +58,12 @@ class VhrSpec(InterventionSpec):
 
     def check_method_model(self, info):
         if not info.is_vlm:
-            return [(("type",), f"VHR needs a vision-language model with image tokens; {info.name} ({info.model_type}) has no image token id")]
+            return [
+                (
+                    ("type",),
+                    f"VHR needs a vision-language model with image tokens; {info.name} ({info.model_type}) has no image token id",
+                )
+            ]
         return []
 
 
@@ -77,7 +90,9 @@ def _last_real(mask: torch.Tensor) -> torch.Tensor:
 class VisionAwareHeads:
     """The online head choice: a forward hook of the patch (see `Patch`), plus o_proj pre-hooks."""
 
-    def __init__(self, targets: dict[int, list[int]], alpha: float, image_token_id: int, drop_ids: tuple[int, ...], head_dim: int):
+    def __init__(
+        self, targets: dict[int, list[int]], alpha: float, image_token_id: int, drop_ids: tuple[int, ...], head_dim: int
+    ):
         self.targets, self.alpha, self.D = targets, alpha, head_dim
         self.image_token_id, self.drop_ids = image_token_id, drop_ids
         self.mode: str | None = None  # "text" while the text-only prefill runs, "select" during a prefill with an image
@@ -107,7 +122,9 @@ class VisionAwareHeads:
         if self._patch is not None and self._patch() is patch and self._handles and self._handles[0] in patch._hooks:
             return
         self._patch = weakref.ref(patch)
-        self._handles = [o_proj(patch.model, layer).register_forward_pre_hook(self._hook(patch, layer)) for layer in self.targets]
+        self._handles = [
+            o_proj(patch.model, layer).register_forward_pre_hook(self._hook(patch, layer)) for layer in self.targets
+        ]
         patch._hooks.extend(self._handles)
 
     def _text_prefill(self, patch, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -118,12 +135,17 @@ class VisionAwareHeads:
         text = torch.zeros(len(rows), T, dtype=ids.dtype, device=ids.device)
         tmask = torch.zeros_like(text)
         for b, r in enumerate(rows):
-            text[b, T - len(r):], tmask[b, T - len(r):] = r, 1
+            text[b, T - len(r) :], tmask[b, T - len(r) :] = r, 1
         saved, patch.state = patch.state, type(patch.state)()  # keep the real input's detections apart
         self.mode, self.last = "text", _last_real(tmask)
         try:
             with torch.no_grad():
-                text_decoder(patch.model)(input_ids=text, attention_mask=tmask, position_ids=(tmask.cumsum(1) - 1).clamp_min(0), use_cache=False)
+                text_decoder(patch.model)(
+                    input_ids=text,
+                    attention_mask=tmask,
+                    position_ids=(tmask.cumsum(1) - 1).clamp_min(0),
+                    use_cache=False,
+                )
         finally:
             patch.state, self.mode = saved, None
 
@@ -143,7 +165,11 @@ class VisionAwareHeads:
             chosen = torch.zeros(B, o.shape[1], dtype=torch.bool, device=x.device)
             h = heads.to(x.device)
             chosen[:, h] = select_heads((o[:, h] - ref[:, h]).pow(2).sum(-1), ref[:, h].norm(dim=-1))
-            scale = torch.where(chosen, torch.full_like(chosen, self.alpha, dtype=torch.float32), torch.ones_like(chosen, dtype=torch.float32))
+            scale = torch.where(
+                chosen,
+                torch.full_like(chosen, self.alpha, dtype=torch.float32),
+                torch.ones_like(chosen, dtype=torch.float32),
+            )
             self.chosen[layer] = chosen.cpu()
             patch.state.head_scale[layer] = scale  # the decoding steps apply it in the attention
             return (x * scale.to(x.dtype).repeat_interleave(self.D, dim=1).view(B, 1, -1),)

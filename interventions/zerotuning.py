@@ -15,6 +15,7 @@ down-effective heads, both for all heads). Supervised with accuracy on labelled 
 or unsupervised with the model's output entropy on unlabelled prompts (the
 scorer decides; see `attnedit calibrate --objective`).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ PROFILES = ("head", "layer", "layer_head")
 
 class ZeroTuningSpec(InterventionSpec):
     type: Literal["zerotuning"]
-    gamma: float = Field(gt=0, le=1e4, description="multiplier of the attention to the first token (calibrate: the probe gamma)")
+    gamma: float = Field(
+        gt=0, le=1e4, description="multiplier of the attention to the first token (calibrate: the probe gamma)"
+    )
 
     SUMMARY: ClassVar[str] = "ZeroTuning: log(gamma) logit bias on each row's first real token"
 
@@ -63,7 +66,9 @@ def _spec(heads: dict[int, list[int]], gamma: float) -> ZeroTuningSpec:
     if len(lists) == 1:
         (same,) = lists
         return ZeroTuningSpec(type="zerotuning", layers=sorted(heads), heads=list(same), gamma=gamma)
-    return ZeroTuningSpec(type="zerotuning", heads={layer: sorted(hs) for layer, hs in sorted(heads.items())}, gamma=gamma)
+    return ZeroTuningSpec(
+        type="zerotuning", heads={layer: sorted(hs) for layer, hs in sorted(heads.items())}, gamma=gamma
+    )
 
 
 def _compact(heads: dict[int, list[int]]):
@@ -107,16 +112,23 @@ def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
     wanted = {"all": lambda g: True, "up": lambda g: g > 1, "down": lambda g: g < 1}
     grid = [
         ({"stage": "grid", "heads": name, "gamma": g}, recipe_of(_spec(heads, g)))
-        for name, heads in sets.items() if heads
-        for g in gammas if wanted[name](g)
+        for name, heads in sets.items()
+        if heads
+        for g in gammas
+        if wanted[name](g)
     ]
     left = None if cal.max_candidates is None else max(0, cal.max_candidates - len(profiled))
     cal_grid = cal if left is None else _with_limit(cal, left)
     scored = score_all(cal_grid, grid, "ZeroTuning gamma grid")
     top = best(scored, baseline)
     specs = [_spec(sets[top["candidate"]["heads"]], top["candidate"]["gamma"])] if top else []
-    notes = {"profile": profile, "probe_gamma": spec.gamma, "gammas": gammas,
-             "up_effective": _compact(up) if up else {}, "down_effective": _compact(down) if down else {}}
+    notes = {
+        "profile": profile,
+        "probe_gamma": spec.gamma,
+        "gammas": gammas,
+        "up_effective": _compact(up) if up else {},
+        "down_effective": _compact(down) if down else {},
+    }
     return Found(specs, profiled + scored, top, baseline, notes)
 
 

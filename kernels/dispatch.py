@@ -4,6 +4,7 @@
 to the reference. `"triton"` forces the kernels (on CPU tensors only under
 ``TRITON_INTERPRET=1``); `"reference"` forces the reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,7 +66,9 @@ def attention(
         from . import triton_ops  # noqa: PLC0415
 
         return triton_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
-    return reference.attention(q, k, v, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset)
+    return reference.attention(
+        q, k, v, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset
+    )
 
 
 def column_scores(

@@ -4,6 +4,7 @@ It materialises the attention map in fp32, a block of query rows at a time,
 so it is exact and slow. Shapes follow transformers' attention interface:
 query (B, H, Q, D), key/value (B, Hkv, K, D), output (B, Q, H, D).
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ stored. It adds whole (BLOCK_M, BLOCK_N) tiles and reduces over rows once at
 the end, and masks only the row blocks that straddle the diagonal or padding. `lse2` comes from the prefill kernel (``lse_only``), in the same
 log2 domain and with the same (shifted) biases.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,17 +29,42 @@ CONFIGS = {
 
 
 @triton.jit
-def _colsum_rows(acc, q_base, LSE_ROW, kt, bk, cols, ks, i_lo, i_hi, NQ, NK, DIAG, qk_scale, DM_ROW0, stride_qm, stride_dq,
-                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                 MASK_MODE: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
+def _colsum_rows(
+    acc,
+    q_base,
+    LSE_ROW,
+    kt,
+    bk,
+    cols,
+    ks,
+    i_lo,
+    i_hi,
+    NQ,
+    NK,
+    DIAG,
+    qk_scale,
+    DM_ROW0,
+    stride_qm,
+    stride_dq,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
+):
     """acc (BLOCK_M, BLOCK_N) += A over row blocks [i_lo, i_hi); unmasked blocks are fully visible and in range."""
     offs_d = tl.arange(0, D_PAD)
     for i0 in range(i_lo, i_hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         if MASKED or HEAD_DIM != D_PAD:
             rin = rows < NQ
-            q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                        mask=rin[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+            q = tl.load(
+                q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=rin[:, None] & (offs_d < HEAD_DIM)[None, :],
+                other=0.0,
+            )
         else:
             q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
         if MASKED:
@@ -60,12 +86,41 @@ def _colsum_rows(acc, q_base, LSE_ROW, kt, bk, cols, ks, i_lo, i_hi, NQ, NK, DIA
 
 @triton.jit
 def _colsum_kernel(
-    Q, K, LSE, KG, BIAS, KV_START, DM, COLSUM,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_gb, stride_gh, stride_db, stride_dq,
-    H, R, NQ, NK, DIAG, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_MODE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_BIAS: tl.constexpr, HG_PER_HEAD: tl.constexpr,
-    G: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    KG,
+    BIAS,
+    KV_START,
+    DM,
+    COLSUM,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_gb,
+    stride_gh,
+    stride_db,
+    stride_dq,
+    H,
+    R,
+    NQ,
+    NK,
+    DIAG,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HG_PER_HEAD: tl.constexpr,
+    G: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -76,8 +131,15 @@ def _colsum_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     kin = cols < NK
-    k = tl.load(K + b.to(tl.int64) * stride_kb + (h // R) * stride_kh + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                mask=kin[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    k = tl.load(
+        K
+        + b.to(tl.int64) * stride_kb
+        + (h // R) * stride_kh
+        + cols[:, None].to(tl.int64) * stride_kn
+        + offs_d[None, :],
+        mask=kin[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
     kt = tl.trans(k)
     if HAS_BIAS:
         kg = tl.load(KG + b.to(tl.int64) * stride_gb + hg * stride_gh + cols, mask=kin, other=0)
@@ -97,15 +159,107 @@ def _colsum_kernel(
         if (n0 < ks) | (n0 + BLOCK_N > NK):
             i_full = i_end
         i_full = tl.maximum(tl.minimum(i_full, i_end), i_lo)
-        acc = _colsum_rows(acc, q_base, LSE_ROW, kt, bk, cols, ks, i_lo, i_full, NQ, NK, DIAG, qk_scale, DM_ROW0, stride_qm,
-                           stride_dq, HEAD_DIM, D_PAD, BLOCK_M, True, MASK_MODE, IEEE, EMU)
-        acc = _colsum_rows(acc, q_base, LSE_ROW, kt, bk, cols, ks, i_full, tl.maximum(i_end, i_full), NQ, NK, DIAG, qk_scale,
-                           DM_ROW0, stride_qm, stride_dq, HEAD_DIM, D_PAD, BLOCK_M, False, MASK_MODE, IEEE, EMU)
-        acc = _colsum_rows(acc, q_base, LSE_ROW, kt, bk, cols, ks, tl.maximum(i_end, i_full), NQ, NQ, NK, DIAG, qk_scale,
-                           DM_ROW0, stride_qm, stride_dq, HEAD_DIM, D_PAD, BLOCK_M, True, MASK_MODE, IEEE, EMU)
+        acc = _colsum_rows(
+            acc,
+            q_base,
+            LSE_ROW,
+            kt,
+            bk,
+            cols,
+            ks,
+            i_lo,
+            i_full,
+            NQ,
+            NK,
+            DIAG,
+            qk_scale,
+            DM_ROW0,
+            stride_qm,
+            stride_dq,
+            HEAD_DIM,
+            D_PAD,
+            BLOCK_M,
+            True,
+            MASK_MODE,
+            IEEE,
+            EMU,
+        )
+        acc = _colsum_rows(
+            acc,
+            q_base,
+            LSE_ROW,
+            kt,
+            bk,
+            cols,
+            ks,
+            i_full,
+            tl.maximum(i_end, i_full),
+            NQ,
+            NK,
+            DIAG,
+            qk_scale,
+            DM_ROW0,
+            stride_qm,
+            stride_dq,
+            HEAD_DIM,
+            D_PAD,
+            BLOCK_M,
+            False,
+            MASK_MODE,
+            IEEE,
+            EMU,
+        )
+        acc = _colsum_rows(
+            acc,
+            q_base,
+            LSE_ROW,
+            kt,
+            bk,
+            cols,
+            ks,
+            tl.maximum(i_end, i_full),
+            NQ,
+            NQ,
+            NK,
+            DIAG,
+            qk_scale,
+            DM_ROW0,
+            stride_qm,
+            stride_dq,
+            HEAD_DIM,
+            D_PAD,
+            BLOCK_M,
+            True,
+            MASK_MODE,
+            IEEE,
+            EMU,
+        )
     else:
-        acc = _colsum_rows(acc, q_base, LSE_ROW, kt, bk, cols, ks, b * 0, NQ, NQ, NK, DIAG, qk_scale, DM_ROW0, stride_qm,
-                           stride_dq, HEAD_DIM, D_PAD, BLOCK_M, True, MASK_MODE, IEEE, EMU)
+        acc = _colsum_rows(
+            acc,
+            q_base,
+            LSE_ROW,
+            kt,
+            bk,
+            cols,
+            ks,
+            b * 0,
+            NQ,
+            NQ,
+            NK,
+            DIAG,
+            qk_scale,
+            DM_ROW0,
+            stride_qm,
+            stride_dq,
+            HEAD_DIM,
+            D_PAD,
+            BLOCK_M,
+            True,
+            MASK_MODE,
+            IEEE,
+            EMU,
+        )
     tl.store(COLSUM + bh.to(tl.int64) * NK + cols, tl.sum(acc, 0), mask=kin)
 
 
@@ -140,11 +294,44 @@ def colsum(
     kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
     dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
     has_bias = bias is not None and key_group is not None
-    args = (q, k, lse2, kg, bias if has_bias else dummy_f, kv_start if kv_start is not None else dummy, dm, out,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kg.stride(0), kg.stride(1),
-            dm.stride(0), dm.stride(2), H, H // Hkv, NQ, NK, diag, scaling * 1.4426950408889634)
-    consts = dict(HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BM, BLOCK_N=BN, MASK_MODE=0 if dense is None else 1,
-                  HAS_KV_START=kv_start is not None, HAS_BIAS=has_bias, HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
-                  G=n_groups, IEEE=q.dtype == torch.float32, EMU=emulate_bf16(q.dtype))
+    args = (
+        q,
+        k,
+        lse2,
+        kg,
+        bias if has_bias else dummy_f,
+        kv_start if kv_start is not None else dummy,
+        dm,
+        out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        kg.stride(0),
+        kg.stride(1),
+        dm.stride(0),
+        dm.stride(2),
+        H,
+        H // Hkv,
+        NQ,
+        NK,
+        diag,
+        scaling * 1.4426950408889634,
+    )
+    consts = dict(
+        HEAD_DIM=D,
+        D_PAD=d_pad,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        MASK_MODE=0 if dense is None else 1,
+        HAS_KV_START=kv_start is not None,
+        HAS_BIAS=has_bias,
+        HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
+        G=n_groups,
+        IEEE=q.dtype == torch.float32,
+        EMU=emulate_bf16(q.dtype),
+    )
     _LAUNCH((triton.cdiv(NK, BN), B * H), args, consts, warps, stages)
     return out

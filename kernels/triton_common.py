@@ -4,6 +4,7 @@ Every helper works on a block of ROWS query rows and GP >= G group columns
 (GP a power of two). Group masses and move coefficients follow
 `kernels.reference.move_coefficients` exactly, in fp32.
 """
+
 from __future__ import annotations
 
 import triton
@@ -28,8 +29,10 @@ _PLACEHOLDERS: dict = {}
 def _spec_key(args: tuple) -> tuple:
     """What Triton specialises a compiled kernel on, for every argument (one expression: this runs per launch)."""
     return tuple(
-        (a.dtype, a.data_ptr() & 15 == 0) if hasattr(a, "data_ptr")
-        else (a == 1, a & 15 == 0, -2147483648 <= a < 2147483648) if type(a) is int
+        (a.dtype, a.data_ptr() & 15 == 0)
+        if hasattr(a, "data_ptr")
+        else (a == 1, a & 15 == 0, -2147483648 <= a < 2147483648)
+        if type(a) is int
         else type(a)
         for a in args
     )
@@ -52,7 +55,7 @@ class Launcher:
         self.fast = 0  # launches that skipped Triton's generic path (benchmarks report it)
 
     def __call__(self, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 1) -> None:
-        names = self.fn.arg_names[len(args):]
+        names = self.fn.arg_names[len(args) :]
         consts = tuple(constexprs[n] for n in names)
         key = (consts, num_warps, num_stages, _spec_key(args))
         kernel = self.cache.get(key)
@@ -71,7 +74,9 @@ def placeholders(device):
 
     key = str(device)
     if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = tuple(torch.zeros(8, dtype=d, device=device) for d in (torch.int32, torch.float32, torch.uint8))
+        _PLACEHOLDERS[key] = tuple(
+            torch.zeros(8, dtype=d, device=device) for d in (torch.int32, torch.float32, torch.uint8)
+        )
     return _PLACEHOLDERS[key]
 
 
@@ -81,7 +86,9 @@ def sm_count(device) -> int:
 
     key = ("sm", str(device))
     if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _PLACEHOLDERS[key] = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        )
     return _PLACEHOLDERS[key]
 
 
@@ -182,7 +189,9 @@ def move_coefficients(mass, heads, qpos, b, MV_I, MV_F, KEEP, ROW_START, H, B, N
 
 
 @triton.jit
-def finish_rows(acc, L, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+def finish_rows(
+    acc, L, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_SHIFT: tl.constexpr
+):
     """o = acc / L (0 where L == 0), then the head's output scale and shift. acc (ROWS, D), L (ROWS,)."""
     o = acc / tl.where(L > 0, L, 1.0)[:, None]
     if SCALE_MODE == 1:  # (H,)
@@ -190,5 +199,7 @@ def finish_rows(acc, L, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM: tl.constexp
     elif SCALE_MODE == 2:  # (B, H)
         o = o * tl.load(SCALE + b * H + heads)[:, None]
     if HAS_SHIFT:
-        o = o + tl.load(SHIFT + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        o = o + tl.load(
+            SHIFT + heads[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_d < HEAD_DIM)[None, :], other=0.0
+        )
     return o

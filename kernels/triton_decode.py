@@ -11,26 +11,71 @@ per-group work costs no time.
 log-sum-exp, forms the group masses, applies the moves
 (o = sum_g c_g O_g / sum_g l_g), the output scale and shift.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import Launcher, dot_pv, dot_qk, emulate_bf16, finish_rows, move_coefficients, placeholders, sm_count
+from .triton_common import (
+    Launcher,
+    dot_pv,
+    dot_qk,
+    emulate_bf16,
+    finish_rows,
+    move_coefficients,
+    placeholders,
+    sm_count,
+)
 
 BLOCK_N = 64  # keys per tile; splits hold whole tiles
 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, KG, BIAS, KV_START, DM, PO, PL, PM,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_gb, stride_gh, stride_db,
-    H, HKV, R, NK, DIAG, KEYS_PER_SPLIT, S, qk_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_MODE: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr,
-    HG_PER_HEAD: tl.constexpr, G: tl.constexpr, NG: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr,
+    Q,
+    K,
+    V,
+    KG,
+    BIAS,
+    KV_START,
+    DM,
+    PO,
+    PL,
+    PM,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_gb,
+    stride_gh,
+    stride_db,
+    H,
+    HKV,
+    R,
+    NK,
+    DIAG,
+    KEYS_PER_SPLIT,
+    S,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    HG_PER_HEAD: tl.constexpr,
+    G: tl.constexpr,
+    NG: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
@@ -42,7 +87,11 @@ def _decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     dmask = (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=rmask[:, None] & dmask, other=0.0)
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=rmask[:, None] & dmask,
+        other=0.0,
+    )
     K_BASE = K + b.to(tl.int64) * stride_kb + kvh * stride_kh
     V_BASE = V + b.to(tl.int64) * stride_vb + kvh * stride_vh
     n0 = split * KEYS_PER_SPLIT
@@ -67,9 +116,16 @@ def _decode_kernel(
             vis = kin & (tl.load(DM + b.to(tl.int64) * stride_db + cols, mask=kin, other=0) != 0)
         if HAS_GROUPS:
             if HG_PER_HEAD:
-                kg = tl.load(KG + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + cols[None, :], mask=kin[None, :], other=0).to(tl.int32)
+                kg = tl.load(
+                    KG + b.to(tl.int64) * stride_gb + heads[:, None] * stride_gh + cols[None, :],
+                    mask=kin[None, :],
+                    other=0,
+                ).to(tl.int32)
             else:
-                kg = tl.broadcast_to(tl.load(KG + b.to(tl.int64) * stride_gb + cols, mask=kin, other=0).to(tl.int32)[None, :], (BLOCK_R, BLOCK_N))
+                kg = tl.broadcast_to(
+                    tl.load(KG + b.to(tl.int64) * stride_gb + cols, mask=kin, other=0).to(tl.int32)[None, :],
+                    (BLOCK_R, BLOCK_N),
+                )
             if HAS_BIAS:
                 for g in tl.static_range(G):
                     s = s + tl.where(kg == g, tl.load(BIAS + heads * G + g)[:, None], 0.0)
@@ -94,15 +150,43 @@ def _decode_kernel(
     tl.store(PM + part, m_i, mask=rmask)
     tl.store(PL + part[:, None] * NG + g_ids[None, :], l_g, mask=rmask[:, None])
     o3 = tl.reshape(acc, (BLOCK_R, NG, D_PAD))
-    tl.store(PO + (part[:, None, None] * NG + g_ids[None, :, None]) * D_PAD + offs_d[None, None, :], o3, mask=rmask[:, None, None])
+    tl.store(
+        PO + (part[:, None, None] * NG + g_ids[None, :, None]) * D_PAD + offs_d[None, None, :],
+        o3,
+        mask=rmask[:, None, None],
+    )
 
 
 @triton.jit
 def _combine_kernel(
-    PO, PL, PM, OUT, MASSES, MV_I, MV_F, KEEP, ROW_START, SCALE, SHIFT,
-    stride_ob, stride_oh, B, H, HKV, R, S, Q_POS,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, NG: tl.constexpr, G: tl.constexpr,
-    NM: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_SHIFT: tl.constexpr, WRITE_MASSES: tl.constexpr,
+    PO,
+    PL,
+    PM,
+    OUT,
+    MASSES,
+    MV_I,
+    MV_F,
+    KEEP,
+    ROW_START,
+    SCALE,
+    SHIFT,
+    stride_ob,
+    stride_oh,
+    B,
+    H,
+    HKV,
+    R,
+    S,
+    Q_POS,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    NM: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    WRITE_MASSES: tl.constexpr,
 ):
     bk = tl.program_id(0)
     b = bk // HKV
@@ -123,22 +207,34 @@ def _combine_kernel(
         part = (base + s).to(tl.int64)
         a = tl.math.exp2(tl.load(PM + part) - m_use)
         l_g += a[:, None] * tl.load(PL + part[:, None] * NG + g_ids[None, :])
-        o_g += a[:, None, None] * tl.load(PO + (part[:, None, None] * NG + g_ids[None, :, None]) * D_PAD + offs_d[None, None, :])
+        o_g += a[:, None, None] * tl.load(
+            PO + (part[:, None, None] * NG + g_ids[None, :, None]) * D_PAD + offs_d[None, None, :]
+        )
     L = tl.sum(l_g, 1)
     if NG > 1:
         mass = l_g / tl.where(L > 0, L, 1.0)[:, None]
-        c = move_coefficients(mass, heads, Q_POS + tl.zeros([BLOCK_R], tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, NG)
+        c = move_coefficients(
+            mass, heads, Q_POS + tl.zeros([BLOCK_R], tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, NG
+        )
         acc = tl.sum(o_g * c[:, :, None], 1)
         if WRITE_MASSES:
-            tl.store(MASSES + (b * H + heads)[:, None] * G + g_ids[None, :], mass, mask=rmask[:, None] & (g_ids < G)[None, :])
+            tl.store(
+                MASSES + (b * H + heads)[:, None] * G + g_ids[None, :], mass, mask=rmask[:, None] & (g_ids < G)[None, :]
+            )
     else:
         acc = tl.sum(o_g, 1)
         if WRITE_MASSES:
-            tl.store(MASSES + (b * H + heads)[:, None] * G + g_ids[None, :], tl.where(L > 0, 1.0, 0.0)[:, None] + tl.zeros([BLOCK_R, NG], tl.float32),
-                     mask=rmask[:, None] & (g_ids < G)[None, :])
+            tl.store(
+                MASSES + (b * H + heads)[:, None] * G + g_ids[None, :],
+                tl.where(L > 0, 1.0, 0.0)[:, None] + tl.zeros([BLOCK_R, NG], tl.float32),
+                mask=rmask[:, None] & (g_ids < G)[None, :],
+            )
     o = finish_rows(acc, L, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM, SCALE_MODE, HAS_SHIFT)
-    tl.store(OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty),
-             mask=rmask[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(
+        OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        o.to(OUT.dtype.element_ty),
+        mask=rmask[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
 
 
 _LAUNCH_DECODE = Launcher(_decode_kernel)
@@ -207,21 +303,87 @@ def decode(
     pm = torch.empty(B, H, S, dtype=torch.float32, device=dev)
     kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
     dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
-    args = (q, k, v, kg, bias if bias is not None else dummy_f, kv_start if kv_start is not None else dummy, dm, po, pl, pm,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            kg.stride(0), kg.stride(1), dm.stride(0), H, Hkv, R, NK, diag, kps, S, scaling * 1.4426950408889634)
-    consts = dict(HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=block_n, MASK_MODE=0 if dense is None else 1,
-                  HAS_KV_START=kv_start is not None, HAS_BIAS=bias is not None, HAS_GROUPS=key_group is not None,
-                  HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1, G=G, NG=NG, IEEE=q.dtype == torch.float32,
-                  EMU=emulate_bf16(q.dtype))
+    args = (
+        q,
+        k,
+        v,
+        kg,
+        bias if bias is not None else dummy_f,
+        kv_start if kv_start is not None else dummy,
+        dm,
+        po,
+        pl,
+        pm,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        kg.stride(0),
+        kg.stride(1),
+        dm.stride(0),
+        H,
+        Hkv,
+        R,
+        NK,
+        diag,
+        kps,
+        S,
+        scaling * 1.4426950408889634,
+    )
+    consts = dict(
+        HEAD_DIM=D,
+        D_PAD=d_pad,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        MASK_MODE=0 if dense is None else 1,
+        HAS_KV_START=kv_start is not None,
+        HAS_BIAS=bias is not None,
+        HAS_GROUPS=key_group is not None,
+        HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
+        G=G,
+        NG=NG,
+        IEEE=q.dtype == torch.float32,
+        EMU=emulate_bf16(q.dtype),
+    )
     _LAUNCH_DECODE((S, B * Hkv), args, consts, 4, num_stages)
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=dev)
     masses = torch.empty(B, H, 1, G, dtype=torch.float32, device=dev) if write_masses else None
     mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
-    args = (po, pl, pm, out, masses if masses is not None else dummy_f, mv_i, mv_f, keep, row_start,
-            scale if scale is not None else dummy_f, shift if shift is not None else dummy_f,
-            out.stride(0), out.stride(2), B, H, Hkv, R, S, q_pos)
-    consts = dict(HEAD_DIM=D, D_PAD=d_pad, BLOCK_R=block_r, NG=NG, G=G, NM=mv_i.shape[0] if moves else 0,
-                  SCALE_MODE=0 if scale is None else scale.dim(), HAS_SHIFT=shift is not None, WRITE_MASSES=write_masses)
+    args = (
+        po,
+        pl,
+        pm,
+        out,
+        masses if masses is not None else dummy_f,
+        mv_i,
+        mv_f,
+        keep,
+        row_start,
+        scale if scale is not None else dummy_f,
+        shift if shift is not None else dummy_f,
+        out.stride(0),
+        out.stride(2),
+        B,
+        H,
+        Hkv,
+        R,
+        S,
+        q_pos,
+    )
+    consts = dict(
+        HEAD_DIM=D,
+        D_PAD=d_pad,
+        BLOCK_R=block_r,
+        NG=NG,
+        G=G,
+        NM=mv_i.shape[0] if moves else 0,
+        SCALE_MODE=0 if scale is None else scale.dim(),
+        HAS_SHIFT=shift is not None,
+        WRITE_MASSES=write_masses,
+    )
     _LAUNCH_COMBINE((B * Hkv,), args, consts, 4)
     return out, masses

@@ -25,6 +25,7 @@ logged once per reason (`FALLBACKS`): logit soft-capping, more than
 `MAX_GROUPS` key groups, head_dim over 256, dtypes other than fp16/bf16/fp32,
 a dense mask with one row set per head, a bias of -inf on group 0.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,7 +41,8 @@ from attnedit.tables import LayerTables, MaskInfo
 from . import reference
 from .triton_colsum import colsum as _colsum
 from .triton_decode import decode as _decode
-from .triton_prefill import member_tiles, pick_config, prefill as _prefill
+from .triton_prefill import member_tiles, pick_config
+from .triton_prefill import prefill as _prefill
 from .triton_scale import scale_heads as _scale_heads
 
 log = logging.getLogger("attnedit")
@@ -95,8 +97,17 @@ def attention(
         out (B, Q, H, D) in q's dtype [, masses].
     """
     if _fallback(q, k, tables, mask, softcap) is not None:
-        return reference.attention(q, k, v, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset,
-                                   return_masses=return_masses)
+        return reference.attention(
+            q,
+            k,
+            v,
+            tables,
+            scaling=scaling,
+            mask=mask.dense,
+            softcap=softcap,
+            q_start=mask.q_offset,
+            return_masses=return_masses,
+        )
     q, k, v = (_last_contiguous(t) for t in (q, k, v))
     t = _Prepared.of(tables, q, keep_groups=return_masses)
     if q.shape[2] == 1:
@@ -140,8 +151,19 @@ def column_scores(
     if lse is None:
         cfg = config or pick_config(_d_pad(q), q.element_size())
         members = member_tiles(t.key_group, cfg[1]) if bias is not None else None
-        _, lse, _, _ = _prefill(q, k, k, q_pos0=geo.q_pos0, lse_only=True, key_group=t.key_group if bias is not None else None,
-                                n_groups=t.n_groups, bias=bias, members=members, config=cfg, **kw)
+        _, lse, _, _ = _prefill(
+            q,
+            k,
+            k,
+            q_pos0=geo.q_pos0,
+            lse_only=True,
+            key_group=t.key_group if bias is not None else None,
+            n_groups=t.n_groups,
+            bias=bias,
+            members=members,
+            config=cfg,
+            **kw,
+        )
     cs = _colsum(q, k, lse, key_group=t.key_group, n_groups=t.n_groups, bias=bias, config=config, **kw)
     return cs, _counts(mask, geo, q.shape[0], q.shape[2], k.shape[2], q.device)
 
@@ -162,7 +184,9 @@ class _Prepared:
     shift: torch.Tensor | None
 
     @classmethod
-    def of(cls, tables: LayerTables | None, q: torch.Tensor, with_moves: bool = True, keep_groups: bool = False) -> "_Prepared":
+    def of(
+        cls, tables: LayerTables | None, q: torch.Tensor, with_moves: bool = True, keep_groups: bool = False
+    ) -> "_Prepared":
         if tables is None:
             return cls(None, 1, None, False, None, None, None)
         dev = q.device
@@ -172,7 +196,11 @@ class _Prepared:
             host = _host(tables.bias).float()
             has_bias = bool((host - host[:, :1] != 0).any())
             if has_bias:  # softmax is unchanged by a per-row constant: shift so that unflagged keys have none
-                bias2 = _memo(tables.bias, ("bias2", str(dev)), lambda b: ((b.float() - b.float()[:, :1]) * LOG2E).to(dev).contiguous())
+                bias2 = _memo(
+                    tables.bias,
+                    ("bias2", str(dev)),
+                    lambda b: ((b.float() - b.float()[:, :1]) * LOG2E).to(dev).contiguous(),
+                )
         moves = None
         if with_moves and groups is not None and tables.moves:
             live = [m for m in tables.moves if bool((_host(m.keep) != 1).any())]
@@ -204,7 +232,12 @@ class _Geometry:
         if mask.dense is None:
             return cls(NK - NQ, mask.q_offset, None, None)
         if mask.kv_start is not None:
-            return cls(mask.q_offset - mask.kv_offset, mask.q_offset, mask.kv_start.to(q.device, torch.int32).contiguous(), None)
+            return cls(
+                mask.q_offset - mask.kv_offset,
+                mask.q_offset,
+                mask.kv_start.to(q.device, torch.int32).contiguous(),
+                None,
+            )
         dense = mask.dense if mask.dense.stride(-1) == 1 else mask.dense.contiguous()
         return cls(0, mask.q_offset, None, dense.view(torch.uint8))
 
@@ -221,7 +254,9 @@ def _pack_moves(moves, B: int, device) -> tuple:
     mv_i, mv_f = _memo_cache[key]
     keep = torch.stack([m.keep.to(device, torch.float32) for m in moves])
     never = torch.full((B,), -(2**62), dtype=torch.int64, device=device)
-    starts = torch.stack([m.row_start.to(device, torch.int64).expand(B) if m.row_start is not None else never for m in moves])
+    starts = torch.stack(
+        [m.row_start.to(device, torch.int64).expand(B) if m.row_start is not None else never for m in moves]
+    )
     return mv_i, mv_f, keep, starts
 
 
@@ -230,7 +265,9 @@ def _counts(mask: MaskInfo, geo: _Geometry, B: int, NQ: int, NK: int, device) ->
     if geo.dense is not None:
         return mask.dense.float().sum(2).expand(B, 1, NK).contiguous()
     j = torch.arange(NK, device=device)
-    count = (NQ - (j - geo.diag).clamp_min(0)).clamp(0, NQ).float().view(1, 1, NK).expand(B, 1, NK)  # rows i >= j - diag
+    count = (
+        (NQ - (j - geo.diag).clamp_min(0)).clamp(0, NQ).float().view(1, 1, NK).expand(B, 1, NK)
+    )  # rows i >= j - diag
     if geo.kv_start is not None:
         count = count * (j.view(1, 1, NK) >= geo.kv_start.view(B, 1, 1).long())
     return count.contiguous()
@@ -243,16 +280,38 @@ def _decode_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_m
     geo = _Geometry.of(mask, q, k)
     per_group = t.key_group is not None and (t.moves is not None or return_masses)
     return _decode(
-        q, k, v, scaling=scaling, diag=geo.diag, q_pos=geo.q_pos0, kv_start=geo.kv_start, dense=geo.dense,
-        key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, per_group=per_group,
-        moves=t.moves, scale=t.scale, shift=t.shift, write_masses=return_masses, splits=splits,
+        q,
+        k,
+        v,
+        scaling=scaling,
+        diag=geo.diag,
+        q_pos=geo.q_pos0,
+        kv_start=geo.kv_start,
+        dense=geo.dense,
+        key_group=t.key_group,
+        n_groups=t.n_groups,
+        bias=t.bias2 if t.has_bias else None,
+        per_group=per_group,
+        moves=t.moves,
+        scale=t.scale,
+        shift=t.shift,
+        write_masses=return_masses,
+        splits=splits,
     )
 
 
 def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_masses: bool, path: str | None, config):
     geo = _Geometry.of(mask, q, k)
     flash = _flash_eligible(q, k, mask, path)
-    kw = dict(scaling=scaling, diag=geo.diag, q_pos0=geo.q_pos0, kv_start=geo.kv_start, dense=geo.dense, scale=t.scale, shift=t.shift)
+    kw = dict(
+        scaling=scaling,
+        diag=geo.diag,
+        q_pos0=geo.q_pos0,
+        kv_start=geo.kv_start,
+        dense=geo.dense,
+        scale=t.scale,
+        shift=t.shift,
+    )
     if t.key_group is None:
         if flash and not return_masses:
             return _flash_and_scale(q, k, v, t, scaling), None
@@ -260,13 +319,23 @@ def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_
         return out, masses
     cfg = config or pick_config(_d_pad(q), q.element_size())
     members = member_tiles(t.key_group, cfg[1])
-    kw.update(key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=cfg)
+    kw.update(
+        key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=cfg
+    )
     bulk = (_take_stash(q, k, v, scaling) or _flash_with_lse(q, k, v, scaling)) if flash else None
     if bulk is not None:
         # each program reads its rows of the flash output before writing them: the result can go in place
         in_place = bulk[0].transpose(1, 2)
-        out, _, masses, flags = _prefill(q, k, v, members=members, bulk=bulk, write_masses=return_masses,
-                                         out=in_place if in_place.is_contiguous() else None, **kw)
+        out, _, masses, flags = _prefill(
+            q,
+            k,
+            v,
+            members=members,
+            bulk=bulk,
+            write_masses=return_masses,
+            out=in_place if in_place.is_contiguous() else None,
+            **kw,
+        )
         _prefill(q, k, v, members=members, only_flagged=flags, out=out, **kw)  # exact rows where the bulk is not
         return out, masses
     out, _, masses, _ = _prefill(q, k, v, members=members, write_masses=return_masses, **kw)
@@ -275,13 +344,20 @@ def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_
 
 def _flash_eligible(q, k, mask: MaskInfo, path: str | None) -> bool:
     """The flash-kernel paths need plain causal attention (no padding), Q == K, fp16/bf16 on CUDA."""
-    return (path != "fused" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask.dense is None
-            and q.shape[2] == k.shape[2] > 1)
+    return (
+        path != "fused"
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and mask.dense is None
+        and q.shape[2] == k.shape[2] > 1
+    )
 
 
 def _flash_and_scale(q, k, v, t: _Prepared, scaling: float) -> torch.Tensor:
     """Plain causal attention by torch's SDPA, then the output scale/shift of the heads it changes."""
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+    )
     out = out.transpose(1, 2)
     if not out.is_contiguous():
         out = out.contiguous()
@@ -321,8 +397,11 @@ def _flash_with_lse(q, k, v, scaling: float):
             raise RuntimeError("unexpected output shapes")
     except (RuntimeError, AttributeError) as e:  # no cuDNN kernel for this dtype / head_dim / GQA ratio
         _flash_ok[key] = False
-        _warn_once(f"flash:{key}", f"cuDNN attention with log-sum-exp unavailable for {key} ({str(e).splitlines()[0][:200]}); "
-                   "using the fused Triton kernel")
+        _warn_once(
+            f"flash:{key}",
+            f"cuDNN attention with log-sum-exp unavailable for {key} ({str(e).splitlines()[0][:200]}); "
+            "using the fused Triton kernel",
+        )
         return None
     _flash_ok[key] = True
     return out, lse

@@ -27,14 +27,27 @@ log2-sum-exp (for column scores) and the group masses before moves.
 Masks: MASK_MODE 0 is causal with key j visible from row i iff
 ``kv_start[b] <= j <= i + DIAG``; MASK_MODE 1 reads a dense (B, 1, Q, K) mask.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_F, Launcher, add_group_sums, dot_pv, dot_qk, emulate_bf16, finish_rows, key_bias,
-                            key_coef, move_coefficients, placeholders)
+from .triton_common import (
+    LOG2E,
+    LOG2E_F,
+    Launcher,
+    add_group_sums,
+    dot_pv,
+    dot_qk,
+    emulate_bf16,
+    finish_rows,
+    key_bias,
+    key_coef,
+    move_coefficients,
+    placeholders,
+)
 
 # Tile shapes per padded head_dim and element size: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # Chosen by benchmarks/bench_attention.py --sweep on an H100 (see benchmarks/results/NOTES.md).
@@ -69,17 +82,49 @@ def _visible(rows, cols, ks, NK, DIAG, DM_ROW0, stride_dq, MASK_MODE: tl.constex
 
 
 @triton.jit
-def _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, lo, hi,
-          offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale, stride_kn, stride_vn, stride_dq,
-          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-          MASK_MODE: tl.constexpr, MEMBERS: tl.constexpr, LSE_ONLY: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
+def _main(
+    acc,
+    l_i,
+    m_i,
+    mi,
+    nm,
+    q,
+    K_BASE,
+    V_BASE,
+    KG_ROW,
+    ML_ROW,
+    DM_ROW0,
+    lo,
+    hi,
+    offs_m,
+    offs_n,
+    offs_d,
+    ks,
+    NK,
+    DIAG,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    stride_dq,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    LSE_ONLY: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
+):
     """Flash recurrence over key tiles [lo, hi) (multiples of BLOCK_N); member keys excluded."""
     dmask = (offs_d < HEAD_DIM)[None, :]
     for n in range(lo, hi, BLOCK_N):
         n = tl.multiple_of(n, BLOCK_N)
         cols = n + offs_n
         if MASKED:
-            k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < NK)[:, None] & dmask, other=0.0)
+            k = tl.load(
+                K_BASE + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < NK)[:, None] & dmask, other=0.0
+            )
         elif HEAD_DIM == D_PAD:
             k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :])
         else:
@@ -100,7 +145,9 @@ def _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, lo,
         l_i = l_i * alpha + tl.sum(p, 1)
         if not LSE_ONLY:
             if MASKED:
-                v = tl.load(V_BASE + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < NK)[:, None] & dmask, other=0.0)
+                v = tl.load(
+                    V_BASE + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < NK)[:, None] & dmask, other=0.0
+                )
             elif HEAD_DIM == D_PAD:
                 v = tl.load(V_BASE + cols[:, None] * stride_vn + offs_d[None, :])
             else:
@@ -112,11 +159,33 @@ def _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, lo,
 
 
 @triton.jit
-def _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale, stride_kn, stride_dq,
-                   HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
+def _member_logits(
+    q,
+    K_BASE,
+    KG_ROW,
+    DM_ROW0,
+    n,
+    offs_m,
+    offs_n,
+    offs_d,
+    ks,
+    NK,
+    DIAG,
+    qk_scale,
+    stride_kn,
+    stride_dq,
+    HEAD_DIM: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
+):
     """Unbiased log2-domain logits (ROWS, N) of the visible member keys of tile n (-inf elsewhere), and its key groups."""
     cols = n + offs_n
-    k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :], mask=(cols < NK)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    k = tl.load(
+        K_BASE + cols[:, None] * stride_kn + offs_d[None, :],
+        mask=(cols < NK)[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
     kg = tl.load(KG_ROW + cols, mask=cols < NK, other=0).to(tl.int32)
     own = _visible(offs_m, cols, ks, NK, DIAG, DM_ROW0, stride_dq, MASK_MODE) & (kg != 0)[None, :]
     return tl.where(own, dot_qk(q, tl.trans(k), IEEE, EMU) * qk_scale, float("-inf")), kg
@@ -125,7 +194,11 @@ def _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK
 @triton.jit
 def _load_v(V_BASE, n, offs_n, offs_d, NK, stride_vn, HEAD_DIM: tl.constexpr):
     cols = n + offs_n
-    return tl.load(V_BASE + cols[:, None] * stride_vn + offs_d[None, :], mask=(cols < NK)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    return tl.load(
+        V_BASE + cols[:, None] * stride_vn + offs_d[None, :],
+        mask=(cols < NK)[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit
@@ -138,12 +211,51 @@ def _group_exp_bias(BIAS_ROW, G: tl.constexpr, GP: tl.constexpr, HAS_BIAS: tl.co
 
 
 @triton.jit
-def _fused_members(acc, l_i, m_i, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW, cnt, lo, hi, b, h,
-                   offs_m, offs_n, offs_d, ks, NK, DIAG, Q_POS0, qk_scale, stride_kn, stride_vn, stride_dq,
-                   MV_I, MV_F, KEEP, ROW_START, H, B,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   G: tl.constexpr, GP: tl.constexpr, NM: tl.constexpr, TWO_PASS: tl.constexpr, LSE_ONLY: tl.constexpr,
-                   IEEE: tl.constexpr, EMU: tl.constexpr):
+def _fused_members(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_BASE,
+    V_BASE,
+    KG_ROW,
+    ML_ROW,
+    DM_ROW0,
+    BIAS_ROW,
+    cnt,
+    lo,
+    hi,
+    b,
+    h,
+    offs_m,
+    offs_n,
+    offs_d,
+    ks,
+    NK,
+    DIAG,
+    Q_POS0,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    stride_dq,
+    MV_I,
+    MV_F,
+    KEEP,
+    ROW_START,
+    H,
+    B,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    NM: tl.constexpr,
+    TWO_PASS: tl.constexpr,
+    LSE_ONLY: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
+):
     """Exact member passes after the fused main loop (which left the member keys out).
 
     Returns (acc, norm, L, m_i, mass): the epilogue's output is acc / norm; L is the row's
@@ -154,8 +266,26 @@ def _fused_members(acc, l_i, m_i, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BI
     for t in range(0, cnt):
         n = tl.load(ML_ROW + t) * BLOCK_N
         if (n < hi) & (n + BLOCK_N > lo):
-            s, kg = _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale,
-                                   stride_kn, stride_dq, HEAD_DIM, MASK_MODE, IEEE, EMU)
+            s, kg = _member_logits(
+                q,
+                K_BASE,
+                KG_ROW,
+                DM_ROW0,
+                n,
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                qk_scale,
+                stride_kn,
+                stride_dq,
+                HEAD_DIM,
+                MASK_MODE,
+                IEEE,
+                EMU,
+            )
             if HAS_BIAS:
                 s = s + key_bias(BIAS_ROW, kg, G)[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -175,15 +305,35 @@ def _fused_members(acc, l_i, m_i, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BI
     mass = W * inv[:, None]
     norm = L
     if TWO_PASS and not LSE_ONLY:
-        c = move_coefficients(mass, h + tl.zeros_like(offs_m), Q_POS0 + offs_m.to(tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, GP)
+        c = move_coefficients(
+            mass, h + tl.zeros_like(offs_m), Q_POS0 + offs_m.to(tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, GP
+        )
         c = c * inv[:, None]  # c_g / L: products with p are final weights <= 1 (no fp16 overflow)
         acc = acc * tl.sum(tl.where((cols_g == 0)[None, :], c, 0.0), 1)[:, None]
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         for t in range(0, cnt):
             n = tl.load(ML_ROW + t) * BLOCK_N
             if (n < hi) & (n + BLOCK_N > lo):
-                s, kg = _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale,
-                                       stride_kn, stride_dq, HEAD_DIM, MASK_MODE, IEEE, EMU)
+                s, kg = _member_logits(
+                    q,
+                    K_BASE,
+                    KG_ROW,
+                    DM_ROW0,
+                    n,
+                    offs_m,
+                    offs_n,
+                    offs_d,
+                    ks,
+                    NK,
+                    DIAG,
+                    qk_scale,
+                    stride_kn,
+                    stride_dq,
+                    HEAD_DIM,
+                    MASK_MODE,
+                    IEEE,
+                    EMU,
+                )
                 if HAS_BIAS:
                     s = s + key_bias(BIAS_ROW, kg, G)[None, :]
                 w = tl.math.exp2(s - m_use[:, None]) * key_coef(c, kg, G, GP)
@@ -193,11 +343,49 @@ def _fused_members(acc, l_i, m_i, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BI
 
 
 @triton.jit
-def _bulk_members(acc, m2, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW, cnt, lo, hi, b, h,
-                  offs_m, offs_n, offs_d, ks, NK, DIAG, Q_POS0, qk_scale, stride_kn, stride_vn, stride_dq,
-                  MV_I, MV_F, KEEP, ROW_START, H, B, ALPHA_MAX,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  G: tl.constexpr, GP: tl.constexpr, NM: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
+def _bulk_members(
+    acc,
+    m2,
+    q,
+    K_BASE,
+    V_BASE,
+    KG_ROW,
+    ML_ROW,
+    DM_ROW0,
+    BIAS_ROW,
+    cnt,
+    lo,
+    hi,
+    b,
+    h,
+    offs_m,
+    offs_n,
+    offs_d,
+    ks,
+    NK,
+    DIAG,
+    Q_POS0,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    stride_dq,
+    MV_I,
+    MV_F,
+    KEEP,
+    ROW_START,
+    H,
+    B,
+    ALPHA_MAX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    NM: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
+):
     """Member corrections of a flash bulk over all keys: acc = O (normalised), m2 = its log2-sum-exp.
 
     Returns (acc / L, L, mass, flagged): flagged rows are those whose bulk rounding the edit
@@ -209,8 +397,26 @@ def _bulk_members(acc, m2, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW,
     for t in range(0, cnt):
         n = tl.load(ML_ROW + t) * BLOCK_N
         if (n < hi) & (n + BLOCK_N > lo):
-            s, kg = _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale,
-                                   stride_kn, stride_dq, HEAD_DIM, MASK_MODE, IEEE, EMU)
+            s, kg = _member_logits(
+                q,
+                K_BASE,
+                KG_ROW,
+                DM_ROW0,
+                n,
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                qk_scale,
+                stride_kn,
+                stride_dq,
+                HEAD_DIM,
+                MASK_MODE,
+                IEEE,
+                EMU,
+            )
             U = add_group_sums(U, tl.math.exp2(s - m_col), kg, G, GP)
     eb = _group_exp_bias(BIAS_ROW, G, GP, HAS_BIAS)
     u0 = tl.maximum(1.0 - tl.sum(U, 1), 0.0)
@@ -218,7 +424,9 @@ def _bulk_members(acc, m2, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW,
     L = tl.where(m2 == float("-inf"), 0.0, tl.sum(W, 1))
     inv = tl.where(L > 0, 1.0 / tl.where(L > 0, L, 1.0), 0.0)
     mass = W * inv[:, None]
-    c = move_coefficients(mass, h + tl.zeros_like(offs_m), Q_POS0 + offs_m.to(tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, GP)
+    c = move_coefficients(
+        mass, h + tl.zeros_like(offs_m), Q_POS0 + offs_m.to(tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, GP
+    )
     c0 = tl.sum(tl.where((cols_g == 0)[None, :], c, 0.0), 1)
     coef = tl.where((cols_g == 0)[None, :], 0.0, (c * eb[None, :] - c0[:, None]) * inv[:, None])
     acc = acc * (c0 * inv)[:, None]
@@ -226,8 +434,26 @@ def _bulk_members(acc, m2, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW,
         for t in range(0, cnt):
             n = tl.load(ML_ROW + t) * BLOCK_N
             if (n < hi) & (n + BLOCK_N > lo):
-                s, kg = _member_logits(q, K_BASE, KG_ROW, DM_ROW0, n, offs_m, offs_n, offs_d, ks, NK, DIAG, qk_scale,
-                                       stride_kn, stride_dq, HEAD_DIM, MASK_MODE, IEEE, EMU)
+                s, kg = _member_logits(
+                    q,
+                    K_BASE,
+                    KG_ROW,
+                    DM_ROW0,
+                    n,
+                    offs_m,
+                    offs_n,
+                    offs_d,
+                    ks,
+                    NK,
+                    DIAG,
+                    qk_scale,
+                    stride_kn,
+                    stride_dq,
+                    HEAD_DIM,
+                    MASK_MODE,
+                    IEEE,
+                    EMU,
+                )
                 w = tl.math.exp2(s - m_col) * key_coef(coef, kg, G, GP)
                 acc = dot_pv(w, _load_v(V_BASE, n, offs_n, offs_d, NK, stride_vn, HEAD_DIM), acc, IEEE, EMU)
     return acc, L, mass, (c0 * inv) > ALPHA_MAX
@@ -235,19 +461,80 @@ def _bulk_members(acc, m2, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW,
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, OUT, LSE, MASSES, FLAGS,
-    KG, BIAS, MLIST, MCOUNT, KV_START, DM, BULK_O, BULK_LSE,
-    MV_I, MV_F, KEEP, ROW_START, SCALE, SHIFT,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_om, stride_oh, stride_gb, stride_gh, stride_db, stride_dq,
-    stride_bb, stride_bh, stride_bm, stride_lb, stride_lh,
-    B, H, R, NQ, NK, DIAG, Q_POS0, N_MLIST, qk_scale, ALPHA_MAX,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_MODE: tl.constexpr, HAS_KV_START: tl.constexpr, BULK: tl.constexpr, MEMBERS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HG_PER_HEAD: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    NM: tl.constexpr, TWO_PASS: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    LSE_ONLY: tl.constexpr, WRITE_LSE: tl.constexpr, WRITE_MASSES: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
-    IEEE: tl.constexpr, EMU: tl.constexpr,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    MASSES,
+    FLAGS,
+    KG,
+    BIAS,
+    MLIST,
+    MCOUNT,
+    KV_START,
+    DM,
+    BULK_O,
+    BULK_LSE,
+    MV_I,
+    MV_F,
+    KEEP,
+    ROW_START,
+    SCALE,
+    SHIFT,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    stride_gb,
+    stride_gh,
+    stride_db,
+    stride_dq,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_lb,
+    stride_lh,
+    B,
+    H,
+    R,
+    NQ,
+    NK,
+    DIAG,
+    Q_POS0,
+    N_MLIST,
+    qk_scale,
+    ALPHA_MAX,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    BULK: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HG_PER_HEAD: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    NM: tl.constexpr,
+    TWO_PASS: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    LSE_ONLY: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    WRITE_MASSES: tl.constexpr,
+    ONLY_FLAGGED: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (causal) rows first
     bh = tl.program_id(1)
@@ -264,8 +551,11 @@ def _prefill_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+        mask=rmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
     K_BASE = K + b.to(tl.int64) * stride_kb + kvh * stride_kh
     V_BASE = V + b.to(tl.int64) * stride_vb + kvh * stride_vh
     KG_ROW = KG + b.to(tl.int64) * stride_gb + hg * stride_gh
@@ -285,13 +575,58 @@ def _prefill_kernel(
     if BULK:  # a flash kernel's output and log-sum-exp over all keys
         lse_b = tl.load(BULK_LSE + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m, mask=rmask, other=float("-inf"))
         m_i = lse_b * LOG2E
-        acc = tl.load(BULK_O + b.to(tl.int64) * stride_bb + h * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm + offs_d[None, :],
-                      mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc = tl.load(
+            BULK_O
+            + b.to(tl.int64) * stride_bb
+            + h * stride_bh
+            + offs_m[:, None].to(tl.int64) * stride_bm
+            + offs_d[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc, L, mass, flagged = _bulk_members(
-            acc, m_i, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW, tl.load(MCOUNT + b * n_hg + hg), lo, hi, b, h,
-            offs_m, offs_n, offs_d, ks, NK, DIAG, Q_POS0, qk_scale, stride_kn, stride_vn, stride_dq,
-            MV_I, MV_F, KEEP, ROW_START, H, B, ALPHA_MAX,
-            HEAD_DIM, BLOCK_N, MASK_MODE, HAS_BIAS, G, GP, NM, IEEE, EMU)
+            acc,
+            m_i,
+            q,
+            K_BASE,
+            V_BASE,
+            KG_ROW,
+            ML_ROW,
+            DM_ROW0,
+            BIAS_ROW,
+            tl.load(MCOUNT + b * n_hg + hg),
+            lo,
+            hi,
+            b,
+            h,
+            offs_m,
+            offs_n,
+            offs_d,
+            ks,
+            NK,
+            DIAG,
+            Q_POS0,
+            qk_scale,
+            stride_kn,
+            stride_vn,
+            stride_dq,
+            MV_I,
+            MV_F,
+            KEEP,
+            ROW_START,
+            H,
+            B,
+            ALPHA_MAX,
+            HEAD_DIM,
+            BLOCK_N,
+            MASK_MODE,
+            HAS_BIAS,
+            G,
+            GP,
+            NM,
+            IEEE,
+            EMU,
+        )
         tl.store(FLAGS + bh.to(tl.int64) * NQ + offs_m, flagged.to(tl.int8), mask=rmask)
         norm = tl.where(L > 0, 1.0, 0.0)
     else:
@@ -310,45 +645,219 @@ def _prefill_kernel(
             full_lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N
             edge = tl.maximum(pid_m * BLOCK_M + DIAG + 1, 0)  # keys < edge are visible from every row
             full_hi = tl.maximum(full_lo, tl.minimum((edge // BLOCK_N) * BLOCK_N, (NK // BLOCK_N) * BLOCK_N))
-            acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
-                                          lo_al, tl.minimum(full_lo, hi_al), offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          True, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
-            acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
-                                          full_lo, full_hi, offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          False, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
-            acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
-                                          tl.maximum(full_hi, full_lo), hi_al, offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          True, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
+            acc, l_i, m_i, mi, nm = _main(
+                acc,
+                l_i,
+                m_i,
+                mi,
+                nm,
+                q,
+                K_BASE,
+                V_BASE,
+                KG_ROW,
+                ML_ROW,
+                DM_ROW0,
+                lo_al,
+                tl.minimum(full_lo, hi_al),
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                qk_scale,
+                stride_kn,
+                stride_vn,
+                stride_dq,
+                HEAD_DIM,
+                D_PAD,
+                BLOCK_N,
+                True,
+                MASK_MODE,
+                MEMBERS,
+                LSE_ONLY,
+                IEEE,
+                EMU,
+            )
+            acc, l_i, m_i, mi, nm = _main(
+                acc,
+                l_i,
+                m_i,
+                mi,
+                nm,
+                q,
+                K_BASE,
+                V_BASE,
+                KG_ROW,
+                ML_ROW,
+                DM_ROW0,
+                full_lo,
+                full_hi,
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                qk_scale,
+                stride_kn,
+                stride_vn,
+                stride_dq,
+                HEAD_DIM,
+                D_PAD,
+                BLOCK_N,
+                False,
+                MASK_MODE,
+                MEMBERS,
+                LSE_ONLY,
+                IEEE,
+                EMU,
+            )
+            acc, l_i, m_i, mi, nm = _main(
+                acc,
+                l_i,
+                m_i,
+                mi,
+                nm,
+                q,
+                K_BASE,
+                V_BASE,
+                KG_ROW,
+                ML_ROW,
+                DM_ROW0,
+                tl.maximum(full_hi, full_lo),
+                hi_al,
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                qk_scale,
+                stride_kn,
+                stride_vn,
+                stride_dq,
+                HEAD_DIM,
+                D_PAD,
+                BLOCK_N,
+                True,
+                MASK_MODE,
+                MEMBERS,
+                LSE_ONLY,
+                IEEE,
+                EMU,
+            )
         else:
-            acc, l_i, m_i, mi, nm = _main(acc, l_i, m_i, mi, nm, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0,
-                                          lo, hi_al, offs_m, offs_n, offs_d, ks, NK, DIAG,
-                                          qk_scale, stride_kn, stride_vn, stride_dq, HEAD_DIM, D_PAD, BLOCK_N,
-                                          True, MASK_MODE, MEMBERS, LSE_ONLY, IEEE, EMU)
+            acc, l_i, m_i, mi, nm = _main(
+                acc,
+                l_i,
+                m_i,
+                mi,
+                nm,
+                q,
+                K_BASE,
+                V_BASE,
+                KG_ROW,
+                ML_ROW,
+                DM_ROW0,
+                lo,
+                hi_al,
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                qk_scale,
+                stride_kn,
+                stride_vn,
+                stride_dq,
+                HEAD_DIM,
+                D_PAD,
+                BLOCK_N,
+                True,
+                MASK_MODE,
+                MEMBERS,
+                LSE_ONLY,
+                IEEE,
+                EMU,
+            )
         if MEMBERS:
             acc, norm, L, m_i, mass = _fused_members(
-                acc, l_i, m_i, q, K_BASE, V_BASE, KG_ROW, ML_ROW, DM_ROW0, BIAS_ROW, tl.load(MCOUNT + b * n_hg + hg), lo, hi, b, h,
-                offs_m, offs_n, offs_d, ks, NK, DIAG, Q_POS0, qk_scale, stride_kn, stride_vn, stride_dq,
-                MV_I, MV_F, KEEP, ROW_START, H, B,
-                HEAD_DIM, BLOCK_N, MASK_MODE, HAS_BIAS, G, GP, NM, TWO_PASS, LSE_ONLY, IEEE, EMU)
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_BASE,
+                V_BASE,
+                KG_ROW,
+                ML_ROW,
+                DM_ROW0,
+                BIAS_ROW,
+                tl.load(MCOUNT + b * n_hg + hg),
+                lo,
+                hi,
+                b,
+                h,
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                Q_POS0,
+                qk_scale,
+                stride_kn,
+                stride_vn,
+                stride_dq,
+                MV_I,
+                MV_F,
+                KEEP,
+                ROW_START,
+                H,
+                B,
+                HEAD_DIM,
+                BLOCK_N,
+                MASK_MODE,
+                HAS_BIAS,
+                G,
+                GP,
+                NM,
+                TWO_PASS,
+                LSE_ONLY,
+                IEEE,
+                EMU,
+            )
         else:
             L = l_i
             norm = l_i
             mass = tl.where((tl.arange(0, GP) == 0)[None, :], tl.where(L > 0, 1.0, 0.0)[:, None], 0.0)
 
     if WRITE_LSE:
-        tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, tl.where(L > 0, m_i + tl.math.log2(tl.where(L > 0, L, 1.0)), float("-inf")), mask=rmask)
+        tl.store(
+            LSE + bh.to(tl.int64) * NQ + offs_m,
+            tl.where(L > 0, m_i + tl.math.log2(tl.where(L > 0, L, 1.0)), float("-inf")),
+            mask=rmask,
+        )
     if WRITE_MASSES:
         cols_g = tl.arange(0, GP)
-        tl.store(MASSES + (bh.to(tl.int64) * NQ + offs_m[:, None]) * G + cols_g[None, :], mass,
-                 mask=rmask[:, None] & (cols_g < G)[None, :])
+        tl.store(
+            MASSES + (bh.to(tl.int64) * NQ + offs_m[:, None]) * G + cols_g[None, :],
+            mass,
+            mask=rmask[:, None] & (cols_g < G)[None, :],
+        )
     if not LSE_ONLY:
         heads = h + tl.zeros([BLOCK_M], tl.int32)
         o = finish_rows(acc, norm, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM, SCALE_MODE, HAS_SHIFT)
-        tl.store(OUT + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_om + h * stride_oh + offs_d[None, :],
-                 o.to(OUT.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.store(
+            OUT
+            + b.to(tl.int64) * stride_ob
+            + offs_m[:, None].to(tl.int64) * stride_om
+            + h * stride_oh
+            + offs_d[None, :],
+            o.to(OUT.dtype.element_ty),
+            mask=rmask[:, None] & dmask[None, :],
+        )
 
 
 def prefill(
@@ -424,22 +933,80 @@ def prefill(
     if bulk is not None:
         stages = 1  # the bulk epilogue has no main loop to pipeline (and Triton 3.6 fails to pipeline its member loops)
     args = (
-        q, k, v, out if out is not None else dummy_f, lse if lse is not None else dummy_f,
-        masses if masses is not None else dummy_f, flags if flags is not None else dummy,
-        kg, bias if bias is not None else dummy_f, mlist, mcount, kv_start if kv_start is not None else dummy, dm, bo, bl,
-        mv_i, mv_f, keep, row_start, scale if scale is not None else dummy_f, shift if shift is not None else dummy_f,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *(out.stride()[:3] if out is not None else (0, 0, 0)), kg.stride(0), kg.stride(1), dm.stride(0), dm.stride(2),
-        bo.stride(0), bo.stride(1), bo.stride(2), bl.stride(0), bl.stride(1),
-        B, H, H // Hkv, NQ, NK, diag, q_pos0, mlist.shape[-1] if members is not None else 1, scaling * LOG2E_F, ALPHA_MAX,
+        q,
+        k,
+        v,
+        out if out is not None else dummy_f,
+        lse if lse is not None else dummy_f,
+        masses if masses is not None else dummy_f,
+        flags if flags is not None else dummy,
+        kg,
+        bias if bias is not None else dummy_f,
+        mlist,
+        mcount,
+        kv_start if kv_start is not None else dummy,
+        dm,
+        bo,
+        bl,
+        mv_i,
+        mv_f,
+        keep,
+        row_start,
+        scale if scale is not None else dummy_f,
+        shift if shift is not None else dummy_f,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        *(out.stride()[:3] if out is not None else (0, 0, 0)),
+        kg.stride(0),
+        kg.stride(1),
+        dm.stride(0),
+        dm.stride(2),
+        bo.stride(0),
+        bo.stride(1),
+        bo.stride(2),
+        bl.stride(0),
+        bl.stride(1),
+        B,
+        H,
+        H // Hkv,
+        NQ,
+        NK,
+        diag,
+        q_pos0,
+        mlist.shape[-1] if members is not None else 1,
+        scaling * LOG2E_F,
+        ALPHA_MAX,
     )
     consts = dict(
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=BM, BLOCK_N=BN, MASK_MODE=0 if dense is None else 1,
-        HAS_KV_START=kv_start is not None, BULK=bulk is not None, MEMBERS=members is not None and bulk is None,
-        HAS_BIAS=bias is not None, HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
-        G=G, GP=GP, NM=nm, TWO_PASS=nm > 0 or write_masses, SCALE_MODE=0 if scale is None else scale.dim(),
-        HAS_SHIFT=shift is not None, LSE_ONLY=lse_only, WRITE_LSE=write_lse or lse_only, WRITE_MASSES=write_masses,
-        ONLY_FLAGGED=only_flagged is not None, IEEE=q.dtype == torch.float32, EMU=emulate_bf16(q.dtype),
+        HEAD_DIM=D,
+        D_PAD=d_pad,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        MASK_MODE=0 if dense is None else 1,
+        HAS_KV_START=kv_start is not None,
+        BULK=bulk is not None,
+        MEMBERS=members is not None and bulk is None,
+        HAS_BIAS=bias is not None,
+        HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
+        G=G,
+        GP=GP,
+        NM=nm,
+        TWO_PASS=nm > 0 or write_masses,
+        SCALE_MODE=0 if scale is None else scale.dim(),
+        HAS_SHIFT=shift is not None,
+        LSE_ONLY=lse_only,
+        WRITE_LSE=write_lse or lse_only,
+        WRITE_MASSES=write_masses,
+        ONLY_FLAGGED=only_flagged is not None,
+        IEEE=q.dtype == torch.float32,
+        EMU=emulate_bf16(q.dtype),
     )
     _LAUNCH(grid, args, consts, warps, stages)
     return out, lse, masses, flags if bulk is not None else None
@@ -449,8 +1016,20 @@ _LAUNCH = Launcher(_prefill_kernel)
 
 
 @triton.jit
-def _member_list_kernel(KG, LIST, COUNT, stride_gb, stride_gh, HG, NK, NT, N_LIST,
-                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, SENTINEL: tl.constexpr):
+def _member_list_kernel(
+    KG,
+    LIST,
+    COUNT,
+    stride_gb,
+    stride_gh,
+    HG,
+    NK,
+    NT,
+    N_LIST,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SENTINEL: tl.constexpr,
+):
     """One program per (batch row, key-group head): indices of the key tiles holding a flagged key, ascending."""
     row = tl.program_id(0)
     KG_ROW = KG + (row // HG).to(tl.int64) * stride_gb + (row % HG) * stride_gh

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models from real configs, the real default model, the data folder."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def data_dir() -> Path | None:
 def data_root() -> Path:
     path = data_dir()
     if path is None:
-        pytest.skip("evaluation data not found: set ATTNEDIT_DATA_DIR or place it at ../shared/data beside the checkout")
+        pytest.skip(
+            "evaluation data not found: set ATTNEDIT_DATA_DIR or place it at ../shared/data beside the checkout"
+        )
     return path
 
 

@@ -6,6 +6,7 @@ lengths, grouped-query ratios 1/3/4/8, padding, dense masks, every table
 feature, the three dtypes, decode, Q < K). Logits are sharpened and a few keys
 are made into strong sinks so that edits change the output.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -42,7 +43,9 @@ def _mask(spec: Spec, gen: torch.Generator, device) -> tuple[MaskInfo, torch.Ten
     B, Q, K = spec.B, spec.Q, spec.K
     q_off = K - Q
     if spec.mask == "causal":
-        return MaskInfo(None, q_off, 0, None, torch.zeros(B, dtype=torch.long, device=device)), torch.zeros(B, dtype=torch.long)
+        return MaskInfo(None, q_off, 0, None, torch.zeros(B, dtype=torch.long, device=device)), torch.zeros(
+            B, dtype=torch.long
+        )
     if spec.mask == "pad":
         pads = torch.randint(0, max(1, K // 2), (B,), generator=gen)
         pads[0] = 0
@@ -142,19 +145,63 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 CASES = [
     Spec("plain-fp32-gqa4", H=4, Hkv=1),
     Spec("plain-len1", B=1, H=3, Hkv=3, Q=1, K=1),
-    Spec("zerotuning-pad-bf16-gqa3", H=6, Hkv=2, dtype=torch.bfloat16, mask="pad", groups="batch", bias=True, prefix_only=True),
+    Spec(
+        "zerotuning-pad-bf16-gqa3",
+        H=6,
+        Hkv=2,
+        dtype=torch.bfloat16,
+        mask="pad",
+        groups="batch",
+        bias=True,
+        prefix_only=True,
+    ),
     Spec("bias-dense-fp16", H=4, Hkv=4, dtype=torch.float16, mask="dense", groups="batch", G=4, bias=True),
-    Spec("act-head-fp16-gqa8", B=1, H=8, Hkv=1, Q=130, K=130, D=32, dtype=torch.float16, groups="head", moves=("plain",)),
+    Spec(
+        "act-head-fp16-gqa8", B=1, H=8, Hkv=1, Q=130, K=130, D=32, dtype=torch.float16, groups="head", moves=("plain",)
+    ),
     Spec("act-pad-fp32-gqa4", H=4, Hkv=1, mask="pad", groups="head", moves=("plain",), bias=True),
     Spec("var-gate-rows-fp32", H=2, Hkv=2, D=64, groups="batch", G=4, moves=("gate+rows",)),
     Spec("var-dense-bf16", H=3, Hkv=1, dtype=torch.bfloat16, mask="dense", groups="batch", G=4, moves=("gate", "rows")),
-    Spec("compose-g8-bf16", H=8, Hkv=2, D=24, dtype=torch.bfloat16, groups="head", G=8, bias=True,
-         moves=("plain", "gate", "rows"), scale="batch", shift=True),
+    Spec(
+        "compose-g8-bf16",
+        H=8,
+        Hkv=2,
+        D=24,
+        dtype=torch.bfloat16,
+        groups="head",
+        G=8,
+        bias=True,
+        moves=("plain", "gate", "rows"),
+        scale="batch",
+        shift=True,
+    ),
     Spec("scale-head-shift-fp16", H=6, Hkv=2, dtype=torch.float16, mask="pad", scale="head", shift=True),
     Spec("chunk-q7-k37-fp32", H=4, Hkv=1, Q=7, K=37, groups="batch", bias=True, moves=("plain",)),
-    Spec("decode-pad-fp32-gqa4", H=8, Hkv=2, Q=1, K=130, mask="pad", groups="head", bias=True, moves=("plain",), scale="head"),
-    Spec("decode-dense-bf16-gqa3", H=3, Hkv=1, Q=1, K=77, D=64, dtype=torch.bfloat16, mask="dense", groups="batch", G=4,
-         moves=("rows", "gate")),
+    Spec(
+        "decode-pad-fp32-gqa4",
+        H=8,
+        Hkv=2,
+        Q=1,
+        K=130,
+        mask="pad",
+        groups="head",
+        bias=True,
+        moves=("plain",),
+        scale="head",
+    ),
+    Spec(
+        "decode-dense-bf16-gqa3",
+        H=3,
+        Hkv=1,
+        Q=1,
+        K=77,
+        D=64,
+        dtype=torch.bfloat16,
+        mask="dense",
+        groups="batch",
+        G=4,
+        moves=("rows", "gate"),
+    ),
     Spec("decode-bias-fp16-gqa1", H=2, Hkv=2, Q=1, K=45, dtype=torch.float16, groups="batch", bias=True, shift=True),
 ]
 
@@ -182,8 +229,16 @@ def tiles(spec: Spec) -> tuple[int, int, int, int]:
 def _ref(q, k, v, tables, mask, return_masses=False):
     from attnedit.kernels import reference
 
-    return reference.attention(q, k, v, tables, scaling=q.shape[-1] ** -0.5, mask=mask.dense, q_start=mask.q_offset,
-                               return_masses=return_masses)
+    return reference.attention(
+        q,
+        k,
+        v,
+        tables,
+        scaling=q.shape[-1] ** -0.5,
+        mask=mask.dense,
+        q_start=mask.q_offset,
+        return_masses=return_masses,
+    )
 
 
 def check_attention(ops, spec: Spec, device="cpu", seed=0, **kw) -> dict:
@@ -192,16 +247,23 @@ def check_attention(ops, spec: Spec, device="cpu", seed=0, **kw) -> dict:
     ref = _ref(q, k, v, tables, mask)
     out = ops.attention(q, k, v, tables, mask, scaling=q.shape[-1] ** -0.5, **kw)
     plain = _ref(q, k, v, None, mask)
-    return dict(err=rel_err(out, ref), shape=list(out.shape) == list(ref.shape), dtype=out.dtype == q.dtype,
-                effect=rel_err(plain, ref))
+    return dict(
+        err=rel_err(out, ref),
+        shape=list(out.shape) == list(ref.shape),
+        dtype=out.dtype == q.dtype,
+        effect=rel_err(plain, ref),
+    )
 
 
 def check_masses(ops, spec: Spec, device="cpu", seed=0, **kw) -> dict:
     q, k, v, tables, mask = case(spec, device, seed)
     ref, ref_m = _ref(q, k, v, tables, mask, return_masses=True)
     out, m = ops.attention(q, k, v, tables, mask, scaling=q.shape[-1] ** -0.5, return_masses=True, **kw)
-    return dict(err=rel_err(out, ref), shape=list(m.shape) == list(ref_m.shape),
-                mass_err=(m.double() - ref_m.double()).abs().max().item())
+    return dict(
+        err=rel_err(out, ref),
+        shape=list(m.shape) == list(ref_m.shape),
+        mass_err=(m.double() - ref_m.double()).abs().max().item(),
+    )
 
 
 def check_colsum(ops, spec: Spec, device="cpu", seed=0, **kw) -> dict:
@@ -211,14 +273,20 @@ def check_colsum(ops, spec: Spec, device="cpu", seed=0, **kw) -> dict:
     scaling = q.shape[-1] ** -0.5
     ref_s, ref_c = reference.column_scores(q, k, tables, scaling=scaling, mask=mask.dense)
     cs, count = ops.column_scores(q, k, tables, mask, scaling=scaling, **kw)
-    return dict(err=rel_err(cs, ref_s), count_equal=count.shape == ref_c.shape and bool(torch.equal(count.cpu(), ref_c.cpu())))
+    return dict(
+        err=rel_err(cs, ref_s), count_equal=count.shape == ref_c.shape and bool(torch.equal(count.cpu(), ref_c.cpu()))
+    )
 
 
 def check_inert(ops, device="cpu", **kw) -> dict:
     """Tables whose edits cancel (keep 1, zero bias) must give plain attention; the live ones must not."""
     spec = Spec("inert", H=4, Hkv=2, Q=70, K=70, D=64, groups="head", bias=True, moves=("plain",))
     q, k, v, tables, mask = case(spec, device, 7)
-    inert = replace(tables, bias=torch.zeros_like(tables.bias), moves=tuple(replace(m, keep=torch.ones_like(m.keep)) for m in tables.moves))
+    inert = replace(
+        tables,
+        bias=torch.zeros_like(tables.bias),
+        moves=tuple(replace(m, keep=torch.ones_like(m.keep)) for m in tables.moves),
+    )
     out = ops.attention(q, k, v, inert, mask, scaling=0.125, **kw)
     live = ops.attention(q, k, v, tables, mask, scaling=0.125, **kw)
     return dict(inert_err=rel_err(out, _ref(q, k, v, None, mask)), live_err=rel_err(live, _ref(q, k, v, tables, mask)))
@@ -240,7 +308,9 @@ def plain_with_lse(q, k, v, scaling: float):
     R = H // k.shape[1]
     kk, vv = k.double().repeat_interleave(R, 1), v.double().repeat_interleave(R, 1)
     s = q.double() @ kk.transpose(-1, -2) * scaling
-    s = s.masked_fill(torch.ones(Q, k.shape[2], dtype=torch.bool, device=q.device).triu(k.shape[2] - Q + 1), float("-inf"))
+    s = s.masked_fill(
+        torch.ones(Q, k.shape[2], dtype=torch.bool, device=q.device).triu(k.shape[2] - Q + 1), float("-inf")
+    )
     lse = torch.logsumexp(s, -1)
     return (torch.softmax(s, -1) @ vv).to(q.dtype), lse.float()
 
@@ -253,8 +323,18 @@ def check_bulk(prefill_mod, ops, spec: Spec, device="cpu", seed=0, config=None) 
     t = ops._Prepared.of(tables, q)
     cfg = config or prefill_mod.pick_config(ops._d_pad(q), q.element_size())
     members = prefill_mod.member_tiles(t.key_group, cfg[1])
-    kw = dict(scaling=scaling, diag=k.shape[2] - q.shape[2], q_pos0=mask.q_offset, key_group=t.key_group, n_groups=t.n_groups,
-              bias=t.bias2, moves=t.moves, scale=t.scale, shift=t.shift, config=cfg)
+    kw = dict(
+        scaling=scaling,
+        diag=k.shape[2] - q.shape[2],
+        q_pos0=mask.q_offset,
+        key_group=t.key_group,
+        n_groups=t.n_groups,
+        bias=t.bias2,
+        moves=t.moves,
+        scale=t.scale,
+        shift=t.shift,
+        config=cfg,
+    )
     out, _, _, flags = prefill_mod.prefill(q, k, v, members=members, bulk=plain_with_lse(q, k, v, scaling), **kw)
     before = rel_err(out, ref)
     flagged = flags.float().mean().item()
@@ -276,13 +356,39 @@ def check_member_list(prefill_mod, device="cpu") -> dict:
                 want = has[b, h].nonzero().flatten().tolist()
                 got = lst[b, h].cpu().tolist()
                 ok &= int(cnt[b, h]) == len(want) and got[: len(want)] == want
-                ok &= all(x == prefill_mod.SENTINEL for x in got[len(want):]) and len(got) == nT + 1
+                ok &= all(x == prefill_mod.SENTINEL for x in got[len(want) :]) and len(got) == nT + 1
     return dict(ok=bool(ok))
 
 
 BULK_CASES = [
-    Spec("bulk-act-bf16-gqa4", B=1, H=4, Hkv=1, Q=70, K=70, D=32, dtype=torch.bfloat16, groups="head", moves=("plain",)),
-    Spec("bulk-var-fp16-gqa3", B=1, H=3, Hkv=1, Q=70, K=70, D=32, dtype=torch.float16, groups="batch", G=4, moves=("gate+rows",)),
-    Spec("bulk-bias-bf16", B=2, H=2, Hkv=2, Q=37, K=37, dtype=torch.bfloat16, groups="batch", bias=True, scale="head", shift=True),
+    Spec(
+        "bulk-act-bf16-gqa4", B=1, H=4, Hkv=1, Q=70, K=70, D=32, dtype=torch.bfloat16, groups="head", moves=("plain",)
+    ),
+    Spec(
+        "bulk-var-fp16-gqa3",
+        B=1,
+        H=3,
+        Hkv=1,
+        Q=70,
+        K=70,
+        D=32,
+        dtype=torch.float16,
+        groups="batch",
+        G=4,
+        moves=("gate+rows",),
+    ),
+    Spec(
+        "bulk-bias-bf16",
+        B=2,
+        H=2,
+        Hkv=2,
+        Q=37,
+        K=37,
+        dtype=torch.bfloat16,
+        groups="batch",
+        bias=True,
+        scale="head",
+        shift=True,
+    ),
 ]
 MASS_CASES = [CASES[4], CASES[7], CASES[12]]

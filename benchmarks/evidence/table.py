@@ -5,6 +5,7 @@
 One row per task of every run: baseline, patched, difference with its 95% interval, n, and the
 command that produced it (recorded in results.json by `attnedit eval`).
 """
+
 from __future__ import annotations
 
 import json

@@ -1,14 +1,14 @@
 """The CLI's own commands: ls, cp, validate, apply, inspect."""
+
 from __future__ import annotations
 
 import json
 
+import models
 import pytest
 from typer.testing import CliRunner
 
 from attnedit.cli.main import app
-
-import models
 
 runner = CliRunner()
 
@@ -16,7 +16,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama folder with a byte-level tokenizer and a chat template, loadable by name."""
-    from tokenizers import Tokenizer, decoders, models as tkm, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tkm
     from transformers import PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("tiny")
@@ -26,7 +27,9 @@ def tiny_dir(tmp_path_factory):
         if len(vocab) < 256:
             vocab[ch] = len(vocab)
     inner = Tokenizer(tkm.WordLevel(vocab, unk_token="<pad>"))
-    inner.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.Split("", "isolated")])
+    inner.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.Split("", "isolated")]
+    )
     inner.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     tok.save_pretrained(path)
@@ -62,9 +65,27 @@ def test_validate_against_a_model_config(tiny_dir, tmp_path):
 def test_apply_json(tiny_dir, tmp_path):
     out = tmp_path / "gen.json"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("interventions:\n  - {type: zerotuning, gamma: 8.0}\n  - {type: head_prune, heads: {1: [0, 1, 2, 3]}}\n")
+    recipe.write_text(
+        "interventions:\n  - {type: zerotuning, gamma: 8.0}\n  - {type: head_prune, heads: {1: [0, 1, 2, 3]}}\n"
+    )
     result = runner.invoke(
-        app, ["apply", str(recipe), "--model", str(tiny_dir), "--prompt", "hello", "--prompt", "a longer prompt", "--max-new-tokens", "6", "--json", "--out", str(out), "--no-chat"]
+        app,
+        [
+            "apply",
+            str(recipe),
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "hello",
+            "--prompt",
+            "a longer prompt",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--out",
+            str(out),
+            "--no-chat",
+        ],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
@@ -80,7 +101,21 @@ def test_apply_needs_a_prompt(tiny_dir):
 
 def test_inspect_writes_png_and_json(tiny_dir, tmp_path):
     png = tmp_path / "map.png"
-    result = runner.invoke(app, ["inspect", "--model", str(tiny_dir), "--prompt", "some words here", "--recipe", "act-paper", "--png", str(png), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "some words here",
+            "--recipe",
+            "act-paper",
+            "--png",
+            str(png),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(result.stdout)

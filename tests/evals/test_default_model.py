@@ -1,4 +1,5 @@
 """`attnedit eval` on the real default model (SmolLM2-135M-Instruct, CPU): SST-2 against a hand-written loop."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,27 @@ def test_sst2_baseline_equals_a_hand_written_loop(smollm2, data_root, tmp_path):
     recipe = tmp_path / "zt.yaml"
     recipe.write_text("name: zt-test\ninterventions: [{type: zerotuning, gamma: 2.0, layers: '2:'}]\n")
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["eval", str(recipe), "--tasks", "sst2", "--limit", "64", "--data-dir", str(data_root),
-                                   "--out", str(out), "--batch-size", "16", "--dtype", "float32", "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(recipe),
+            "--tasks",
+            "sst2",
+            "--limit",
+            "64",
+            "--data-dir",
+            str(data_root),
+            "--out",
+            str(out),
+            "--batch-size",
+            "16",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "results.json").read_text())
     sst2 = doc["tasks"]["sst2"]
@@ -26,7 +46,10 @@ def test_sst2_baseline_equals_a_hand_written_loop(smollm2, data_root, tmp_path):
 
     # the same 64 reviews, one at a time, prompt written out by hand
     lines = (data_root / "fewshot/sst2/stsa.binary.test").read_text(encoding="utf-8").splitlines()[:64]
-    words = [tok("negative", add_special_tokens=False).input_ids[0], tok("positive", add_special_tokens=False).input_ids[0]]
+    words = [
+        tok("negative", add_special_tokens=False).input_ids[0],
+        tok("positive", add_special_tokens=False).input_ids[0],
+    ]
     correct = 0
     for line in lines:
         label, text = int(line[0]), line[2:].strip()

@@ -1,4 +1,5 @@
 """lm-evaluation-harness: the `attnedit` model type runs a local lm-eval task, patched or not."""
+
 from __future__ import annotations
 
 import os
@@ -6,13 +7,15 @@ import shutil
 import subprocess
 import sys
 
+import evalkit
 import pytest
 
 import attnedit
-import evalkit
 from attnedit.evals import load_task, metric, score
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'attnedit[lm-eval]')")
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-evaluation-harness is not installed (pip install 'attnedit[lm-eval]')"
+)
 
 LM_TASK = """\
 task: toy_attnedit
@@ -28,7 +31,10 @@ doc_to_choice: ["bad", "good"]
 metric_list:
   - metric: acc
 """
-RECIPES = {"zt": "interventions: [{type: zerotuning, gamma: 3.0}]\n", "act": "interventions: [{type: act, layers: '1:', tau: 0.05}]\n"}
+RECIPES = {
+    "zt": "interventions: [{type: zerotuning, gamma: 3.0}]\n",
+    "act": "interventions: [{type: act, layers: '1:', tau: 0.05}]\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +58,13 @@ def manager(setup):
 
 
 def _lm_eval_acc(model_dir, manager, recipe=None, batch_size=4) -> float:
-    import attnedit.evals.harness  # noqa: F401  (registers the model type)
     from lm_eval import simple_evaluate
 
-    args = f"pretrained={model_dir},dtype=float32,device=cpu,batch_size={batch_size}" + (f",recipe={recipe}" if recipe else "")
+    import attnedit.evals.harness  # noqa: F401  (registers the model type)
+
+    args = f"pretrained={model_dir},dtype=float32,device=cpu,batch_size={batch_size}" + (
+        f",recipe={recipe}" if recipe else ""
+    )
     out = simple_evaluate(model="attnedit", model_args=args, tasks=["toy_attnedit"], task_manager=manager)
     return out["results"]["toy_attnedit"]["acc,none"]
 
@@ -69,7 +78,9 @@ def test_lm_eval_accuracy_equals_attnedit_scoring(setup, manager, recipe, monkey
     model, tok = attnedit.load(str(model_dir), dtype="float32", device="cpu")
     task = load_task(str(toy))
     rec = attnedit.Recipe.from_yaml(rec_path) if recipe else None
-    ours = metric(score(model, tok, task, task.split("test"), recipe=rec, batch_size=1, progress=False), task)["accuracy"]
+    ours = metric(score(model, tok, task, task.split("test"), recipe=rec, batch_size=1, progress=False), task)[
+        "accuracy"
+    ]
     assert acc == pytest.approx(ours)
 
 
@@ -78,9 +89,30 @@ def test_the_command_line_registers_the_model(setup, tmp_path):
     command = shutil.which("attnedit-lm-eval", path=os.path.dirname(sys.executable))
     if command is None:
         pytest.skip("the attnedit-lm-eval command is not installed (pip install -e .)")
-    cmd = [command, "run", "--model", "attnedit", "--device", "cpu",
-           "--model_args", f"pretrained={model_dir},recipe={root / 'zt.yaml'}", "--tasks", "toy_attnedit",
-           "--include_path", str(tasks), "--limit", "6", "--output_path", str(tmp_path / "lm")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        command,
+        "run",
+        "--model",
+        "attnedit",
+        "--device",
+        "cpu",
+        "--model_args",
+        f"pretrained={model_dir},recipe={root / 'zt.yaml'}",
+        "--tasks",
+        "toy_attnedit",
+        "--include_path",
+        str(tasks),
+        "--limit",
+        "6",
+        "--output_path",
+        str(tmp_path / "lm"),
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "toy_attnedit" in done.stdout and "acc" in done.stdout

@@ -1,14 +1,15 @@
 """POPE-style yes/no questions on a tiny random LLaVA (CLIP vision tower), with images made here."""
+
 from __future__ import annotations
 
 import json
 
+import evalkit
+import models
 import pytest
 import torch
 
 import attnedit
-import evalkit
-import models
 from attnedit.evals import TaskError, encode, load_task, metric, score
 
 pytest.importorskip("PIL", reason="pope tasks read images with Pillow")
@@ -31,17 +32,36 @@ OBJECTS = ["dog", "cat", "car", "tree", "cup", "bird"]
 
 @pytest.fixture(scope="module")
 def llava():
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    tok = evalkit.word_tokenizer(evalkit.vocabulary_texts() + [" ".join(OBJECTS) + " is there a in the image ? answer yes or no ."])
+    tok = evalkit.word_tokenizer(
+        evalkit.vocabulary_texts() + [" ".join(OBJECTS) + " is there a in the image ? answer yes or no ."]
+    )
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16)
-    config = LlavaConfig(vision_config=vision, text_config=models.tiny_config("llama", vocab_size=len(tok)),
-                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=models.tiny_config("llama", vocab_size=len(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+    )
     model = LlavaForConditionalGeneration(config).eval()
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=16,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     return model, processor
 
 

@@ -1,4 +1,5 @@
 """Several processes (accelerate launch on the CPU, gloo): shards merge into the single-process results."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,29 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 import evalkit
+import pytest
 
 RECIPE = "name: act-test\ninterventions: [{type: act, layers: '1:', tau: 0.05}]\n"
 
 
 def _eval(prefix: list[str], recipe, model, tasks, out):
-    cmd = prefix + ["-m", "attnedit.cli", "eval", str(recipe), "--model", str(model), "--tasks", tasks,
-                    "--batch-size", "3", "--bootstrap", "500", "--out", str(out)]
+    cmd = prefix + [
+        "-m",
+        "attnedit.cli",
+        "eval",
+        str(recipe),
+        "--model",
+        str(model),
+        "--tasks",
+        tasks,
+        "--batch-size",
+        "3",
+        "--bootstrap",
+        "500",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -35,10 +49,30 @@ def test_two_processes_merge_to_the_single_process_results(tmp_path):
     one = _eval([sys.executable], recipe, model, tasks, tmp_path / "one")
     # accelerate's --cpu launcher starts one process (several need MPI); its torchrun launcher
     # (--multi_gpu) starts two, which run on the CPU with gloo when there is no GPU
-    two = _eval([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"], recipe, model, tasks, tmp_path / "two")
+    two = _eval(
+        [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ],
+        recipe,
+        model,
+        tasks,
+        tmp_path / "two",
+    )
     assert two["processes"] == 2 and one["processes"] == 1
-    assert sorted(p.name for p in (tmp_path / "two/.work").glob("*.rank1.jsonl")) == ["facts-conflict.rank1.jsonl", "toy.rank1.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two/.work").glob("*.rank1.jsonl")) == [
+        "facts-conflict.rank1.jsonl",
+        "toy.rank1.jsonl",
+    ]
     for name in one["tasks"]:
         for key in ("n", "baseline", "patched", "difference"):
             assert one["tasks"][name][key] == two["tasks"][name][key], (name, key)

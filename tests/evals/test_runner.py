@@ -1,4 +1,5 @@
 """The paired run: resume after an interruption, identical reruns, settings checks, merged output."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,7 @@ import json
 import pytest
 
 import attnedit
-from attnedit.evals import TaskError, load_task, metric, score
-from attnedit.evals import runner
+from attnedit.evals import TaskError, load_task, metric, runner, score
 
 RECIPE = "interventions: [{type: zerotuning, gamma: 4.0}]"
 
@@ -18,7 +18,9 @@ def _run(model, tok, tasks, out, **kw):
 
 
 def _samples(out):
-    return sorted(p.name for p in out.glob("samples_*.jsonl")), {p.name: p.read_text() for p in out.glob("samples_*.jsonl")}
+    return sorted(p.name for p in out.glob("samples_*.jsonl")), {
+        p.name: p.read_text() for p in out.glob("samples_*.jsonl")
+    }
 
 
 def test_results_are_paired_and_match_separate_scoring(tiny, toy, tmp_path):

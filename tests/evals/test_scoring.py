@@ -1,4 +1,5 @@
 """Scoring: prompts, seeded demonstrations, batching that does not change scores, choice log-likelihoods."""
+
 from __future__ import annotations
 
 import pytest
@@ -106,8 +107,14 @@ def test_plain_and_chat_prompts(toy):
     ex = task.split("test")[0]
     demo = demonstrations(ex, task.split("train"), 1, seed=0)[0]
     plain = encode(task, [ex], tok, shots=1, chat=False)[0]
-    assert plain.prompt == f"rate it\n\nreview : {demo.fields['text']} sentiment : {demo.choices[demo.gold[0]]}\n\nreview : {ex.fields['text']} sentiment :"
-    assert plain.choice_ids == [tok(" bad", add_special_tokens=False).input_ids, tok(" good", add_special_tokens=False).input_ids]
+    assert (
+        plain.prompt
+        == f"rate it\n\nreview : {demo.fields['text']} sentiment : {demo.choices[demo.gold[0]]}\n\nreview : {ex.fields['text']} sentiment :"
+    )
+    assert plain.choice_ids == [
+        tok(" bad", add_special_tokens=False).input_ids,
+        tok(" good", add_special_tokens=False).input_ids,
+    ]
     chat = encode(task, [ex], tok, shots=1)[0]  # chat: None -> the tokenizer has a template
     answer = demo.choices[demo.gold[0]]
     assert chat.prompt == (
@@ -155,7 +162,9 @@ def test_generation_task(tiny, tmp_path):
     recs = score(model, tok, task, task.split("test"), batch_size=2, progress=False)
     assert [r["targets"] for r in recs] == [["Paris"], ["Rome"]]
     for r in recs:
-        assert isinstance(r["prediction"], str) and r["correct"] == ("paris" in r["prediction"].lower() if r["id"].endswith(":1") else "rome" in r["prediction"].lower())
+        assert isinstance(r["prediction"], str) and r["correct"] == (
+            "paris" in r["prediction"].lower() if r["id"].endswith(":1") else "rome" in r["prediction"].lower()
+        )
     assert metric(recs, task)["contains"] == sum(r["correct"] for r in recs) / 2
 
 

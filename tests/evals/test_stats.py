@@ -1,4 +1,5 @@
 """Paired statistics: McNemar's exact test, the bootstrap interval, macro-F1."""
+
 from __future__ import annotations
 
 import math

@@ -1,12 +1,13 @@
 """Task specs and data: built-ins, sources, splits, and every bad input failing with file, line and field."""
+
 from __future__ import annotations
 
 import json
 import os
 
+import evalkit
 import pytest
 
-import evalkit
 from attnedit.evals import TaskError, builtin_tasks, load_task
 from attnedit.evals.facts import FACTS
 from attnedit.evals.sources import carve
@@ -18,7 +19,9 @@ FEWSHOT = ("sst2", "agnews", "trec", "cb", "rte")
 def test_builtin_fewshot_tasks_read_the_shared_files(name, data_root):
     task = load_task(name, data_dir=data_root)
     assert task.kind == "classification"
-    sizes = {"sst2": (6920, 1821), "agnews": (1000, 6600), "trec": (5452, 500), "cb": (250, 56), "rte": (2490, 277)}[name]
+    sizes = {"sst2": (6920, 1821), "agnews": (1000, 6600), "trec": (5452, 500), "cb": (250, 56), "rte": (2490, 277)}[
+        name
+    ]
     assert (len(task.split("train")), len(task.split("test"))) == sizes
     for ex in task.split("test")[:50]:
         assert ex.label in task.labels and ex.choices == tuple(task.spec.labels.values())
@@ -53,7 +56,17 @@ def test_carve_keeps_order_and_depends_only_on_seed():
 
 
 def test_every_builtin_parses():
-    assert {"sst2", "agnews", "trec", "cb", "rte", "facts-conflict", "facts-recall", "lama-conflict", "lama-recall"} <= set(builtin_tasks())
+    assert {
+        "sst2",
+        "agnews",
+        "trec",
+        "cb",
+        "rte",
+        "facts-conflict",
+        "facts-recall",
+        "lama-conflict",
+        "lama-recall",
+    } <= set(builtin_tasks())
 
 
 def test_facts_tasks_need_no_data(monkeypatch):
@@ -161,7 +174,7 @@ def test_regex_and_csv_rows(tmp_path):
     path = _toy_with(tmp_path, "", spec=spec)
     with pytest.raises(TaskError, match="a.txt:3: does not match the task's pattern"):
         load_task(str(path))
-    (tmp_path / "b.csv").write_text("sentence,label\nfine film,1\n\"dull, weak\",0,extra\n")
+    (tmp_path / "b.csv").write_text('sentence,label\nfine film,1\n"dull, weak",0,extra\n')
     spec = evalkit.TOY_SPEC.replace("format: jsonl", "format: csv").replace("test.jsonl", str(tmp_path / "b.csv"))
     path = _toy_with(tmp_path, "", spec=spec)
     with pytest.raises(TaskError, match=r"b.csv:3: has 3 columns, expected 2 \(sentence, label\)"):
@@ -175,7 +188,9 @@ def test_empty_split(tmp_path):
 
 
 def test_spec_problems_name_file_line_and_field(tmp_path):
-    bad = evalkit.TOY_SPEC.replace("kind: classification", "kind: clasification").replace("chat: false", "chat: false\ncolour: red")
+    bad = evalkit.TOY_SPEC.replace("kind: classification", "kind: clasification").replace(
+        "chat: false", "chat: false\ncolour: red"
+    )
     path = _toy_with(tmp_path, "", spec=bad)
     with pytest.raises(TaskError) as err:
         load_task(str(path))
@@ -215,6 +230,10 @@ def test_hub_source_without_data_dir_needs_datasets(monkeypatch):
 
 
 def test_yaml_booleans_in_labels_get_a_clear_message(tmp_path):
-    path = _toy_with(tmp_path, "", spec=evalkit.TOY_SPEC.replace("labels: {neg: bad, pos: good}", "labels: {no: bad, yes: good}"))
-    with pytest.raises(TaskError, match=f"{path}:3: labels: YAML reads yes/no/true/false/on/off as booleans: quote them"):
+    path = _toy_with(
+        tmp_path, "", spec=evalkit.TOY_SPEC.replace("labels: {neg: bad, pos: good}", "labels: {no: bad, yes: good}")
+    )
+    with pytest.raises(
+        TaskError, match=f"{path}:3: labels: YAML reads yes/no/true/false/on/off as booleans: quote them"
+    ):
         load_task(str(path))

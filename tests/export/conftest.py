@@ -1,4 +1,5 @@
 """Export fixtures: an isolated transformers modules cache, throwaway intervention methods."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Helpers of the export tests: a tiny tokenizer, VLM inputs, comparisons."""
+
 from __future__ import annotations
 
 import importlib
@@ -7,20 +8,22 @@ from pathlib import Path
 import torch
 
 import attnedit
-import models
 
 exp = importlib.import_module("attnedit.export")  # the module (attnedit.export is the function)
 
 
 def tiny_tokenizer():
     """A 255-word tokenizer for the tiny text models: <pad> <s> </s> <unk>, words w4 .. w254."""
-    from tokenizers import Tokenizer, models as tkm, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tkm
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 255)}}
     inner = Tokenizer(tkm.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=inner, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     return tok
 
 

@@ -1,17 +1,18 @@
 """The model card and config block: base model and hash, recipe, folded and dynamic lists, eval results."""
+
 from __future__ import annotations
 
 import json
 import re
 
+import models
 import pytest
 import yaml
+from export_kit import exp, recipe, tiny_tokenizer
 
 import attnedit
-import models
 from attnedit.errors import AttneditError
 from attnedit.loading import model_hash
-from export_kit import exp, recipe, tiny_tokenizer
 
 MIXED = "name: prune-and-tune\ninterventions: [{type: head_prune, heads: {1: [0, 2]}}, {type: zerotuning, gamma: 2.0, layers: '2:'}]"
 
@@ -41,12 +42,19 @@ def test_card_and_config_describe_the_export(base_dir, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())["attnedit"]
     assert config["base_model"] == str(base_dir) and config["base_model_hash"] == digest
     assert config["recipe_hash"] == rec.hash()
-    assert [d["type"] for d in config["folded"]] == ["head_prune"] and [d["type"] for d in config["dynamic"]] == ["zerotuning"]
+    assert [d["type"] for d in config["folded"]] == ["head_prune"] and [d["type"] for d in config["dynamic"]] == [
+        "zerotuning"
+    ]
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
 def test_static_card_says_everything_is_folded(tmp_path):
-    attnedit.export(models.tiny("llama"), recipe("interventions: [{type: head_prune, heads: {1: [0]}}]"), tmp_path / "out", tokenizer=tiny_tokenizer())
+    attnedit.export(
+        models.tiny("llama"),
+        recipe("interventions: [{type: head_prune, heads: {1: [0]}}]"),
+        tmp_path / "out",
+        tokenizer=tiny_tokenizer(),
+    )
     card = (tmp_path / "out" / "README.md").read_text()
     assert "need attnedit" not in card and "trust_remote_code" not in card
     assert "(unnamed: built in memory)" in card
@@ -55,12 +63,26 @@ def test_static_card_says_everything_is_folded(tmp_path):
 
 RESULTS = {
     "eval": {  # the shape of attnedit eval's results.json
-        "model": "m", "recipe_name": "r", "versions": {"torch": "x"},
-        "tasks": {"sst2": {"kind": "choice", "metric": "accuracy", "n": 200, "baseline": {"value": 0.5}, "patched": {"value": 0.625},
-                           "difference": {"value": 0.125, "ci95": [0.05, 0.2], "mcnemar": {"p": 0.0031}}, "spec": {"name": "sst2"}}},
+        "model": "m",
+        "recipe_name": "r",
+        "versions": {"torch": "x"},
+        "tasks": {
+            "sst2": {
+                "kind": "choice",
+                "metric": "accuracy",
+                "n": 200,
+                "baseline": {"value": 0.5},
+                "patched": {"value": 0.625},
+                "difference": {"value": 0.125, "ci95": [0.05, 0.2], "mcnemar": {"p": 0.0031}},
+                "spec": {"name": "sst2"},
+            }
+        },
     },
     "tasks": {"model": "m", "results": {"sst2": {"accuracy": {"base": 0.5, "patched": 0.625}, "n": 200}}},
-    "rows": {"recipe": "r", "rows": [{"task": "sst2", "metric": "accuracy", "base": 0.5, "patched": 0.625, "ci": [0.01, 0.2]}]},
+    "rows": {
+        "recipe": "r",
+        "rows": [{"task": "sst2", "metric": "accuracy", "base": 0.5, "patched": 0.625, "ci": [0.01, 0.2]}],
+    },
 }
 
 
@@ -97,7 +119,12 @@ def test_results_of_another_recipe_are_flagged(tmp_path):
 
 @pytest.mark.parametrize(
     "text, match",
-    [("{not json", "not valid JSON"), ('{"model": "m"}', "expected an object whose 'rows'"), ('{"rows": []}', "'rows' is empty"), (None, "cannot read")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"model": "m"}', "expected an object whose 'rows'"),
+        ('{"rows": []}', "'rows' is empty"),
+        (None, "cannot read"),
+    ],
 )
 def test_unreadable_results_are_refused_before_writing(tmp_path, text, match):
     path = tmp_path / "results.json"

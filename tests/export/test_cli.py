@@ -1,19 +1,22 @@
 """`attnedit export RECIPE --model M --out DIR`: writes, refuses, replaces with --force."""
+
 from __future__ import annotations
 
 import json
 
+import models
 import pytest
 import torch
+from export_kit import recipe, rel, tiny_tokenizer
 from typer.testing import CliRunner
 
 import attnedit
-import models
 from attnedit.cli.main import app
-from export_kit import recipe, rel, tiny_tokenizer
 
 runner = CliRunner()
-MIXED = "name: cli-mixed\ninterventions:\n  - {type: head_prune, heads: {1: [0, 2]}}\n  - {type: zerotuning, gamma: 2.0}\n"
+MIXED = (
+    "name: cli-mixed\ninterventions:\n  - {type: head_prune, heads: {1: [0, 2]}}\n  - {type: zerotuning, gamma: 2.0}\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,19 @@ def base_dir(tmp_path_factory):
 
 
 def export(base_dir, rec_path, out, *extra):
-    args = ["export", str(rec_path), "--model", str(base_dir), "--out", str(out), "--dtype", "float32", "--device", "cpu", *extra]
+    args = [
+        "export",
+        str(rec_path),
+        "--model",
+        str(base_dir),
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return runner.invoke(app, args)
 
 

@@ -1,15 +1,16 @@
 """Export round trips on the real default model (SmolLM2-135M-Instruct, fp32, CPU, tied embeddings)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from export_kit import recipe, rel
 from transformers import AutoModelForCausalLM
 
 import attnedit
 from attnedit.loading import ALIASES
-from export_kit import recipe, rel
 
 pytestmark = pytest.mark.slow
 

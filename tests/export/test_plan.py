@@ -1,27 +1,30 @@
 """What folds, what stays dynamic, what is refused, and why: the order of output maps, resolved 'auto', refusals."""
+
 from __future__ import annotations
 
 from typing import Literal, Union
 
+import models
 import pytest
 import torch
+import vlm
 import yaml
+from export_kit import exp, recipe, rel, tiny_tokenizer, vlm_inputs
 from transformers import AutoModelForCausalLM
 
 import attnedit
-import models
 from attnedit.errors import AttneditError, UnsupportedModelError
 from attnedit.recipe import InterventionSpec
-from attnedit.tables import Bias, FIRST, KeySet
-import vlm
-from export_kit import exp, recipe, rel, tiny_tokenizer, vlm_inputs
+from attnedit.tables import FIRST, Bias, KeySet
 
 TOL = 1e-5
 
 
 def means(heads, layer=1, head_dim=16, seed=0) -> str:
     g = torch.Generator().manual_seed(seed)
-    body = ", ".join(f"{h}: [{', '.join(f'{float(x):.4f}' for x in torch.randn(head_dim, generator=g))}]" for h in heads)
+    body = ", ".join(
+        f"{h}: [{', '.join(f'{float(x):.4f}' for x in torch.randn(head_dim, generator=g))}]" for h in heads
+    )
     return f"{{{layer}: {{{body}}}}}"
 
 
@@ -96,7 +99,9 @@ def test_scale_commutes_with_biases_and_moves_on_the_same_heads(tmp_path):
 
 def test_scale_of_one_folds_to_nothing(tmp_path):
     model, processor = vlm.tiny("llava")
-    rec = recipe("interventions: [{type: vhr, alpha: 1.0, layers: [1], heads: [0]}, {type: vhr, alpha: 2.0, layers: [2], heads: [1]}]")
+    rec = recipe(
+        "interventions: [{type: vhr, alpha: 1.0, layers: [1], heads: [0]}, {type: vhr, alpha: 2.0, layers: [2], heads: [1]}]"
+    )
     plan = exp.plan_export(model, rec)
     assert [e.folded for e in plan.edits] == [True, True] and sorted(plan.fold) == [2]
     attnedit.export(model, rec, tmp_path / "out", tokenizer=processor)
@@ -221,7 +226,9 @@ def test_folded_only_export_can_be_exported_again(tmp_path):
     first = recipe("interventions: [{type: head_prune, heads: {1: [0]}}]")
     attnedit.export(models.tiny("llama"), first, tmp_path / "one", tokenizer=tiny_tokenizer())
     loaded, tok = attnedit.load(str(tmp_path / "one"), dtype="float32", device="cpu")
-    attnedit.export(loaded, recipe("interventions: [{type: head_prune, heads: {2: [1]}}]"), tmp_path / "two", tokenizer=tok)
+    attnedit.export(
+        loaded, recipe("interventions: [{type: head_prune, heads: {2: [1]}}]"), tmp_path / "two", tokenizer=tok
+    )
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "two").config.attnedit
     assert config["base_model"] == str(tmp_path / "one")
     assert config["base_export"]["folded"][0]["type"] == "head_prune"

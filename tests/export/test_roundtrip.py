@@ -1,18 +1,19 @@
 """Exported, then loaded: the same logits and the same greedy tokens as the patched model in memory (fp32)."""
+
 from __future__ import annotations
 
 import json
 
+import models
 import pytest
 import torch
+import vlm
+from export_kit import recipe, rel, tiny_tokenizer, vlm_inputs
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import attnedit
 from attnedit.modelinfo import ModelInfo
-import models
-import vlm
-from export_kit import recipe, rel, tiny_tokenizer, vlm_inputs
 
 ARCHS = models.TEXT_MODELS
 TOL = 1e-5
@@ -111,8 +112,11 @@ def test_trust_remote_code_restores_dynamic_edits(tmp_path, hf_modules):
 def test_mean_ablation_folds_into_an_o_proj_bias(tmp_path):
     model = models.tiny("llama", attention_bias=True)
     assert model.model.layers[2].self_attn.o_proj.bias is not None
-    rec = recipe(mixed(16).replace("{type: zerotuning, gamma: 3.0, layers: '1:'}", "{type: head_prune, heads: {3: [4]}}").replace(
-        "  - {type: act, beta: 0.3, tau: 0.05, layers: all}\n", ""))
+    rec = recipe(
+        mixed(16)
+        .replace("{type: zerotuning, gamma: 3.0, layers: '1:'}", "{type: head_prune, heads: {3: [4]}}")
+        .replace("  - {type: act, beta: 0.3, tau: 0.05, layers: all}\n", "")
+    )
     ids, mask = models.batch()
     want_logits, want_tokens = patched_outputs(model, rec, ids, mask)
     result = attnedit.export(model, rec, tmp_path / "out", tokenizer=tiny_tokenizer())

@@ -1,14 +1,15 @@
 """Writing safely: no overwrite without force, atomic replace, and a failure anywhere leaves the target as it was."""
+
 from __future__ import annotations
 
 import os
 
+import models
 import pytest
+from export_kit import exp, recipe, tiny_tokenizer, tree
 
 import attnedit
-import models
 from attnedit.errors import AttneditError
-from export_kit import exp, recipe, tiny_tokenizer, tree
 
 MIXED = "interventions: [{type: head_prune, heads: {1: [0]}}, {type: zerotuning, gamma: 2.0}]"
 
@@ -43,7 +44,9 @@ def test_empty_folder_and_missing_folder_are_written(model, tmp_path):
     run(model, tmp_path / "empty")
     run(model, tmp_path / "new")
     for name in ("empty", "new"):
-        assert {"config.json", "model.safetensors", "README.md", exp.FULL_RECIPE, exp.DYNAMIC_RECIPE} <= set(os.listdir(tmp_path / name))
+        assert {"config.json", "model.safetensors", "README.md", exp.FULL_RECIPE, exp.DYNAMIC_RECIPE} <= set(
+            os.listdir(tmp_path / name)
+        )
     assert sorted(os.listdir(tmp_path)) == ["empty", "new"]
 
 
@@ -66,7 +69,9 @@ def test_bad_targets_are_refused(model, tmp_path, bad):
         target, match = tmp_path / "src", "the folder the model was loaded from"
         model.save_pretrained(target)
     with pytest.raises(AttneditError, match=match):
-        attnedit.export(model, recipe(MIXED), target, tokenizer=tiny_tokenizer(), force=True, base_model=str(tmp_path / "src"))
+        attnedit.export(
+            model, recipe(MIXED), target, tokenizer=tiny_tokenizer(), force=True, base_model=str(tmp_path / "src")
+        )
 
 
 def _fail_in_weights(monkeypatch, model):
@@ -82,7 +87,9 @@ def _fail_in_weights(monkeypatch, model):
 def _fail_in_tokenizer(monkeypatch, model):
     from transformers import PreTrainedTokenizerFast
 
-    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", lambda self, path, **kw: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(
+        PreTrainedTokenizerFast, "save_pretrained", lambda self, path, **kw: (_ for _ in ()).throw(OSError("disk full"))
+    )
 
 
 def _fail_in_card(monkeypatch, model):

@@ -1,4 +1,5 @@
 """Fixtures of the intervention tests: a spy on the patched attention function."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,15 @@ def spy():
 
         def recorded(module, query, key, value, attention_mask, **kwargs):
             out, weights = inner(module, query, key, value, attention_mask, **kwargs)
-            calls.append({"layer": patch._layer_of.get(id(module)), "q": query.detach().float(), "k": key.detach().float(),
-                          "v": value.detach().float(), "out": out.detach().float()})
+            calls.append(
+                {
+                    "layer": patch._layer_of.get(id(module)),
+                    "q": query.detach().float(),
+                    "k": key.detach().float(),
+                    "v": value.detach().float(),
+                    "out": out.detach().float(),
+                }
+            )
             return out, weights
 
         AttentionInterface._global_mapping[patch.name] = recorded

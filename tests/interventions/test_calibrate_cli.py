@@ -1,4 +1,5 @@
 """`attnedit calibrate` end to end on a tiny model folder and a tiny task, and its clear failures."""
+
 from __future__ import annotations
 
 import json
@@ -29,18 +30,31 @@ def tiny_model_dir(tmp_path_factory):
 
 def _task(tmp_path, n_train: int):
     g = torch.Generator().manual_seed(0)
+
     def rows(n):
         out = []
         for _ in range(n):
             words = [WORDS[i] for i in torch.randint(0, len(WORDS), (5,), generator=g)]
-            out.append({"text": " ".join(words), "label": "positive" if "red" in words or "big" in words else "negative"})
+            out.append(
+                {"text": " ".join(words), "label": "positive" if "red" in words or "big" in words else "negative"}
+            )
         return "\n".join(json.dumps(r) for r in out) + "\n"
+
     (tmp_path / "train.jsonl").write_text(rows(n_train))
     (tmp_path / "test.jsonl").write_text(rows(20))
     spec = {
-        "name": "toy", "kind": "classification", "labels": {"negative": "no", "positive": "yes"},
-        "template": "{text} ?", "chat": False,
-        "local": {"format": "jsonl", "train": "train.jsonl", "test": "test.jsonl", "fields": {"text": "text"}, "label": "label"},
+        "name": "toy",
+        "kind": "classification",
+        "labels": {"negative": "no", "positive": "yes"},
+        "template": "{text} ?",
+        "chat": False,
+        "local": {
+            "format": "jsonl",
+            "train": "train.jsonl",
+            "test": "test.jsonl",
+            "fields": {"text": "text"},
+            "label": "label",
+        },
     }
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -57,8 +71,22 @@ def test_calibrate_zerotuning_writes_a_loadable_recipe_with_provenance(tmp_path,
     task = _task(tmp_path, 40)
     src = _recipe(tmp_path, "interventions:\n  - {type: zerotuning, gamma: 2.0}\n")
     out = tmp_path / "out.yaml"
-    args = ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "24",
-            "--out", str(out), "--param", "gammas=0.5,3", "--objective", "logprob"]
+    args = [
+        "calibrate",
+        str(src),
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(task),
+        "--limit",
+        "24",
+        "--out",
+        str(out),
+        "--param",
+        "gammas=0.5,3",
+        "--objective",
+        "logprob",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     text = out.read_text()
@@ -83,8 +111,23 @@ def test_calibrate_act_respects_max_candidates(tmp_path, tiny_model_dir):
     task = _task(tmp_path, 30)
     src = _recipe(tmp_path, "interventions:\n  - {type: act, tau: 0.05}\n")
     out = tmp_path / "act.yaml"
-    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "16",
-                                      "--max-candidates", "3", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            str(src),
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            str(task),
+            "--limit",
+            "16",
+            "--max-candidates",
+            "3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (search,) = Recipe.from_yaml(out).provenance["searches"]
     assert [c["candidate"] for c in search["candidates"]] == [{"layer": 2, "head": h} for h in range(3)]
@@ -94,19 +137,28 @@ def test_too_few_examples_fail_clearly(tmp_path, tiny_model_dir):
     task = _task(tmp_path, 10)
     src = _recipe(tmp_path, "interventions:\n  - {type: zerotuning, gamma: 2.0}\n")
     out = tmp_path / "never.yaml"
-    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--out", str(out)]
+    )
     assert result.exit_code == 2 and "has 10 train examples; calibration needs at least 16" in result.output
     assert not out.exists()
     task = _task(tmp_path, 40)
-    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "5", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "5", "--out", str(out)],
+    )
     assert result.exit_code == 2 and "--limit 5 leaves 5" in result.output
 
 
 def test_missing_task_and_bad_param_fail_clearly(tmp_path, tiny_model_dir):
     src = _recipe(tmp_path, "interventions:\n  - {type: act}\n")
-    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x.yaml")])
+    result = CliRunner().invoke(
+        app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x.yaml")]
+    )
     assert result.exit_code == 2 and "needs --task" in result.output
-    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--param", "k", "--out", str(tmp_path / "x.yaml")])
+    result = CliRunner().invoke(
+        app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--param", "k", "--out", str(tmp_path / "x.yaml")]
+    )
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
 
 
@@ -117,9 +169,14 @@ def test_replay_scorer_equals_the_eval_harness(tmp_path, tiny_model_dir):
     task = evals.load_task(str(_task(tmp_path, 40)))
     model, tok = attnedit.load(str(tiny_model_dir), device="cpu", dtype="float32")
     examples = C.calibration_examples(task, 20, seed=1)
-    score = C.task_scorer(model, tok, task, examples, objective="logprob", shots=0, seed=0, batch_size=6, backend="reference")
-    for recipe in (None, Recipe.from_dict({"interventions": [{"type": "act", "heads": {2: [1]}, "tau": 0.05}]}),
-                   Recipe.from_dict({"interventions": [{"type": "zerotuning", "gamma": 3.0, "layers": [1, 2]}]})):
+    score = C.task_scorer(
+        model, tok, task, examples, objective="logprob", shots=0, seed=0, batch_size=6, backend="reference"
+    )
+    for recipe in (
+        None,
+        Recipe.from_dict({"interventions": [{"type": "act", "heads": {2: [1]}, "tau": 0.05}]}),
+        Recipe.from_dict({"interventions": [{"type": "zerotuning", "gamma": 3.0, "layers": [1, 2]}]}),
+    ):
         fast = score.records(recipe)
         slow = evals.score(model, tok, task, examples, recipe=recipe, backend="reference", batch_size=6, progress=False)
         assert [r["pred"] for r in fast] == [r["pred"] for r in slow]
@@ -133,7 +190,21 @@ def test_calibrate_mean_ablation_computes_means_over_train_prompts(tmp_path, tin
     with pytest.raises(attnedit.RecipeError, match="needs .means."):
         attnedit.patch(attnedit.load(str(tiny_model_dir), device="cpu")[0], Recipe.from_yaml(src))
     out = tmp_path / "mean.yaml"
-    result = CliRunner().invoke(app, ["calibrate", str(src), "--model", str(tiny_model_dir), "--task", str(task), "--limit", "16", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            str(src),
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            str(task),
+            "--limit",
+            "16",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (spec,) = Recipe.from_yaml(out).interventions
     assert spec.ablation == "mean" and sorted(spec.means[1]) == [0, 2] and len(spec.means[1][0]) == 16
@@ -156,5 +227,9 @@ def test_entropy_objective_ignores_labels(tmp_path, tiny_model_dir):
         p = [x / sum(p) for x in p]
         want -= -sum(x * math.log(x) for x in p) / len(recs)
     assert score(None) == pytest.approx(want)
-    flipped = [type(e)(e.id, e.fields, e.choices, (1 - e.gold[0],), e.targets, e.label) for e in examples]  # other labels
-    assert C.task_scorer(model, tok, task, flipped, objective="entropy", shots=0, seed=0, batch_size=8, backend=None)(None) == pytest.approx(want)
+    flipped = [
+        type(e)(e.id, e.fields, e.choices, (1 - e.gold[0],), e.targets, e.label) for e in examples
+    ]  # other labels
+    assert C.task_scorer(model, tok, task, flipped, objective="entropy", shots=0, seed=0, batch_size=8, backend=None)(
+        None
+    ) == pytest.approx(want)

@@ -1,4 +1,5 @@
 """Target finders with synthetic scorers (their search logic), and PH3 / mean ablation on a tiny model."""
+
 from __future__ import annotations
 
 import models
@@ -62,14 +63,21 @@ def test_zerotuning_profiles_heads_then_searches_gamma():
     assert best.gamma == 3.0 and heads_of(recipe_of(best)) == {(l, h) for l in range(6) for h in up}
     assert found.notes["up_effective"] == {"layers": list(range(6)), "heads": [1, 3]}
     grid = [r["candidate"] for r in found.candidates if r["candidate"]["stage"] == "grid"]
-    assert all(c["gamma"] > 1 for c in grid if c["heads"] == "up") and all(c["gamma"] < 1 for c in grid if c["heads"] == "down")
+    assert all(c["gamma"] > 1 for c in grid if c["heads"] == "up") and all(
+        c["gamma"] < 1 for c in grid if c["heads"] == "down"
+    )
     assert len([r for r in found.candidates if r["candidate"]["stage"] == "profile"]) == 4
 
 
 def test_zerotuning_layer_profile_and_unknown_profile():
     seen = []
     spec = zerotuning.ZeroTuningSpec(type="zerotuning", gamma=2.0, layers=[0, 1])
-    zerotuning.find(spec, Calibration(None, None, INFO, score=lambda r: seen.append(r) or 0.5, options={"profile": "layer", "gammas": [2.0]}))
+    zerotuning.find(
+        spec,
+        Calibration(
+            None, None, INFO, score=lambda r: seen.append(r) or 0.5, options={"profile": "layer", "gammas": [2.0]}
+        ),
+    )
     assert len(seen) == 1 + 2 + 1  # baseline, 2 layers profiled, the grid on all heads (no up/down set)
     with pytest.raises(attnedit.AttneditError, match="profile"):
         zerotuning.find(spec, Calibration(None, None, INFO, score=lambda r: 0.5, options={"profile": "heads"}))
@@ -98,7 +106,7 @@ class _ToyTokenizer:
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, r in enumerate(rows):
-            ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
+            ids[b, T - len(r) :], mask[b, T - len(r) :] = torch.tensor(r), 1
         from transformers import BatchEncoding  # noqa: PLC0415
 
         return BatchEncoding({"input_ids": ids, "attention_mask": mask})
@@ -122,7 +130,9 @@ def test_ph3_direct_scores_equal_ablation_effects_in_the_last_layer(tiny_lm):
     model, tok = tiny_lm
     info = ModelInfo.from_config(model.config)
     conflicts = _conflicts(model)
-    found = head_prune.find(head_prune.HeadPruneSpec(type="head_prune"), Calibration(model, tok, info, examples=conflicts, options={"k": 3}))
+    found = head_prune.find(
+        head_prune.HeadPruneSpec(type="head_prune"), Calibration(model, tok, info, examples=conflicts, options={"k": 3})
+    )
     scores = {(r["candidate"]["layer"], r["candidate"]["head"]): r["score"] for r in found.candidates}
     assert len(scores) == info.n_layers * info.n_heads
     last = info.n_layers - 1

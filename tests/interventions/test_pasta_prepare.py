@@ -1,4 +1,5 @@
 """PASTA's prompt handling: markers or character ranges -> left-padded encoding + token spans."""
+
 from __future__ import annotations
 
 import models
@@ -25,12 +26,15 @@ def test_strip_markers_gives_clean_text_and_ranges():
     assert (text, ranges) == ("a b", [(0, 1)])
 
 
-@pytest.mark.parametrize("bad, why", [
-    ("the <<cat is", "never closed"),
-    ("the cat>> is", "never opened"),
-    ("<<the <<cat>> is>>", "do not nest"),
-    ("the <<>> cat", "empty span"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("the <<cat is", "never closed"),
+        ("the cat>> is", "never opened"),
+        ("<<the <<cat>> is>>", "do not nest"),
+        ("the <<>> cat", "empty span"),
+    ],
+)
 def test_markers_that_do_not_close_fail_clearly(bad, why, tok):
     with pytest.raises(AttneditError, match=why):
         pasta.prepare(tok, ["fine <<text>> here", bad])

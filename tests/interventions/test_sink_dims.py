@@ -1,4 +1,5 @@
 """VAR's automatic sink-dimension finder."""
+
 from __future__ import annotations
 
 import models
@@ -48,7 +49,11 @@ def test_smollm2_sink_dimension_flags_mostly_first_tokens(smollm2):
     model, tok = smollm2
     dims = var.find_sink_dims(model, tau=20.0)
     assert dims, "SmolLM2-135M has a massive-activation dimension (507 at the first token)"
-    enc = tok(["Paris is the capital of France.", "The quick brown fox jumps over the lazy dog again."], return_tensors="pt", padding=True)
+    enc = tok(
+        ["Paris is the capital of France.", "The quick brown fox jumps over the lazy dog again."],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         hs = model(**enc, output_hidden_states=True).hidden_states
     flagged = torch.stack([var.normalised(h)[..., list(dims)].amax(-1) > 20.0 for h in hs[3:-1]])  # (L, B, T)

@@ -5,6 +5,7 @@ left-padded batch of 3 (prefill, then one decoding step with the cache), and
 checks, layer by layer, that the patched attention's output equals the output
 of the formula applied to the plain attention map of the same q/k/v.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,9 @@ def llama():
 
 def test_zerotuning_matches_paper_formula(llama, spy, oracle):
     gamma, heads = 3.0, [1, 2, 6]
-    recipe = Recipe.from_dict({"interventions": [{"type": "zerotuning", "gamma": gamma, "layers": [1, 3], "heads": heads}]})
+    recipe = Recipe.from_dict(
+        {"interventions": [{"type": "zerotuning", "gamma": gamma, "layers": [1, 3], "heads": heads}]}
+    )
     calls, mask, mask2 = run(llama, recipe, spy)
 
     def expected(c, dense, m):
@@ -93,7 +96,9 @@ def test_act_matches_paper_formula(llama, spy, oracle):
             sinks[c["layer"]] = s
             total_sinks += int(s.sum())
         s = sinks[c["layer"]]
-        s = torch.cat([s, torch.zeros(B, H, K - s.shape[2], dtype=torch.bool)], 2)[:, :, None, :]  # generated tokens: no sink
+        s = torch.cat([s, torch.zeros(B, H, K - s.shape[2], dtype=torch.bool)], 2)[
+            :, :, None, :
+        ]  # generated tokens: no sink
         sink_mass = (a * s).sum(-1, keepdim=True)
         rest = (a * ~s).sum(-1, keepdim=True)
         new = torch.where(s, beta * a, a * (1 + (1 - beta) * sink_mass / rest))

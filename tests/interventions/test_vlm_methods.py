@@ -1,6 +1,7 @@
 """VAR and VHR on tiny random vision-language models (LLaVA, Qwen2-VL, SmolVLM) built from real configs,
 with images through each model's own processor, against slow implementations written here.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -36,15 +37,19 @@ def layer_inputs(model):
     store: dict[int, list] = {}
     handles = []
     for i, layer in enumerate(decoder_layers(model)):
+
         def grab(m, args, kwargs, i=i):
             store.setdefault(i, []).append((args[0] if args else kwargs["hidden_states"]).detach().double())
+
         handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
     return store, handles
 
 
 def test_var_matches_paper_formula(tiny_vlm, spy, oracle):
     name, model, proc, batch = tiny_vlm
-    image = batch["input_ids"] == getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+    image = batch["input_ids"] == getattr(
+        model.config, "image_token_id", getattr(model.config, "image_token_index", None)
+    )
     dim, layers = 5, [0, 1, 2]
     store, handles = layer_inputs(model)
     with torch.no_grad():
@@ -56,8 +61,21 @@ def test_var_matches_paper_formula(tiny_vlm, spy, oracle):
     xs = torch.cat([xhat(store[l][0])[..., dim][real_tokens] for l in layers])
     tau = float(xs.quantile(0.85))  # a threshold that makes some tokens sinks
     p, rho, floor = 0.6, 0.9, 0.05
-    recipe = Recipe.from_dict({"interventions": [{"type": "var", "layers": layers, "sink_dims": [dim], "tau": tau, "rho": rho,
-                                                  "p": p, "min_image_mass": floor}]})
+    recipe = Recipe.from_dict(
+        {
+            "interventions": [
+                {
+                    "type": "var",
+                    "layers": layers,
+                    "sink_dims": [dim],
+                    "tau": tau,
+                    "rho": rho,
+                    "p": p,
+                    "min_image_mass": floor,
+                }
+            ]
+        }
+    )
     store, handles = layer_inputs(model)
     try:
         _, calls, masks = prefill_and_step(model, batch, recipe, spy)
@@ -78,7 +96,9 @@ def test_var_matches_paper_formula(tiny_vlm, spy, oracle):
         img = torch.cat([image, torch.zeros(B, K - T, dtype=torch.bool)], 1).view(B, 1, 1, K)
         img_mass = (a * img).sum(-1, keepdim=True)
         vis_sink = (a * (img & sink)).sum(-1, keepdim=True)
-        after = torch.arange(K - Q, K).view(1, 1, Q, 1) >= (torch.where(image, torch.arange(T), -1).amax(1) + 1).view(B, 1, 1, 1)
+        after = torch.arange(K - Q, K).view(1, 1, Q, 1) >= (torch.where(image, torch.arange(T), -1).amax(1) + 1).view(
+            B, 1, 1, 1
+        )
         gate = (img_mass >= floor) & (vis_sink <= rho * img_mass) & after & (img_mass > 0)
         freed = (1 - p) * (a * sink).sum(-1, keepdim=True)
         target = img & ~sink
@@ -101,10 +121,14 @@ def _text_only_outputs(model, batch, drop_ids):
     text = torch.zeros(len(rows), T, dtype=ids.dtype)
     tmask = torch.zeros_like(text)
     for b, r in enumerate(rows):
-        text[b, T - len(r):], tmask[b, T - len(r):] = r, 1
+        text[b, T - len(r) :], tmask[b, T - len(r) :] = r, 1
     got = {}
-    hooks = [decoder_layers(model)[l].self_attn.o_proj.register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(l, a[0][:, -1].double()))
-             for l in range(len(decoder_layers(model)))]
+    hooks = [
+        decoder_layers(model)[l].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, l=l: got.__setitem__(l, a[0][:, -1].double())
+        )
+        for l in range(len(decoder_layers(model)))
+    ]
     with torch.no_grad():
         model.get_decoder()(input_ids=text, attention_mask=tmask, position_ids=(tmask.cumsum(1) - 1).clamp_min(0))
     for h in hooks:
@@ -116,12 +140,18 @@ def test_vhr_online_heads_match_paper_rule(tiny_vlm, spy, oracle):
     name, model, proc, batch = tiny_vlm
     cfg = model.config
     image_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
-    drop = [image_id] + [v for k in ("vision_start_token_id", "vision_end_token_id") if (v := getattr(cfg, k, None)) is not None]
+    drop = [image_id] + [
+        v for k in ("vision_start_token_id", "vision_end_token_id") if (v := getattr(cfg, k, None)) is not None
+    ]
     text_o = _text_only_outputs(model, batch, drop)
     alpha, layers = 2.0, [1, 2, 3]
     outs: dict[int, list] = {}
-    hooks = [decoder_layers(model)[l].self_attn.o_proj.register_forward_hook(lambda m, a, o, l=l: outs.setdefault(l, []).append(a[0].detach().double()))
-             for l in layers]
+    hooks = [
+        decoder_layers(model)[l].self_attn.o_proj.register_forward_hook(
+            lambda m, a, o, l=l: outs.setdefault(l, []).append(a[0].detach().double())
+        )
+        for l in layers
+    ]
     try:
         recipe = Recipe.from_dict({"interventions": [{"type": "vhr", "layers": layers, "alpha": alpha}]})
         _, calls, masks = prefill_and_step(model, batch, recipe, spy)
@@ -131,7 +161,9 @@ def test_vhr_online_heads_match_paper_rule(tiny_vlm, spy, oracle):
     B, H = batch["input_ids"].shape[0], model.config.get_text_config().num_attention_heads
     chosen = {}
     T = batch["input_ids"].shape[1]
-    real_calls = [c for c in calls if c["layer"] in layers and c["k"].shape[2] in (T, T + 1)]  # not the text-only prefill
+    real_calls = [
+        c for c in calls if c["layer"] in layers and c["k"].shape[2] in (T, T + 1)
+    ]  # not the text-only prefill
     assert len(real_calls) == 2 * len(layers)
     for c in real_calls:
         Q = c["q"].shape[2]
@@ -144,7 +176,11 @@ def test_vhr_online_heads_match_paper_rule(tiny_vlm, spy, oracle):
             norm = ref.norm(dim=-1)
             sel = torch.zeros(B, H, dtype=torch.bool)
             for b in range(B):
-                out_ = (vhd[b].std() > 1) & (vhd[b] > vhd[b].mean() + vhd[b].std()) & (norm[b] > norm[b].mean() + norm[b].std())
+                out_ = (
+                    (vhd[b].std() > 1)
+                    & (vhd[b] > vhd[b].mean() + vhd[b].std())
+                    & (norm[b] > norm[b].mean() + norm[b].std())
+                )
                 keep = vhd[b][~out_]
                 med = keep.sort().values[(len(keep) - 1) // 2]  # lower median
                 sel[b] = ~out_ & (vhd[b] > med)

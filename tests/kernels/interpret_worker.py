@@ -4,6 +4,7 @@ Started by test_triton_interpret.py in a fresh process with TRITON_INTERPRET=1
 (the variable must be set before Triton is first imported). Usage:
 ``TRITON_INTERPRET=1 python interpret_worker.py OUT.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for kernel_cases
 
-import torch  # noqa: E402
-
 import kernel_cases as kc  # noqa: E402
+import torch  # noqa: E402
 
 
 def main(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     torch.set_num_threads(1)
-    from attnedit.kernels import triton_ops as ops, triton_prefill
+    from attnedit.kernels import triton_ops as ops
+    from attnedit.kernels import triton_prefill
 
     jobs = {}
     for spec in kc.CASES:
-        jobs[f"attention/{spec.name}"] = lambda s=spec: kc.check_attention(ops, s, seed=11, config=kc.tiles(s), splits=3)
+        jobs[f"attention/{spec.name}"] = lambda s=spec: kc.check_attention(
+            ops, s, seed=11, config=kc.tiles(s), splits=3
+        )
     for spec in kc.MASS_CASES:
         jobs[f"masses/{spec.name}"] = lambda s=spec: kc.check_masses(ops, s, seed=3, config=kc.tiles(s), splits=2)
     for spec in kc.COLSUM_CASES:

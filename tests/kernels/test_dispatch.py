@@ -1,11 +1,12 @@
 """Backend choice: CUDA tensors go to Triton under "auto", a forced backend that cannot run says why."""
+
 from __future__ import annotations
 
+import models
 import pytest
 import torch
 
 import attnedit
-import models
 from attnedit.errors import BackendError
 from attnedit.kernels import choose, triton_status
 
@@ -36,7 +37,11 @@ def test_patch_with_forced_triton_on_cpu_raises_at_the_first_forward(monkeypatch
     model = models.tiny("llama")
     ids, mask = models.batch()
     recipe = attnedit.Recipe.from_str("interventions: [{type: zerotuning, gamma: 2.0}]", "t.yaml")
-    with attnedit.patch(model, recipe, backend="triton"), torch.no_grad(), pytest.raises(BackendError, match="Use backend 'auto'"):
+    with (
+        attnedit.patch(model, recipe, backend="triton"),
+        torch.no_grad(),
+        pytest.raises(BackendError, match="Use backend 'auto'"),
+    ):
         model(ids, attention_mask=mask)
 
 

@@ -5,15 +5,15 @@ with small tiles, plus model-sized problems (Llama-3.1-8B and SmolLM2 head
 layouts), the flash-kernel paths (ZeroTuning's first token, head scaling) and
 tiny models patched with `backend="triton"` against `backend="reference"`.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-import torch
-
 import kernel_cases as kc
 import models
+import pytest
+import torch
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -23,16 +23,90 @@ from attnedit.kernels import triton_ops as ops  # noqa: E402
 
 DEV = "cuda"
 BIG = [
-    kc.Spec("llama-act-1000", B=2, H=32, Hkv=8, Q=1000, K=1000, D=128, dtype=torch.bfloat16, mask="pad", groups="head", moves=("plain",)),
-    kc.Spec("llama-zt-2049", B=1, H=32, Hkv=8, Q=2049, K=2049, D=128, dtype=torch.bfloat16, groups="batch", bias=True, prefix_only=True),
+    kc.Spec(
+        "llama-act-1000",
+        B=2,
+        H=32,
+        Hkv=8,
+        Q=1000,
+        K=1000,
+        D=128,
+        dtype=torch.bfloat16,
+        mask="pad",
+        groups="head",
+        moves=("plain",),
+    ),
+    kc.Spec(
+        "llama-zt-2049",
+        B=1,
+        H=32,
+        Hkv=8,
+        Q=2049,
+        K=2049,
+        D=128,
+        dtype=torch.bfloat16,
+        groups="batch",
+        bias=True,
+        prefix_only=True,
+    ),
     kc.Spec("llama-prune-1531", B=1, H=32, Hkv=8, Q=1531, K=1531, D=128, dtype=torch.bfloat16, scale="head"),
-    kc.Spec("smol-var-777", B=2, H=9, Hkv=3, Q=777, K=777, D=64, dtype=torch.float16, groups="batch", G=4, moves=("gate+rows",)),
-    kc.Spec("smol-pasta-dense-900", B=1, H=9, Hkv=3, Q=900, K=900, D=64, dtype=torch.bfloat16, groups="batch", bias=True),
-    kc.Spec("llama-decode-5000", B=2, H=32, Hkv=8, Q=1, K=5000, D=128, dtype=torch.bfloat16, mask="pad", groups="head",
-            bias=True, moves=("plain",)),
-    kc.Spec("gemma-d256-333", B=1, H=4, Hkv=1, Q=333, K=333, D=256, dtype=torch.bfloat16, groups="batch", bias=True, moves=("plain",)),
-    kc.Spec("chunk-q64-k900", B=2, H=8, Hkv=2, Q=64, K=900, D=128, dtype=torch.bfloat16, mask="pad", groups="batch", bias=True,
-            moves=("plain",)),
+    kc.Spec(
+        "smol-var-777",
+        B=2,
+        H=9,
+        Hkv=3,
+        Q=777,
+        K=777,
+        D=64,
+        dtype=torch.float16,
+        groups="batch",
+        G=4,
+        moves=("gate+rows",),
+    ),
+    kc.Spec(
+        "smol-pasta-dense-900", B=1, H=9, Hkv=3, Q=900, K=900, D=64, dtype=torch.bfloat16, groups="batch", bias=True
+    ),
+    kc.Spec(
+        "llama-decode-5000",
+        B=2,
+        H=32,
+        Hkv=8,
+        Q=1,
+        K=5000,
+        D=128,
+        dtype=torch.bfloat16,
+        mask="pad",
+        groups="head",
+        bias=True,
+        moves=("plain",),
+    ),
+    kc.Spec(
+        "gemma-d256-333",
+        B=1,
+        H=4,
+        Hkv=1,
+        Q=333,
+        K=333,
+        D=256,
+        dtype=torch.bfloat16,
+        groups="batch",
+        bias=True,
+        moves=("plain",),
+    ),
+    kc.Spec(
+        "chunk-q64-k900",
+        B=2,
+        H=8,
+        Hkv=2,
+        Q=64,
+        K=900,
+        D=128,
+        dtype=torch.bfloat16,
+        mask="pad",
+        groups="batch",
+        bias=True,
+        moves=("plain",),
+    ),
 ]
 
 
@@ -58,8 +132,11 @@ def test_masses_match_reference(spec):
     assert r["shape"] and r["mass_err"] < 2e-3 and r["err"] < kc.TOL[spec.dtype]
 
 
-@pytest.mark.parametrize("spec", kc.COLSUM_CASES + [replace(BIG[0], name="colsum-llama-1000"), replace(BIG[4], name="colsum-smol-900")],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "spec",
+    kc.COLSUM_CASES + [replace(BIG[0], name="colsum-llama-1000"), replace(BIG[4], name="colsum-smol-900")],
+    ids=lambda s: s.name,
+)
 def test_column_scores_match_reference(spec):
     r = kc.check_colsum(ops, spec, DEV, seed=24)
     assert r["count_equal"] and r["err"] < max(1e-4, kc.TOL[spec.dtype] / 4)
@@ -84,7 +161,7 @@ RECIPES = {
     "prune": "interventions: [{type: head_prune, heads: {0: [0, 3], 2: [1]}}]",
     "pasta": "interventions: [{type: pasta, alpha: 0.05, heads: {1: all}}]",
     "compose": "interventions: [{type: zerotuning, gamma: 0.5, layers: '1:'}, {type: act, beta: 0.3, tau: 0.05, layers: all},"
-               " {type: head_prune, heads: {3: [2]}}]",
+    " {type: head_prune, heads: {3: [2]}}]",
 }
 
 
@@ -109,8 +186,11 @@ def test_patched_tiny_model_triton_equals_reference(arch, name, dtype):
         for backend in ("reference", "triton"):
             with attnedit.patch(model, recipe, backend=backend, spans=spans):
                 out = model(ids, attention_mask=mask, use_cache=True)
-                step = model(torch.full((3, 1), 7, device=DEV), attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
-                             past_key_values=out.past_key_values)
+                step = model(
+                    torch.full((3, 1), 7, device=DEV),
+                    attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+                    past_key_values=out.past_key_values,
+                )
                 outs[backend] = (out.logits[mask.bool()].float(), step.logits.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for i in range(2):

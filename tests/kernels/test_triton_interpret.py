@@ -6,6 +6,7 @@ here asserts on its share of the results; nothing leaks into other test
 modules. Small tiles (16 x 16) make the odd lengths span several tiles, so the
 masked/unmasked phases, member-tile lists and key splits are all exercised.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import kernel_cases as kc
+import pytest
 
 pytest.importorskip("triton")
 HERE = Path(__file__).resolve().parent
@@ -26,10 +26,18 @@ HERE = Path(__file__).resolve().parent
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("interpret") / "results.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(HERE / "interpret_worker.py"), str(out)], cwd=HERE, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "interpret_worker.py"), str(out)],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"the interpreter worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"the interpreter worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return json.loads(out.read_text())
 
 
