@@ -74,6 +74,15 @@ def run(
             help="Method option KEY=VALUE (repeatable), e.g. profile=head, gammas=0.5,2,3, k=5, prune=context.",
         ),
     ] = None,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.95,
+            help="Fraction of the drawn examples kept out of the search (seeded); the recipe and the unpatched "
+            "model are scored on them, to show overfitting. 0: none.",
+        ),
+    ] = 0.2,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed of the example draw and the demonstrations.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
@@ -99,7 +108,8 @@ def run(
     name = model or rec.model or DEFAULT_MODEL
     info = ModelInfo.from_config(load_config(name, cache_dir), name=name)
     rec.check_model(info)  # before loading weights
-    the_task, examples = _task(task, data_dir, limit, seed, rec)
+    the_task, drawn = _task(task, data_dir, limit, seed, rec)
+    examples, held = C.split_holdout(drawn, holdout, seed) if the_task is not None else (drawn, [])
     m, tok = load_model(name, dtype, device, cache_dir)
     started = time.time()
     with _progress() as progress:
@@ -113,25 +123,20 @@ def run(
             progress=progress,
             options=options,
         )
+        scorer = dict(objective=objective, shots=shots, seed=seed, batch_size=batch_size, backend=backend)
         if the_task is not None:
-            if the_task.kind == "knowledge_conflict":
-                cal.examples = C.conflict_prompts(the_task, examples, tok)
-            else:
-                cal.examples = examples
-                cal.score = C.task_scorer(
-                    m,
-                    tok,
-                    the_task,
-                    examples,
-                    objective=objective,
-                    shots=shots,
-                    seed=seed,
-                    batch_size=batch_size,
-                    backend=backend,
-                )
-                cal.prompts = cal.score.prompts
+            cal.score = C.task_scorer(m, tok, the_task, examples, **scorer)
+            cal.prompts = cal.score.prompts
+            knowledge = the_task.kind == "knowledge_conflict"
+            cal.examples = C.conflict_prompts(the_task, examples, tok) if knowledge else examples
         resolved, searches = C.calibrate(rec, cal)
         final = cal.score(resolved) if cal.score is not None and resolved.interventions else None
+        unpatched = cal.score(None) if cal.score is not None else None
+        check = (
+            C.heldout_check(C.task_scorer(m, tok, the_task, held, **scorer), resolved, objective, the_task)
+            if held
+            else None
+        )
     prov = C.provenance(
         command=" ".join(["attnedit", "calibrate", *map(shlex.quote, sys.argv[2:])]) if len(sys.argv) > 1 else None,
         source_recipe=recipe if not Path(recipe).suffix else str(rec.source),
@@ -140,6 +145,7 @@ def run(
         task=task,
         split="train" if task else None,
         n_examples=len(examples),
+        n_heldout=len(held),
         n_train=len(the_task.split("train")) if the_task else None,
         seed=seed,
         shots=shots,
@@ -147,6 +153,8 @@ def run(
         budget={"limit": limit, "max_candidates": max_candidates, "options": options},
         elapsed_s=round(time.time() - started, 1),
         calibrated_score=final,
+        unpatched_score=unpatched,
+        heldout=check,
         searches=searches,
     )
     resolved = resolved.replace(
@@ -157,7 +165,7 @@ def run(
     )
     header = f"attnedit apply {out} --model {name}\nCalibrated by: {prov.get('command') or 'attnedit calibrate'}"
     write_atomic(out, resolved.to_yaml(header=header))
-    _summary(searches, final, out, prov["elapsed_s"])
+    _summary(searches, final, unpatched, check, out, prov["elapsed_s"])
 
 
 def _description(resolved, rec, the_task, n: int, objective: str) -> str:
@@ -231,15 +239,15 @@ class _progress:
         self.bar.stop()
 
 
-def _summary(searches: list[dict], final, out: Path, elapsed: float) -> None:
+def _summary(searches: list[dict], final, unpatched, check, out: Path, elapsed: float) -> None:
     table = Table(title=f"calibrated recipe written to {out} ({elapsed:.0f} s)")
     for col in ("#", "method", "baseline", "candidates", "chosen"):
         table.add_column(col, overflow="fold")
     for s in searches:
-        chosen = s.get("chosen") or ("kept as given" if not s["searched"] else "nothing beat the unpatched model")
+        chosen = s.get("chosen") or ("kept as given" if not s["searched"] else s.get("why", "nothing kept"))
         base = s.get("baseline")
         table.add_row(
-            str(s["index"]),
+            "-" if s["index"] is None else str(s["index"]),
             s["method"],
             "-" if base is None else f"{base:.4f}",
             str(len(s.get("candidates", []))),
@@ -247,4 +255,16 @@ def _summary(searches: list[dict], final, out: Path, elapsed: float) -> None:
         )
     console.print(table)
     if final is not None:
-        console.print(f"score of the calibrated recipe on the calibration examples: {final:.4f}")
+        console.print(f"calibration examples: unpatched {unpatched:.4f}, calibrated recipe {final:.4f}")
+    elif unpatched is not None:
+        console.print(f"calibration examples: unpatched {unpatched:.4f}; the recipe written is empty")
+    if check is not None:
+        line = (
+            f"held-out examples ({check['n']}, {check['objective']}): "
+            f"unpatched {check['baseline']:.4f}, calibrated recipe {check['calibrated']:.4f}"
+        )
+        if "metric" in check:
+            line += f"; {check['metric']}: {check['metric_baseline']:.4f} -> {check['metric_calibrated']:.4f}"
+        if check["calibrated"] < check["baseline"]:
+            line += "  (worse than unpatched on held-out examples: the search overfitted)"
+        console.print(line)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -58,6 +59,8 @@ class Found:
         chosen: the chosen candidate's record (or a summary for statistics-based finders).
         baseline: the unpatched score, when the search has one.
         notes: method-specific details for the provenance.
+        score: the score of `specs` on the calibration examples, by the search's own objective
+            (the baseline when `specs` is empty); None: `calibrate` measures it with ``cal.score``.
     """
 
     specs: list[InterventionSpec]
@@ -65,6 +68,7 @@ class Found:
     chosen: dict | None = None
     baseline: float | None = None
     notes: dict = field(default_factory=dict)
+    score: float | None = None
 
 
 def recipe_of(*specs: InterventionSpec) -> Recipe:
@@ -143,14 +147,15 @@ def _plain(obj):
 MIN_EXAMPLES = 16
 
 
+DEFAULT_HOLDOUT = 0.2
+
+
 def calibration_examples(task, limit: int | None, seed: int, minimum: int = MIN_EXAMPLES) -> list:
     """A seeded sample of `limit` examples of the task's train split (never its test split).
 
     Raises:
         AttneditError: the split (or the limit) leaves fewer than `minimum` examples.
     """
-    import random  # noqa: PLC0415
-
     pool = list(task.split("train"))
     if len(pool) < minimum:
         raise AttneditError(f"task {task.name!r} has {len(pool)} train examples; calibration needs at least {minimum}")
@@ -160,6 +165,29 @@ def calibration_examples(task, limit: int | None, seed: int, minimum: int = MIN_
             f"--limit {limit} leaves {len(chosen)} calibration examples; calibration needs at least {minimum}"
         )
     return chosen
+
+
+def split_holdout(examples: Sequence, fraction: float, seed: int, minimum: int = MIN_EXAMPLES) -> tuple[list, list]:
+    """(search examples, held-out examples): a seeded `fraction` of `examples` kept out of the search.
+
+    The held-out part is ``round(fraction * n)`` examples (none when `fraction` is 0), drawn with a
+    generator of its own so that the search examples do not depend on anything else.
+
+    Raises:
+        AttneditError: the fraction is outside [0, 1), or leaves fewer than `minimum` search examples.
+    """
+    if not 0 <= fraction < 1:
+        raise AttneditError(f"--holdout {fraction}: the held-out fraction must be in [0, 1)")
+    n_held = round(fraction * len(examples))
+    if n_held == 0:
+        return list(examples), []
+    if len(examples) - n_held < minimum:
+        raise AttneditError(
+            f"--holdout {fraction} of {len(examples)} examples leaves {len(examples) - n_held} for the search; "
+            f"calibration needs at least {minimum} (raise --limit, or --holdout 0 to keep none out)"
+        )
+    held = set(random.Random(f"holdout:{seed}").sample(range(len(examples)), n_held))
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 def task_scorer(
@@ -197,16 +225,45 @@ def task_scorer(
         return recs
 
     def score(recipe) -> float:
-        recs = records(recipe)
-        if objective == "entropy":
-            return -sum(_entropy(r["scores"]) for r in recs) / len(recs)
-        if objective == "logprob":
-            return sum(_log_softmax(r["scores"])[r["gold"][0]] for r in recs) / len(recs)
-        return float(evals.metric(recs, task)["value"])
+        return objective_value(records(recipe), objective, task)
 
-    score.records = records  # for tests: the per-example records behind a score
+    score.records = records  # the per-example records behind a score
     score.prompts = prompts
     return score
+
+
+def objective_value(recs: Sequence[dict], objective: str, task) -> float:
+    """The calibration objective of scored records (see `task_scorer`)."""
+    from attnedit import evals  # noqa: PLC0415
+
+    if objective == "entropy":
+        return -sum(_entropy(r["scores"]) for r in recs) / len(recs)
+    if objective == "logprob":
+        return sum(_log_softmax(r["scores"])[r["gold"][0]] for r in recs) / len(recs)
+    return float(evals.metric(recs, task)["value"])
+
+
+def heldout_check(score, recipe: Recipe, objective: str, task) -> dict:
+    """The unpatched model and `recipe` on held-out examples: the objective, and the task's metric.
+
+    Args:
+        score: a `task_scorer` over the held-out examples.
+    """
+    from attnedit import evals  # noqa: PLC0415
+
+    base = score.records(None)
+    edit = score.records(recipe) if recipe.interventions else base
+    out = {
+        "n": len(base),
+        "objective": objective,
+        "baseline": objective_value(base, objective, task),
+        "calibrated": objective_value(edit, objective, task),
+    }
+    if objective != "accuracy" and task.kind != "generation" and all(r.get("gold") for r in base):
+        out["metric"] = task.metric
+        out["metric_baseline"] = float(evals.metric(base, task)["value"])
+        out["metric_calibrated"] = float(evals.metric(edit, task)["value"])
+    return out
 
 
 def _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend):
@@ -286,6 +343,13 @@ def calibrate(recipe: Recipe, cal: Calibration) -> tuple[Recipe, list[dict]]:
     from . import registry  # noqa: PLC0415
 
     specs, searches = [], []
+    unpatched: list[float] = []  # the unpatched score, measured at most once
+
+    def baseline_score() -> float:
+        if not unpatched:
+            unpatched.append(float(cal.score(None)))
+        return unpatched[0]
+
     for i, spec in enumerate(recipe.interventions):
         method = registry.get(spec.type)
         if method.find is None:
@@ -300,17 +364,44 @@ def calibrate(recipe: Recipe, cal: Calibration) -> tuple[Recipe, list[dict]]:
             )
             continue
         found = method.find(spec, cal)
-        specs.extend(found.specs)
+        kept, why = _guard(found, cal, baseline_score)
+        specs.extend(kept)
         searches.append(
             {
                 "index": i,
                 "method": spec.type,
                 "searched": True,
                 "baseline": found.baseline,
-                "chosen": found.chosen,
-                "kept_interventions": len(found.specs),
+                "score": found.score,
+                "chosen": found.chosen if kept else None,
+                "kept_interventions": len(kept),
+                **({"why": why} if why else {}),
                 "notes": found.notes,
                 "candidates": found.candidates,
             }
         )
-    return recipe.replace(interventions=tuple(specs)), searches
+    resolved = recipe.replace(interventions=tuple(specs))
+    if cal.score is not None and len(specs) > 1 and any(s["searched"] for s in searches):
+        whole, base = float(cal.score(resolved)), baseline_score()
+        if whole < base:  # each part passed alone, together they hurt: write nothing rather than harm
+            why = f"the interventions together score {whole:.4f} < {base:.4f} unpatched on the calibration examples"
+            searches.append({"index": None, "method": "all", "searched": True, "kept_interventions": 0, "why": why})
+            resolved = recipe.replace(interventions=())
+    return resolved, searches
+
+
+def _guard(found: Found, cal: Calibration, baseline_score) -> tuple[list[InterventionSpec], str | None]:
+    """The specs a search may write: none when they score below the unpatched model (and why)."""
+    if not found.specs:
+        return [], "no candidate beat the unpatched model"
+    if found.score is None or found.baseline is None:
+        if cal.score is None:  # nothing to judge by (statistics-only search without a task scorer)
+            return list(found.specs), None
+        found.baseline = baseline_score() if found.baseline is None else found.baseline
+        found.score = float(cal.score(recipe_of(*found.specs)))
+    if found.score < found.baseline:
+        return [], (
+            f"the recipe found scores {found.score:.4f} < {found.baseline:.4f} unpatched on the calibration "
+            "examples: nothing written rather than a recipe that hurts"
+        )
+    return list(found.specs), None

@@ -213,7 +213,9 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     ``batch_size`` (default 8). The calibration examples are `ConflictPrompt`s (from a knowledge_conflict task).
 
     Returns:
-        A `Found` with the pruning spec (with means for mean ablation) and every head's score.
+        A `Found` with the pruning spec (with means for mean ablation) and every head's score; its
+        baseline and score are the rate at which the kept kind's answer wins (the context's answer
+        for ``prune: memory``) on the recalled conflicts, unpatched and pruned.
     """
     import attnedit  # noqa: PLC0415
 
@@ -260,10 +262,13 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
         "n_conflicts": len(texts),
         "memory_rate_before": float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean()),
     }
+    # the search's own objective: how often the answer of the kind kept wins (LD < 0: the context's)
+    rate = (lambda memory: 1.0 - memory) if prune == "memory" else (lambda memory: memory)
+    notes["objective"] = "context_rate" if prune == "memory" else "memory_rate"
+    baseline = rate(notes["memory_rate_before"])
     if not heads:
-        return Found([], records, None, None, notes)
+        return Found([], records, None, baseline, notes, score=baseline)
     with attnedit.patch(model, recipe_of(spec_for(heads)), backend="reference"):
         notes["memory_rate_after"] = float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean())
-    return Found(
-        [spec_for(heads)], records, {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}, None, notes
-    )
+    chosen = {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}
+    return Found([spec_for(heads)], records, chosen, baseline, notes, score=rate(notes["memory_rate_after"]))

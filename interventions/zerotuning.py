@@ -129,7 +129,7 @@ def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
         "up_effective": _compact(up) if up else {},
         "down_effective": _compact(down) if down else {},
     }
-    return Found(specs, profiled + scored, top, baseline, notes)
+    return Found(specs, profiled + scored, top, baseline, notes, score=top["score"] if top else baseline)
 
 
 def _with_limit(cal: Calibration, n: int) -> Calibration:

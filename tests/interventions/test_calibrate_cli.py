@@ -94,7 +94,12 @@ def test_calibrate_zerotuning_writes_a_loadable_recipe_with_provenance(tmp_path,
     rec = Recipe.from_yaml(out)
     prov = rec.provenance
     assert prov["model"] == str(tiny_model_dir) and len(prov["model_hash"]) == 64
-    assert prov["task"] == str(task) and prov["split"] == "train" and prov["n_examples"] == 24 and prov["n_train"] == 40
+    assert prov["task"] == str(task) and prov["split"] == "train" and prov["n_train"] == 40
+    assert prov["n_examples"] == 19 and prov["n_heldout"] == 5  # 24 drawn, a fifth kept out of the search
+    held = prov["heldout"]
+    assert held["n"] == 5 and held["objective"] == "logprob" and held["metric"] == "accuracy"
+    assert isinstance(held["baseline"], float) and isinstance(held["calibrated"], float)
+    assert "held-out examples (5, logprob)" in result.output
     assert prov["seed"] == 0 and prov["objective"] == "logprob" and prov["tool"].startswith("attnedit ")
     (search,) = prov["searches"]
     assert search["method"] == "zerotuning" and len(search["candidates"]) >= 4 + 2  # 4 head indices profiled + grid
@@ -104,7 +109,9 @@ def test_calibrate_zerotuning_writes_a_loadable_recipe_with_provenance(tmp_path,
         ids = torch.tensor([[1, 5, 6, 7]])
         with attnedit.patch(model, rec):
             model(input_ids=ids)
-        assert prov["calibrated_score"] >= search["baseline"]
+        assert prov["calibrated_score"] == pytest.approx(search["score"]) and search["score"] > search["baseline"]
+    else:
+        assert held["calibrated"] == held["baseline"] and search["why"]
 
 
 def test_calibrate_act_respects_max_candidates(tmp_path, tiny_model_dir):
@@ -122,6 +129,8 @@ def test_calibrate_act_respects_max_candidates(tmp_path, tiny_model_dir):
             str(task),
             "--limit",
             "16",
+            "--holdout",
+            "0",
             "--max-candidates",
             "3",
             "--out",
@@ -201,6 +210,8 @@ def test_calibrate_mean_ablation_computes_means_over_train_prompts(tmp_path, tin
             str(task),
             "--limit",
             "16",
+            "--holdout",
+            "0",
             "--out",
             str(out),
         ],

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import attnedit
-from attnedit.interventions import act, head_prune, zerotuning
+from attnedit.interventions import act, head_prune, registry, zerotuning
+from attnedit.interventions import calibration as C
 from attnedit.interventions.calibration import Calibration, recipe_of
 from attnedit.modelinfo import ModelInfo, decoder_layers
+from attnedit.recipe import Recipe
 
 INFO = ModelInfo("toy", "llama", n_layers=6, n_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32)
 
@@ -19,28 +21,117 @@ def heads_of(recipe) -> set[tuple[int, int]]:
     return {(l, h) for l, hs in spec.targets(INFO).items() for h in hs}
 
 
-def test_act_keeps_exactly_the_heads_that_beat_the_baseline():
-    good = {(2, 1), (4, 0), (5, 3)}
+def test_act_scores_heads_alone_then_keeps_those_that_help_together():
+    good = {(2, 1): 0.1, (4, 0): 0.05, (5, 3): 0.02}  # additive gains: every helpful head survives combination
     seen = []
 
     def score(recipe):
         if recipe is None:
             return 0.5
-        (lh,) = heads_of(recipe)
-        seen.append(lh)
-        return 0.6 if lh in good else (0.5 if lh == (3, 3) else 0.4)  # a tie is not an improvement
+        heads = heads_of(recipe)
+        seen.append(heads)
+        if len(heads) == 1 and heads <= {(3, 3)}:
+            return 0.5  # a tie is not an improvement
+        return 0.5 + sum(good.get(lh, -0.1) for lh in heads)
 
     found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=score))
-    assert set(seen) == {(l, h) for l in range(2, 6) for h in range(4)}  # layers 2..L-1, every head alone
+    singles = [next(iter(h)) for h in seen if len(h) == 1][:16]
+    assert singles == [(l, h) for l in range(2, 6) for h in range(4)]  # layers 2..L-1, every head alone first
+    assert seen[16:] == [{(2, 1)}, {(2, 1), (4, 0)}, {(2, 1), (4, 0), (5, 3)}]  # then combined, best first
     (spec,) = found.specs
-    assert {(l, h) for l, hs in spec.heads.items() for h in hs} == good
+    assert {(l, h) for l, hs in spec.heads.items() for h in hs} == set(good)
     assert (spec.beta, spec.tau) == (0.4, 0.1) and found.baseline == 0.5
-    assert len(found.candidates) == 16 and all({"candidate", "score"} <= set(r) for r in found.candidates)
+    assert found.score == pytest.approx(0.67) and found.chosen["score"] == found.score
+    assert len(found.candidates) == 16 + 3 and all({"candidate", "score"} <= set(r) for r in found.candidates)
+
+
+def test_act_heads_that_help_alone_but_hurt_together_are_not_all_kept():
+    helpful = {(2, 0): 0.62, (3, 1): 0.61, (4, 2): 0.60, (5, 3): 0.59}
+
+    def score(recipe):
+        if recipe is None:
+            return 0.5
+        heads = heads_of(recipe)
+        if len(heads) == 1:
+            return helpful.get(next(iter(heads)), 0.45)
+        return 0.3  # any two of them together: far worse than unpatched
+
+    found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=score))
+    (spec,) = found.specs
+    assert {(l, h) for l, hs in spec.heads.items() for h in hs} == {(2, 0)}  # the best alone, nothing added
+    assert found.score == pytest.approx(0.62) and score(recipe_of(spec)) >= found.baseline
+    combined = [r for r in found.candidates if r["candidate"].get("stage") == "combine"]
+    assert [r["kept"] for r in combined] == [True, False, False, False]
+
+    # every head alone helps a little, any union hurts: the written recipe is never below the baseline
+    def union_hurts(recipe):
+        if recipe is None:
+            return 0.5
+        return 0.51 if len(heads_of(recipe)) == 1 else 0.2
+
+    found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=union_hurts))
+    (spec,) = found.specs
+    assert union_hurts(recipe_of(spec)) == found.score == 0.51 >= found.baseline
 
 
 def test_act_respects_max_candidates_and_reports_no_gain():
     found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=lambda r: 0.5, max_candidates=5))
-    assert len(found.candidates) == 5 and found.specs == []
+    assert len(found.candidates) == 5 and found.specs == [] and found.score == found.baseline == 0.5
+
+
+def test_act_combination_stage_counts_against_max_candidates():
+    def score(recipe):
+        return 0.5 if recipe is None else 0.5 + 0.01 * len(heads_of(recipe))
+
+    found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=score, max_candidates=18))
+    assert len(found.candidates) == 18 and found.notes["combined_tried"] == 2
+    assert found.notes["combined_skipped_by_max_candidates"] == 14
+    (spec,) = found.specs
+    assert sum(map(len, spec.heads.values())) == 2 and found.score == pytest.approx(0.52)
+
+
+def test_calibrate_writes_nothing_when_the_found_recipe_scores_below_unpatched(monkeypatch):
+    bad = zerotuning.ZeroTuningSpec(type="zerotuning", gamma=3.0)
+
+    def finder(spec, cal):  # a search that reports no score of its own, and whose recipe hurts
+        return C.Found([bad], [], {"gamma": 3.0}, None, {})
+
+    monkeypatch.setattr(registry.get("zerotuning"), "find", finder)
+    cal = Calibration(None, None, INFO, score=lambda r: 0.6 if r is None else 0.4)
+    resolved, (search,) = C.calibrate(Recipe.from_dict({"interventions": [{"type": "zerotuning", "gamma": 2}]}), cal)
+    assert resolved.interventions == () and search["kept_interventions"] == 0
+    assert search["score"] == 0.4 and search["baseline"] == 0.6 and "0.4000 < 0.6000" in search["why"]
+    cal = Calibration(None, None, INFO, score=lambda r: 0.6 if r is None else 0.7)
+    resolved, (search,) = C.calibrate(Recipe.from_dict({"interventions": [{"type": "zerotuning", "gamma": 2}]}), cal)
+    assert resolved.interventions == (bad,) and "why" not in search and search["score"] == 0.7
+
+
+def test_calibrate_writes_nothing_when_parts_help_alone_but_hurt_together():
+    def score(recipe):
+        if recipe is None:
+            return 0.5
+        specs = recipe.interventions
+        if len(specs) > 1:
+            return 0.4
+        (spec,) = specs
+        heads = {h for hs in spec.targets(INFO).values() for h in hs}
+        return 0.6 if heads == {1} and spec.gamma == 3.0 else 0.45
+
+    two = {"interventions": [{"type": "zerotuning", "gamma": 2, "heads": [1]}] * 2}
+    cal = Calibration(None, None, INFO, score=score, options={"gammas": [3.0], "profile": "layer"})
+    resolved, searches = C.calibrate(Recipe.from_dict(two), cal)
+    assert [s["kept_interventions"] for s in searches[:2]] == [1, 1]
+    assert resolved.interventions == () and "together score 0.4000 < 0.5000" in searches[-1]["why"]
+
+
+def test_holdout_split_is_seeded_disjoint_and_checked():
+    search, held = C.split_holdout(list(range(100)), 0.2, seed=3)
+    assert len(held) == 20 and sorted(search + held) == list(range(100)) and not set(search) & set(held)
+    assert C.split_holdout(list(range(100)), 0.2, seed=3) == (search, held)
+    assert C.split_holdout(list(range(100)), 0.2, seed=4)[1] != held
+    assert C.split_holdout(list(range(100)), 0.0, seed=3) == (list(range(100)), [])
+    with pytest.raises(attnedit.AttneditError, match="leaves 12 for the search"):
+        C.split_holdout(list(range(16)), 0.25, seed=0)
 
 
 def test_zerotuning_profiles_heads_then_searches_gamma():
@@ -67,6 +158,7 @@ def test_zerotuning_profiles_heads_then_searches_gamma():
         c["gamma"] < 1 for c in grid if c["heads"] == "down"
     )
     assert len([r for r in found.candidates if r["candidate"]["stage"] == "profile"]) == 4
+    assert found.score == pytest.approx(0.7) and found.baseline == 0.5
 
 
 def test_zerotuning_layer_profile_and_unknown_profile():
@@ -147,7 +239,9 @@ def test_ph3_direct_scores_equal_ablation_effects_in_the_last_layer(tiny_lm):
     kept = sorted(((l, h) for l, hs in spec.heads.items() for h in hs), key=lambda lh: -scores[lh])
     top = sorted(scores, key=lambda lh: -scores[lh])[:3]
     assert sorted(kept) == sorted(top) and all(scores[lh] > 0 for lh in kept)  # the strongest memory heads
-    assert "memory_rate_after" in found.notes
+    assert "memory_rate_after" in found.notes and found.notes["objective"] == "context_rate"
+    assert found.baseline == pytest.approx(1 - found.notes["memory_rate_before"])
+    assert found.score == pytest.approx(1 - found.notes["memory_rate_after"])
 
 
 def test_ph3_needs_conflict_prompts(tiny_lm):
