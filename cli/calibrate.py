@@ -42,7 +42,8 @@ def run(
         typer.Option(
             "--task",
             "-t",
-            help="Task whose train split scores the candidates (sst2, trec, cb, rte, agnews, lama-conflict, a task YAML). Not needed for VAR.",
+            help="Task whose train split scores the candidates (sst2, trec, cb, rte, agnews, lama-conflict, a task "
+            "YAML). Not needed by searches that read the model only (`attnedit ls --methods`).",
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated recipe (YAML).")] = Path(
@@ -63,7 +64,8 @@ def run(
     objective: Annotated[
         str,
         typer.Option(
-            help="accuracy (the task's metric), logprob (mean log-probability of the gold answer) or entropy (unsupervised: minus the answer entropy)."
+            help="accuracy (the task's metric), logprob (mean log-probability of the gold answer) or entropy "
+            "(unsupervised: minus the answer entropy)."
         ),
     ] = "accuracy",
     param: Annotated[
@@ -71,7 +73,8 @@ def run(
         typer.Option(
             "--param",
             "-P",
-            help="Method option KEY=VALUE (repeatable), e.g. profile=head, gammas=0.5,2,3, k=5, prune=context.",
+            help="Search option KEY=VALUE (repeatable), e.g. profile=head, gammas=0.5,2,3, k=5, prune=context; "
+            "`attnedit ls --methods` lists each search's options.",
         ),
     ] = None,
     holdout: Annotated[
@@ -93,17 +96,20 @@ def run(
 ) -> None:
     """Find each intervention's targets with its paper's search on a task's train split; write the calibrated recipe.
 
-    The searches: ACT's per-head keep/discard, ZeroTuning's gamma and head sets, PH3's memory or context
-    heads, VAR's sink dimensions. The recipe written holds the resolved heads and parameters and their
-    provenance (model hash, data, every candidate's score)."""
+    Each method's search, its task kinds and its --param options: `attnedit ls --methods`. The recipe
+    written holds the resolved heads and parameters and their provenance (model hash, data, every
+    candidate's score)."""
     from attnedit.interventions import calibration as C  # noqa: PLC0415
+    from attnedit.interventions import registry  # noqa: PLC0415
     from attnedit.loading import DEFAULT_MODEL, load_config, model_hash  # noqa: PLC0415
     from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
 
     if objective not in ("accuracy", "logprob", "entropy"):
         raise UsageError(f"--objective {objective!r}; allowed: accuracy, logprob, entropy")
-    options = _options(param or [])
+    raw = _options(param or [])
     rec = load_recipe(recipe)
+    types = [s.type for s in rec.interventions]
+    options = registry.check_params(types, raw)
     check_writable(out, force)
     name = model or rec.model or DEFAULT_MODEL
     info = ModelInfo.from_config(load_config(name, cache_dir), name=name)
@@ -122,13 +128,13 @@ def run(
             seed=seed,
             progress=progress,
             options=options,
+            task=the_task,
+            examples=examples,
         )
         scorer = dict(objective=objective, shots=shots, seed=seed, batch_size=batch_size, backend=backend)
         if the_task is not None:
             cal.score = C.task_scorer(m, tok, the_task, examples, **scorer)
             cal.prompts = cal.score.prompts
-            knowledge = the_task.kind == "knowledge_conflict"
-            cal.examples = C.conflict_prompts(the_task, examples, tok) if knowledge else examples
         resolved, searches = C.calibrate(rec, cal)
         final = cal.score(resolved) if cal.score is not None and resolved.interventions else None
         unpatched = cal.score(None) if cal.score is not None else None
@@ -175,44 +181,36 @@ def _description(resolved, rec, the_task, n: int, objective: str) -> str:
     )
     if not resolved.interventions:
         searched = ", ".join(dict.fromkeys(s.type for s in rec.interventions))
-        return f"{searched} calibrated on {where} from {rec.name or 'a recipe'}: no candidate beat the unpatched model, nothing kept"
+        source = rec.name or "a recipe"
+        return f"{searched} calibrated on {where} from {source}: no candidate beat the unpatched model, nothing kept"
     methods = ", ".join(dict.fromkeys(s.type for s in resolved.interventions))
     return f"{methods} calibrated on {where} from {rec.name or 'a recipe'}"
 
 
-def _options(pairs: list[str]) -> dict:
+def _options(pairs: list[str]) -> dict[str, str]:
+    """{KEY: VALUE} of the --param pairs, as written (the methods' declarations type and check them)."""
     out = {}
     for p in pairs:
         key, sep, value = p.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise UsageError(f"--param {p!r}: write KEY=VALUE")
-        out[key.strip()] = [_num(v) for v in value.split(",")] if "," in value else _num(value)
+        out[key.strip()] = value
     return out
 
 
-def _num(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v.strip()
-
-
 def _task(task, data_dir, limit, seed, rec):
-    """(Task, calibration examples) or (None, []) for searches that need no task (VAR)."""
+    """(Task, calibration examples) or (None, []) when the recipe's searches need no task."""
     from attnedit.interventions import calibration as C  # noqa: PLC0415
+    from attnedit.interventions import registry  # noqa: PLC0415
 
+    types = [s.type for s in rec.interventions]
     if task is None:
-        needs = [s.type for s in rec.interventions if s.type in ("act", "zerotuning", "head_prune")]
-        if needs:
-            raise UsageError(
-                f"calibrating {', '.join(sorted(set(needs)))} needs --task (e.g. --task sst2, or --task lama-conflict for head_prune)"
-            )
+        registry.check_task(types, None, None)
         return None, []
     from attnedit.evals import load_task  # noqa: PLC0415
 
     the_task = load_task(task, data_dir=data_dir)
+    registry.check_task(types, task, the_task.kind)
     return the_task, C.calibration_examples(the_task, limit, seed)
 
 

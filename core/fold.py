@@ -23,12 +23,12 @@ from typing import ClassVar
 
 import torch
 
+from attnedit.interventions import registry
+
 from . import tables as T
 from .errors import AttneditError
 from .modelinfo import ModelInfo, decoder_layers
 from .recipe import Recipe
-
-_KINDS = {T.Bias: "logit bias", T.MoveEffect: "attention moves", T.Detect: "per-input detection"}
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,11 @@ def plan_export(model: torch.nn.Module, recipe: Recipe) -> ExportPlan:
         RecipeError: the recipe does not fit the model.
         AttneditError: an `auto` value that attnedit cannot resolve for export.
     """
-    from attnedit.interventions import registry  # noqa: PLC0415
-
     info = ModelInfo.from_config(model.config, name=model_name(model))
     recipe.check_model(info)
     compiled = [list(registry.get(s.type).compile(s, info, model)) for s in recipe.interventions]
     recipe = _resolve_auto(recipe, compiled, info)
-    why = {i: _why_dynamic(out, model, info) for i, out in enumerate(compiled)}
+    why = {i: _why_dynamic(spec, out, model, info) for i, (spec, out) in enumerate(zip(recipe.interventions, compiled))}
     folded = {i for i, reason in why.items() if reason is None}
     conflicts = _order_conflicts(compiled, folded, recipe, info)
     why.update(conflicts)
@@ -138,16 +136,17 @@ def plan_export(model: torch.nn.Module, recipe: Recipe) -> ExportPlan:
 def _resolve_auto(recipe: Recipe, compiled: list[list], info: ModelInfo) -> Recipe:
     """The recipe with every 'auto' that compiling resolves from the weights written out.
 
-    VAR's sink_dims become the dimensions its compile step found. An 'auto' that compiles without
-    the model is a per-input choice made at run time (VHR's heads) and stays. Any other 'auto' is refused.
+    A method that finds an 'auto' in the weights when it compiles declares how to write the result
+    (`Method.resolve`: VAR's sink dimensions). An 'auto' left in a spec whose compile step does not
+    read the weights is a per-input choice made at run time (VHR's heads) and stays; any other is refused.
     """
     specs, problems = [], []
     for i, (spec, out) in enumerate(zip(recipe.interventions, compiled)):
-        if spec.type == "var" and spec.sink_dims == "auto":
-            dims = next((e.detector.dims for e in out if isinstance(e, T.Detect) and hasattr(e.detector, "dims")), ())
-            spec = type(spec).model_validate({**spec.model_dump(), "sink_dims": list(dims)})
+        method = registry.get(spec.type)
+        if method.resolve is not None:
+            spec = type(spec).model_validate(method.resolve(spec, out).model_dump())
         left = [k for k, v in spec.model_dump().items() if isinstance(v, str) and v == "auto"]
-        if left and _needs_model(spec, info):
+        if left and method.reads_weights(spec):
             problems += [
                 f"interventions[{i}].{k} ({spec.type}): 'auto' is searched in the weights when the recipe compiles "
                 "and export cannot write the result; give the value explicitly"
@@ -159,22 +158,13 @@ def _resolve_auto(recipe: Recipe, compiled: list[list], info: ModelInfo) -> Reci
     return recipe.replace(interventions=tuple(specs))
 
 
-def _needs_model(spec, info: ModelInfo) -> bool:
-    """Whether a spec's compile step reads the loaded model (it fails without one)."""
-    from attnedit.interventions import registry  # noqa: PLC0415
-
-    try:
-        registry.get(spec.type).compile(spec, info, None)
-    except (AttneditError, AttributeError, TypeError):
-        return True
-    return False
-
-
-def _why_dynamic(out: list, model, info: ModelInfo) -> str | None:
-    """Why one intervention's compiled items cannot fold into o_proj, or None if they can."""
-    kinds = sorted({_KINDS.get(type(e), "per-input head statistics") for e in out if not isinstance(e, T.Scale)})
+def _why_dynamic(spec, out: list, model, info: ModelInfo) -> str | None:
+    """Why one intervention's compiled effects cannot fold into o_proj, or None if they can."""
+    kinds = sorted({e.KIND for e in out if not isinstance(e, T.Scale)})
     if kinds:
         return "dynamic: " + ", ".join(kinds) + " (applied at every forward)"
+    if registry.get(spec.type).fold is None:
+        return f"dynamic: {spec.type} does not fold into weights"
     for e in out:
         lin = out_proj(model, e.layer, info)
         if lin is None:
@@ -237,10 +227,16 @@ def _sees_weights(compiled: list[list], folded: set[int], recipe: Recipe, info: 
     for j, (spec, out) in enumerate(zip(recipe.interventions, compiled)):
         if j in folded:
             continue
-        if any(not isinstance(e, (T.Bias, T.MoveEffect, T.Scale, T.Detect)) for e in out):
-            return f"dynamic: interventions[{j}] ({spec.type}) computes per-input statistics, which would see folded weights"
-        if _needs_model(spec, info):
-            return f"dynamic: interventions[{j}] ({spec.type}) reads the weights when it compiles, which folding would change"
+        if any(isinstance(e, T.ForwardHook) for e in out):
+            return (
+                f"dynamic: interventions[{j}] ({spec.type}) computes per-input statistics, which would see folded "
+                "weights"
+            )
+        if registry.get(spec.type).reads_weights(spec):
+            return (
+                f"dynamic: interventions[{j}] ({spec.type}) reads the weights when it compiles, which folding would "
+                "change"
+            )
     return None
 
 

@@ -15,6 +15,12 @@ For one layer and one query head, every method is
    only in rows at or after a row start (VAR edits rows after the image);
 4. a scale and shift of the head's output (pruning: 0 or the mean, VHR: alpha).
 
+A method compiles to effects of these kinds (`Bias`, `MoveEffect`, `Scale`), to
+detectors that set key flags per input (`Detect`), and to forward hooks that
+compute per-input statistics before each forward of the model (`ForwardHook`,
+VHR's per-input head choice); each method declares the kinds it emits
+(`attnedit.interventions.registry.Method.emits`).
+
 Order of effects when several interventions meet in one head: all biases add;
 moves apply in recipe order, each on the masses the previous ones left; output
 scales multiply and shifts follow in recipe order.
@@ -29,10 +35,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
+from .errors import AttneditError
 from .modelinfo import ModelInfo
 
 # --------------------------------------------------------------------------- key flags
@@ -71,6 +78,8 @@ class Bias:
     keys: KeySet
     value: float
 
+    KIND: ClassVar[str] = "logit bias"
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -94,6 +103,8 @@ class MoveEffect:
     gate: Gate | None = None
     after_image: bool = False  # edit only rows after the last image token
 
+    KIND: ClassVar[str] = "attention moves"
+
 
 @dataclass(frozen=True)
 class Scale:
@@ -103,6 +114,8 @@ class Scale:
     heads: tuple[int, ...]
     scale: float
     shift: torch.Tensor | None = None
+
+    KIND: ClassVar[str] = "output scale"
 
 
 class Detector(Protocol):
@@ -128,8 +141,23 @@ class Detect:
     layer: int | None
     detector: Any
 
+    KIND: ClassVar[str] = "per-input detection"
 
-Effect = Bias | MoveEffect | Scale | Detect
+
+@dataclass(frozen=True)
+class ForwardHook:
+    """Call ``hook.on_forward(patch, args, kwargs, past)`` before every forward of the patched model.
+
+    For per-input statistics that set runtime tables (VHR's head choice writes `patch.state.head_scale`).
+    """
+
+    hook: Any
+
+    KIND: ClassVar[str] = "per-input head statistics"
+
+
+Effect = Bias | MoveEffect | Scale | Detect | ForwardHook
+EFFECT_KINDS = (Bias, MoveEffect, Scale, Detect, ForwardHook)
 
 
 # --------------------------------------------------------------------------- compiled, static plan of one layer
@@ -243,27 +271,31 @@ def compile_recipe(recipe, info: ModelInfo, model: torch.nn.Module | None = None
     from attnedit.interventions import registry  # noqa: PLC0415
 
     effects: list[Effect] = []
-    hooks: list[Any] = []
     needs_spans = False
     for spec in recipe.interventions:
         method = registry.get(spec.type)
-        out = method.compile(spec, info, model)
-        for item in out:
-            if isinstance(item, (Bias, MoveEffect, Scale, Detect)):
-                effects.append(item)
-            else:  # a forward hook (per-input statistics that set runtime tables)
-                hooks.append(item)
-        needs_spans |= getattr(method, "needs_spans", False)
-    return build_plans(effects, info, tuple(hooks), needs_spans)
+        for item in method.compile(spec, info, model):
+            if not isinstance(item, method.emits) or not isinstance(item, EFFECT_KINDS):
+                declared = ", ".join(k.__name__ for k in method.emits)
+                raise AttneditError(
+                    f"method {method.name!r} compiled to a {type(item).__name__}, not one of the effect kinds it "
+                    f"declares ({declared})"
+                )
+            effects.append(item)
+        needs_spans |= method.needs_spans
+    return build_plans(effects, info, needs_spans=needs_spans)
 
 
-def build_plans(
-    effects: Sequence[Effect], info: ModelInfo, hooks: tuple = (), needs_spans: bool = False
-) -> CompiledRecipe:
+def build_plans(effects: Sequence[Effect], info: ModelInfo, needs_spans: bool = False) -> CompiledRecipe:
+    """Per-layer plans from effects; forward hooks are kept apart, in order."""
     H, D = info.n_heads, info.head_dim
     by_layer: dict[int, list[Effect]] = {}
     input_detectors = []
+    hooks: list[Any] = []
     for e in effects:
+        if isinstance(e, ForwardHook):
+            hooks.append(e.hook)
+            continue
         if isinstance(e, Detect) and e.layer is None:
             if all(type(d) is not type(e.detector) or d != e.detector for d in input_detectors):
                 input_detectors.append(e.detector)
@@ -328,7 +360,7 @@ def build_plans(
             out_shift=shift if has_shift else None,
             detectors=_merge_detectors(detectors),
         )
-    return CompiledRecipe(plans, tuple(input_detectors), needs_spans, hooks)
+    return CompiledRecipe(plans, tuple(input_detectors), needs_spans, tuple(hooks))
 
 
 def _merge_detectors(detectors: list) -> tuple:

@@ -27,11 +27,18 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the optional extra
     raise ImportError("the lm-eval integration needs lm-evaluation-harness: pip install 'attnedit[lm-eval]'") from e
 
+from attnedit.interventions import registry
+
 log = logging.getLogger("attnedit")
 
-# Methods that detect something per input at prefill (sinks): lm-eval pads batches on the right
-# without an attention mask, so padding would enter the detection; such recipes run one row at a time.
-PER_INPUT = ("act", "var")
+
+def per_input(recipe) -> list[str]:
+    """The recipe's methods that detect something in each input at prefill (`Method.per_input`).
+
+    lm-eval pads batches on the right without an attention mask, so padding would enter the
+    detection: recipes with such a method run one row at a time.
+    """
+    return [t for t in dict.fromkeys(s.type for s in recipe.interventions) if registry.get(t).per_input]
 
 
 class AttneditLM(HFLM):
@@ -60,14 +67,12 @@ class AttneditLM(HFLM):
 
         rec = load_recipe(recipe) if recipe else None
         model, tokenizer = attnedit.load(pretrained, dtype=dtype, device=device, cache_dir=cache_dir)
-        if (
-            rec is not None
-            and any(s.type in PER_INPUT for s in rec.interventions)
-            and str(kwargs.get("batch_size", 1)) != "1"
-        ):
+        if rec is not None and per_input(rec) and str(kwargs.get("batch_size", 1)) != "1":
             log.warning(
-                "recipe %s detects sinks per input: lm-eval's right padding would enter the detection, so batch_size is set to 1",
+                "recipe %s detects something in each input (%s): lm-eval's right padding would enter the "
+                "detection, so batch_size is set to 1",
                 recipe,
+                ", ".join(per_input(rec)),
             )
             kwargs["batch_size"] = 1
         super().__init__(pretrained=model, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), **kwargs)

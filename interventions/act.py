@@ -19,7 +19,7 @@ alone can hurt together, and the recipe written is judged as a whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -27,8 +27,8 @@ from pydantic import Field
 from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import ACTSINK, Detect, KeySet, MoveEffect
 
-from .calibration import Calibration, Found, need_scorer, recipe_of, score_all
-from .registry import finder, register
+from .calibration import SCORED_TASKS, Calibration, Found, need_scorer, recipe_of, score_all
+from .registry import Method, Search, register
 
 
 class ActSpec(InterventionSpec):
@@ -37,8 +37,6 @@ class ActSpec(InterventionSpec):
     tau: float = Field(default=0.1, gt=0, le=1, description="column-score threshold above which a key is a sink")
 
     layers: LayerSel = "2:"  # layers 2 .. L-1
-
-    SUMMARY: ClassVar[str] = "ACT: reduce detected attention sinks by beta, redistribute to the other keys"
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +61,6 @@ class ActSinks:
         return ActSinks(tau)
 
 
-@register("act", schema=ActSpec, summary=ActSpec.SUMMARY)
 def compile(spec: ActSpec, info, model=None) -> list:
     out = []
     for layer, heads in spec.targets(info).items():
@@ -74,7 +71,6 @@ def compile(spec: ActSpec, info, model=None) -> list:
     return out
 
 
-@finder("act")
 def find(spec: ActSpec, cal: Calibration) -> Found:
     """ACT's head search: each candidate (layer, head) alone, then a greedy combination judged as a whole.
 
@@ -133,3 +129,20 @@ def find(spec: ActSpec, cal: Calibration) -> Found:
 
 def _spec(heads: dict[int, list[int]], like: ActSpec) -> ActSpec:
     return ActSpec(type="act", heads=heads, beta=like.beta, tau=like.tau)
+
+
+METHOD = register(
+    Method(
+        name="act",
+        schema=ActSpec,
+        compile=compile,
+        summary="ACT: reduce detected attention sinks by beta, redistribute to the other keys",
+        emits=(Detect, MoveEffect),
+        per_input=True,  # sinks are detected in each input's attention map at prefill
+        search=Search(
+            find=find,
+            about="heads whose ACT beats the unpatched score on the task",
+            scores_on=SCORED_TASKS,
+        ),
+    )
+)

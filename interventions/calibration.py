@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from attnedit.errors import AttneditError
@@ -32,6 +32,7 @@ class Calibration:
         objective: what `score` measures (e.g. "accuracy", "-entropy"), for provenance.
         max_candidates: stop after scoring this many candidates (None: all).
         seed: the seed of every random choice.
+        task: the calibration task (an `attnedit.evals.Task`), or None for searches that need none.
         progress: ``progress(total, description) -> callable(advance=1)``; default: no display.
         options: method-specific options from the command line (e.g. ``{"k": 5}``).
     """
@@ -45,6 +46,7 @@ class Calibration:
     objective: str = "accuracy"
     max_candidates: int | None = None
     seed: int = 0
+    task: Any = None
     progress: Callable[[int, str], Callable[..., None]] | None = None
     options: dict = field(default_factory=dict)
 
@@ -145,6 +147,8 @@ def _plain(obj):
 # --------------------------------------------------------------------------- the calibrate command's engine
 
 MIN_EXAMPLES = 16
+# Task kinds whose examples `task_scorer` scores candidates on (a search declares them in `Search.scores_on`).
+SCORED_TASKS = ("classification", "multiple_choice", "generation", "pope")
 
 
 DEFAULT_HOLDOUT = 0.2
@@ -316,26 +320,11 @@ def _log_softmax(scores) -> list[float]:
     return [s - z for s in scores]
 
 
-def conflict_prompts(task, examples, tokenizer) -> list:
-    """PH3's inputs from a knowledge_conflict task: prompt, question, first tokens of both answers."""
-    from attnedit import evals  # noqa: PLC0415
-
-    from .head_prune import ConflictPrompt  # noqa: PLC0415
-
-    if task.kind != "knowledge_conflict":
-        raise AttneditError(
-            f"PH3 head search needs a knowledge_conflict task (e.g. lama-conflict); {task.name!r} is {task.kind}"
-        )
-    out = []
-    for ex, enc in zip(examples, evals.encode(task, examples, tokenizer, shots=0)):
-        ctx, mem = enc.choice_ids[0], enc.choice_ids[1]  # choices are (context answer, memory answer)
-        if ctx and mem:
-            out.append(ConflictPrompt(enc.prompt, str(ex.fields["question"]), mem[0], ctx[0]))
-    return out
-
-
 def calibrate(recipe: Recipe, cal: Calibration) -> tuple[Recipe, list[dict]]:
-    """Run the target finder of every intervention that has one; keep the others as they are.
+    """Run the search of every intervention whose method has one; keep the others as they are.
+
+    A search that reads the task's examples itself (`Search.reads`, for the task's kind) gets them
+    turned into its own inputs (PH3: conflict prompts); the others score on ``cal.score``.
 
     Returns:
         (the resolved recipe, one search summary per intervention).
@@ -352,19 +341,21 @@ def calibrate(recipe: Recipe, cal: Calibration) -> tuple[Recipe, list[dict]]:
 
     for i, spec in enumerate(recipe.interventions):
         method = registry.get(spec.type)
-        if method.find is None:
+        if method.search is None:
             specs.append(spec)
             searches.append(
                 {
                     "index": i,
                     "method": spec.type,
                     "searched": False,
-                    "why": "no target finder (targets are given or found per input)",
+                    "why": "no search (targets are given or found per input)",
                 }
             )
             continue
-        found = method.find(spec, cal)
-        kept, why = _guard(found, cal, baseline_score)
+        reads = method.search.reads.get(cal.task.kind) if cal.task is not None else None
+        here = cal if reads is None else replace(cal, examples=reads(cal.task, cal.examples, cal.tokenizer))
+        found = method.search.find(spec, here)
+        kept, why = _guard(found, here, baseline_score)
         specs.extend(kept)
         searches.append(
             {

@@ -19,19 +19,20 @@ that lower it context heads; the top-k of the kind the user names are pruned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from attnedit import evals
 from attnedit.errors import AttneditError, RecipeError
 from attnedit.modelinfo import text_decoder
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import Scale
 
-from .calibration import Calibration, Found, recipe_of
+from .calibration import SCORED_TASKS, Calibration, Found, recipe_of
 from .heads import HeadOutputs, head_means, left_padded, o_proj
-from .registry import finder, register
+from .registry import Method, Param, Search, register
 
 
 class HeadPruneSpec(InterventionSpec):
@@ -40,8 +41,6 @@ class HeadPruneSpec(InterventionSpec):
     means: dict[int, dict[int, list[float]]] | None = Field(
         default=None, description="for ablation: mean, {layer: {head: [head_dim floats]}} over a reference set"
     )
-
-    SUMMARY: ClassVar[str] = "Head pruning: zero or mean-ablate chosen heads (PH3 memory/context heads)"
 
     @model_validator(mode="after")
     def _means_given(self):
@@ -71,7 +70,6 @@ class HeadPruneSpec(InterventionSpec):
         return problems
 
 
-@register("head_prune", schema=HeadPruneSpec, summary=HeadPruneSpec.SUMMARY)
 def compile(spec: HeadPruneSpec, info, model=None) -> list:
     if spec.ablation == "mean" and spec.means is None:
         raise RecipeError(
@@ -106,6 +104,16 @@ class ConflictPrompt:
     question: str
     memory_id: int
     context_id: int
+
+
+def conflict_prompts(task, examples, tokenizer) -> list[ConflictPrompt]:
+    """PH3's inputs from a knowledge_conflict task: prompt, question, first tokens of both answers."""
+    out = []
+    for ex, enc in zip(examples, evals.encode(task, examples, tokenizer, shots=0)):
+        ctx, mem = enc.choice_ids[0], enc.choice_ids[1]  # choices are (context answer, memory answer)
+        if ctx and mem:
+            out.append(ConflictPrompt(enc.prompt, str(ex.fields["question"]), mem[0], ctx[0]))
+    return out
 
 
 @torch.no_grad()
@@ -201,7 +209,6 @@ def _top_k(scores: dict[tuple[int, int], float], prune: str, k: int) -> list[tup
     return sorted((kv for kv in scores.items() if sign * kv[1] > 0), key=lambda kv: -sign * kv[1])[:k]
 
 
-@finder("head_prune")
 def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     """PH3: score every head on knowledge-conflict prompts and prune the top-k of one kind.
 
@@ -272,3 +279,28 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
         notes["memory_rate_after"] = float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean())
     chosen = {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}
     return Found([spec_for(heads)], records, chosen, baseline, notes, score=rate(notes["memory_rate_after"]))
+
+
+METHOD = register(
+    Method(
+        name="head_prune",
+        schema=HeadPruneSpec,
+        compile=compile,
+        summary="Head pruning: zero or mean-ablate chosen heads (PH3 memory/context heads)",
+        emits=(Scale,),
+        fold="zero ablation: o_proj columns; mean ablation: o_proj columns and bias",
+        search=Search(
+            find=find,
+            about="PH3: each head's effect on memory-vs-context logits on knowledge conflicts, top-k pruned; "
+            "on another task with ablation: mean, the given heads' means",
+            scores_on=SCORED_TASKS,
+            reads={"knowledge_conflict": conflict_prompts},
+            params=(
+                Param("prune", str, "which heads to prune", "memory", choices=("memory", "context")),
+                Param("k", int, "how many heads to prune", 5, ge=1),
+                Param("patching", str, "how a head's effect is measured", "direct", choices=("direct", "total")),
+                Param("batch_size", int, "prompts per forward", 8, ge=1),
+            ),
+        ),
+    )
+)

@@ -17,7 +17,7 @@ tokenizes with offsets and returns the token spans for `Patch.set_spans`::
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal, Sequence
+from typing import Literal, Sequence
 
 from pydantic import Field, field_validator
 
@@ -25,7 +25,7 @@ from attnedit.errors import AttneditError
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import SPAN, Bias, KeySet
 
-from .registry import register
+from .registry import Method, register
 
 DEFAULT_MARKERS = ("<<", ">>")
 # Generated tokens sit at positions >= the prompt length; flagging them as "span"
@@ -40,8 +40,6 @@ class PastaSpec(InterventionSpec):
         default=DEFAULT_MARKERS, description="open and close markers of a highlighted span"
     )
 
-    SUMMARY: ClassVar[str] = "PASTA: log(alpha) logit bias on prompt keys outside highlighted spans"
-
     @field_validator("markers")
     @classmethod
     def _distinct(cls, v):
@@ -50,10 +48,21 @@ class PastaSpec(InterventionSpec):
         return v
 
 
-@register("pasta", schema=PastaSpec, summary=PastaSpec.SUMMARY, needs_spans=True)
 def compile(spec: PastaSpec, info, model=None) -> list:
     bias = math.log(spec.alpha)
     return [Bias(layer, tuple(heads), KeySet(off=SPAN), bias) for layer, heads in spec.targets(info).items()]
+
+
+METHOD = register(
+    Method(
+        name="pasta",
+        schema=PastaSpec,
+        compile=compile,
+        summary="PASTA: log(alpha) logit bias on prompt keys outside highlighted spans",
+        emits=(Bias,),
+        needs_spans=True,
+    )
+)
 
 
 # --------------------------------------------------------------------------- prompts with highlighted spans

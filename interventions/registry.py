@@ -1,57 +1,220 @@
-"""The method registry: a recipe picks a method by its `type:`, never by an import path."""
+"""The method registry: what each method is and can do, declared once, in its own module.
+
+A method module ends with one declaration::
+
+    METHOD = register(
+        Method(
+            name="zerotuning",                # the recipe's `type:`
+            schema=ZeroTuningSpec,            # its pydantic schema
+            compile=compile,                  # (spec, info, model) -> effects
+            summary="ZeroTuning: ...",        # one line for `attnedit ls --methods`
+            emits=(Bias,),                    # the effect kinds of `attnedit.tables` it compiles to
+            search=Search(...),               # its target search for `attnedit calibrate`, or None
+        )
+    )
+
+Everything else reads these declarations: recipe parsing (`schema`), compiling
+(`compile`, checked against `emits`), the patch (`needs_spans`), export
+(`fold`, `reads_weights`, `resolve`), `attnedit calibrate` (`search`: which
+task kinds, which `--param`s with their types and ranges), the lm-eval
+harness (`per_input`) and `attnedit ls`. Nothing outside `attnedit.interventions`
+names a method.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
-from attnedit.errors import RecipeError
+from attnedit.errors import AttneditError, RecipeError
+
+# --------------------------------------------------------------------------- search parameters
 
 
-@dataclass
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method's search, given as ``attnedit calibrate --param NAME=VALUE``.
+
+    Attributes:
+        name: the key after ``--param``.
+        type: int, float or str (the type of one value).
+        help: what it sets, for `attnedit ls --methods` and error messages.
+        default: the value the search uses when it is not given (for help only).
+        choices: the allowed values (str parameters), or () for any.
+        ge, gt, le: bounds of a number (inclusive, exclusive, inclusive), or None.
+        many: a comma-separated list of values (``gammas=0.5,2,3``).
+    """
+
+    name: str
+    type: type
+    help: str
+    default: Any = None
+    choices: tuple = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    many: bool = False
+
+    def allowed(self) -> str:
+        """What is allowed, in words: 'an integer >= 1', 'memory or context', 'a list of numbers > 0'."""
+        if self.choices:
+            one = " or ".join(map(str, self.choices)) if len(self.choices) < 3 else "one of " + ", ".join(self.choices)
+        else:
+            one = {int: "an integer", float: "a number", str: "a string"}[self.type]
+            bounds = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le)) if v is not None]
+            one += (" " + " and ".join(bounds)) if bounds else ""
+        if self.many:
+            noun = one.replace("an integer", "integers").replace("a number", "numbers").replace("a string", "strings")
+            return f"a comma-separated list of {noun}"
+        return one
+
+    def parse(self, value: Any) -> Any:
+        """The typed value of a command-line string (or of a value already typed).
+
+        Raises:
+            ValueError: the value is not allowed; the message says what is.
+        """
+        if self.many:
+            items = (
+                value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+            )
+            if not items or any(isinstance(v, str) and not v.strip() for v in items):
+                raise ValueError(self.allowed())
+            return [self._one(v) for v in items]
+        if isinstance(value, (list, tuple)):
+            raise ValueError(self.allowed())
+        return self._one(value)
+
+    def _one(self, value: Any) -> Any:
+        text = value.strip() if isinstance(value, str) else value
+        try:
+            if isinstance(text, bool):
+                raise ValueError
+            if self.type is int:
+                out = int(text) if isinstance(text, str) else text
+                if not isinstance(out, int) or isinstance(out, bool):
+                    raise ValueError
+            elif self.type is float:
+                out = float(text)
+                if not math.isfinite(out):
+                    raise ValueError
+            else:
+                out = str(text)
+        except (TypeError, ValueError):
+            raise ValueError(self.allowed()) from None
+        if self.choices and out not in self.choices:
+            raise ValueError(self.allowed())
+        if (
+            (self.ge is not None and out < self.ge)
+            or (self.gt is not None and out <= self.gt)
+            or (self.le is not None and out > self.le)
+        ):
+            raise ValueError(self.allowed())
+        return out
+
+
+# --------------------------------------------------------------------------- searches
+
+
+@dataclass(frozen=True)
+class Search:
+    """A method's target search, run by `attnedit calibrate` (`attnedit.interventions.calibration`).
+
+    Attributes:
+        find: ``find(spec, cal: Calibration) -> Found``.
+        about: one line, what it searches (for `attnedit ls --methods` and docs).
+        scores_on: task kinds whose examples score its candidates (``cal.score``).
+        reads: {task kind: ``inputs(task, examples, tokenizer) -> list``}: task kinds whose examples the
+            search reads itself, turned into what `find` gets as ``cal.examples`` (PH3's conflict prompts).
+        params: the ``--param`` options it takes.
+    A search with neither `scores_on` nor `reads` needs no task: it reads the model only (VAR's sink dimensions).
+    """
+
+    find: Callable[..., Any]
+    about: str
+    scores_on: tuple[str, ...] = ()
+    reads: Mapping[str, Callable[..., list]] = field(default_factory=dict)
+    params: tuple[Param, ...] = ()
+
+    @property
+    def task_kinds(self) -> tuple[str, ...]:
+        """Every task kind it calibrates on; () when it needs no task."""
+        return tuple(dict.fromkeys((*self.scores_on, *self.reads)))
+
+    @property
+    def needs_task(self) -> bool:
+        return bool(self.task_kinds)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _never(spec) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
 class Method:
-    """One intervention method.
+    """One intervention method, as its module declares it.
 
     Attributes:
         name: the recipe's `type:`.
         schema: its pydantic schema (a subclass of `attnedit.recipe.InterventionSpec`).
         compile: ``compile(spec, info, model) -> list of effects`` (see `attnedit.tables`).
-        summary: one line for `attnedit ls` and docs.
-        needs_spans: the method reads highlighted spans given with the input (PASTA).
-        find: the target finder used by `attnedit calibrate`, or None.
+        summary: one line for `attnedit ls --methods` and docs.
+        emits: the effect kinds (classes of `attnedit.tables`: Bias, MoveEffect, Scale, Detect,
+            ForwardHook) its compile step returns; compiling refuses any other.
+        search: its target search, or None (targets are given, or chosen per input).
+        per_input: it detects something in each input at prefill (attention sinks), so padding
+            that enters the detection changes its result (lm-eval batches are padded without a mask).
+        needs_spans: it reads highlighted spans given with the input (PASTA).
+        fold: how its output scales fold into the weights on export, in words; None when it always
+            stays dynamic. An intervention folds only when its method folds and every effect it
+            compiled to is a `Scale`.
+        reads_weights: ``reads_weights(spec) -> bool``: its compile step reads the model's weights
+            (so it would see folded weights when rebuilt at load).
+        resolve: ``resolve(spec, effects) -> spec``: the spec with each 'auto' that compiling found in
+            the weights written out (for export), or None.
     """
 
     name: str
     schema: type
     compile: Callable[..., list]
     summary: str
+    emits: tuple[type, ...]
+    search: Search | None = None
+    per_input: bool = False
     needs_spans: bool = False
-    find: Callable[..., Any] | None = None
+    fold: str | None = None
+    reads_weights: Callable[[Any], bool] = _never
+    resolve: Callable[[Any, list], Any] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.reads_weights, bool):
+            constant = self.reads_weights
+            object.__setattr__(self, "reads_weights", lambda spec: constant)
+        if not self.emits:
+            raise ValueError(f"method {self.name!r} declares no effect kind (emits)")
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, schema: type, summary: str, needs_spans: bool = False):
-    """Decorator for a method's compile function. Refuses a name registered twice."""
-
-    def deco(fn: Callable[..., list]) -> Callable[..., list]:
-        if name in _METHODS:
-            raise ValueError(f"intervention type {name!r} is registered twice")
-        _METHODS[name] = Method(name, schema, fn, summary, needs_spans)
-        return fn
-
-    return deco
+def register(method: Method) -> Method:
+    """Add a method to the registry; refuses a name registered twice. Returns the method."""
+    if method.name in _METHODS:
+        raise ValueError(f"intervention type {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+    return method
 
 
-def finder(name: str):
-    """Decorator that attaches a target finder to a registered method."""
-
-    def deco(fn):
-        get(name).find = fn
-        return fn
-
-    return deco
+def unregister(name: str) -> None:
+    """Remove a method (for tests that register their own)."""
+    _METHODS.pop(name, None)
 
 
 def get(name: str) -> Method:
@@ -63,3 +226,77 @@ def get(name: str) -> Method:
 
 def names() -> list[str]:
     return sorted(_METHODS)
+
+
+def methods() -> list[Method]:
+    return [_METHODS[n] for n in names()]
+
+
+# --------------------------------------------------------------------------- checks before any model loads
+
+
+def searched(types: Sequence[str]) -> dict[str, Search]:
+    """{type: its search} for the given intervention types that have one, in order."""
+    return {t: get(t).search for t in dict.fromkeys(types) if get(t).search is not None}
+
+
+def check_params(types: Sequence[str], options: Mapping[str, Any]) -> dict:
+    """Check ``--param`` options against the searches of a recipe's intervention types.
+
+    Args:
+        types: the recipe's intervention types (in recipe order).
+        options: {name: value}; a value is a command-line string (``"0.5,2,3"``) or already typed.
+    Returns:
+        {name: typed value}.
+    Raises:
+        AttneditError: one line per problem, naming the parameter, its method and what is allowed.
+    """
+    searches = searched(types)
+    problems, out = [], {}
+    for name, value in options.items():
+        shown = f"--param {name}={_show(value)}"
+        owners = [(t, s.param(name)) for t, s in searches.items() if s.param(name) is not None]
+        if not owners:
+            takes = "; ".join(f"{t}: {', '.join(p.name for p in s.params)}" for t, s in searches.items() if s.params)
+            if takes:
+                problems.append(f"{shown}: no search of this recipe takes {name!r}; allowed: {takes}")
+            elif searches:
+                problems.append(f"{shown}: the searches of this recipe ({', '.join(searches)}) take no parameter")
+            else:
+                kinds = ", ".join(dict.fromkeys(types)) or "none"
+                problems.append(f"{shown}: this recipe's interventions ({kinds}) have no search to pass it to")
+            continue
+        for t, p in owners:
+            try:
+                out[name] = p.parse(value)
+            except ValueError as e:
+                problems.append(f"{shown}: {name} ({t}: {p.help}) is {e}")
+    if problems:
+        raise AttneditError("\n".join(problems))
+    return out
+
+
+def check_task(types: Sequence[str], task: str | None, kind: str | None) -> None:
+    """Check that each search of a recipe can run on a task (None: no --task given).
+
+    Raises:
+        AttneditError: a search needs a task and none is given, or the task's kind is not one it calibrates on.
+    """
+    problems = []
+    for t, s in searched(types).items():
+        if not s.needs_task:
+            continue
+        if task is None:
+            problems.append(f"calibrating {t} needs --task: a {_or(s.task_kinds)} task")
+        elif kind not in s.task_kinds:
+            problems.append(f"{t}'s search calibrates on a {_or(s.task_kinds)} task; {task!r} is {kind}")
+    if problems:
+        raise AttneditError("\n".join(problems))
+
+
+def _or(kinds: Sequence[str]) -> str:
+    return kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " or " + kinds[-1]
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Union
+from typing import Literal, Union
 
 import torch
 from pydantic import Field
@@ -30,7 +30,7 @@ from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import HSINK, IMAGE, Detect, Gate, KeySet, MoveEffect
 
 from .calibration import Calibration, Found
-from .registry import finder, register
+from .registry import Method, Search, register
 
 _FOUND: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -52,8 +52,6 @@ class VarSpec(InterventionSpec):
     sink_dims: Union[Literal["auto"], list[int]] = Field(
         default="auto", description="massive-activation dimensions, or 'auto' to find them"
     )
-
-    SUMMARY: ClassVar[str] = "VAR: move attention from sink tokens to the image's non-sink tokens in image-centric rows"
 
     def check_method_model(self, info):
         problems = []
@@ -198,7 +196,6 @@ def sink_dims_for(model: torch.nn.Module, tau: float) -> tuple[int, ...]:
     return found[tau]
 
 
-@register("var", schema=VarSpec, summary=VarSpec.SUMMARY)
 def compile(spec: VarSpec, info, model=None) -> list:
     if spec.sink_dims == "auto":
         if model is None:
@@ -219,7 +216,6 @@ def compile(spec: VarSpec, info, model=None) -> list:
     return out
 
 
-@finder("var")
 def find(spec: VarSpec, cal: Calibration) -> Found:
     """VAR's offline statistic: resolve `sink_dims: auto` to the model's sink dimensions (no task needed)."""
     dims = list(find_sink_dims(cal.model, spec.tau))
@@ -229,3 +225,26 @@ def find(spec: VarSpec, cal: Calibration) -> Found:
         "rule": "first token above tau in >= half of layers 2..L-1, median token below",
     }
     return Found([spec.model_copy(update={"sink_dims": dims})], [], chosen, None, {})
+
+
+def resolve(spec: VarSpec, effects: list) -> VarSpec:
+    """The spec with `sink_dims: auto` replaced by the dimensions its compile step found (for export)."""
+    if spec.sink_dims != "auto":
+        return spec
+    dims = next((e.detector.dims for e in effects if isinstance(e, Detect) and isinstance(e.detector, HiddenSinks)), ())
+    return spec.model_copy(update={"sink_dims": list(dims)})
+
+
+METHOD = register(
+    Method(
+        name="var",
+        schema=VarSpec,
+        compile=compile,
+        summary="VAR: move attention from sink tokens to the image's non-sink tokens in image-centric rows",
+        emits=(Detect, MoveEffect),
+        per_input=True,  # sinks are detected in each input's hidden states at prefill
+        reads_weights=lambda spec: spec.sink_dims == "auto",
+        resolve=resolve,
+        search=Search(find=find, about="the model's massive-activation (sink) dimensions, from its hidden states"),
+    )
+)

@@ -20,17 +20,17 @@ Defaults: alpha 2, layer 1 and the last 14 layers.
 from __future__ import annotations
 
 import weakref
-from typing import ClassVar, Literal, Union
+from typing import Literal, Union
 
 import torch
 from pydantic import Field
 
 from attnedit.modelinfo import text_decoder
 from attnedit.recipe import HeadSel, InterventionSpec, LayerSel
-from attnedit.tables import Scale
+from attnedit.tables import ForwardHook, Scale
 
 from .heads import o_proj
-from .registry import register
+from .registry import Method, register
 
 # Tokens that frame an image in some chat formats; the text-only prompt drops them too.
 _FRAME_KEYS = (
@@ -48,8 +48,6 @@ class VhrSpec(InterventionSpec):
     layers: LayerSel = [1, "-14:"]  # layer 1 and the last 14
     heads: Union[Literal["auto"], HeadSel] = "auto"
     alpha: float = Field(default=2.0, gt=0, le=100, description="multiplier of a selected head's output")
-
-    SUMMARY: ClassVar[str] = "VHR: multiply the outputs of vision-aware heads (chosen per input by VHD) by alpha"
 
     def targets(self, info) -> dict[int, list[int]]:
         if self.heads == "auto":
@@ -177,10 +175,22 @@ class VisionAwareHeads:
         return hook
 
 
-@register("vhr", schema=VhrSpec, summary=VhrSpec.SUMMARY)
 def compile(spec: VhrSpec, info, model=None) -> list:
     if spec.heads != "auto":
         return [Scale(layer, tuple(heads), spec.alpha) for layer, heads in spec.targets(info).items()]
     config = getattr(model, "config", None)
     drop = tuple(v for k in _FRAME_KEYS if isinstance(v := getattr(config, k, None), int))
-    return [VisionAwareHeads(spec.targets(info), spec.alpha, info.image_token_id, drop, info.head_dim)]
+    return [ForwardHook(VisionAwareHeads(spec.targets(info), spec.alpha, info.image_token_id, drop, info.head_dim))]
+
+
+METHOD = register(
+    Method(
+        name="vhr",
+        schema=VhrSpec,
+        compile=compile,
+        summary="VHR: multiply the outputs of vision-aware heads (chosen per input by VHD) by alpha",
+        emits=(Scale, ForwardHook),
+        per_input=True,  # with heads: auto, the heads are chosen from each input at prefill
+        fold="fixed heads: o_proj columns (heads: auto chooses per input and stays dynamic)",
+    )
+)

@@ -19,15 +19,15 @@ scorer decides; see `attnedit calibrate --objective`).
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field
 
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import FIRST, Bias, KeySet
 
-from .calibration import Calibration, Found, best, need_scorer, recipe_of, score_all
-from .registry import finder, register
+from .calibration import SCORED_TASKS, Calibration, Found, best, need_scorer, recipe_of, score_all
+from .registry import Method, Param, Search, register
 
 # The authors' notebook sweeps 1..4 step 0.5; they use gamma < 1 for QA-like tasks (BoolQ: 0.3).
 DEFAULT_GAMMAS = (0.3, 0.5, 0.7, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
@@ -40,10 +40,7 @@ class ZeroTuningSpec(InterventionSpec):
         gt=0, le=1e4, description="multiplier of the attention to the first token (calibrate: the probe gamma)"
     )
 
-    SUMMARY: ClassVar[str] = "ZeroTuning: log(gamma) logit bias on each row's first real token"
 
-
-@register("zerotuning", schema=ZeroTuningSpec, summary=ZeroTuningSpec.SUMMARY)
 def compile(spec: ZeroTuningSpec, info, model=None) -> list:
     bias = math.log(spec.gamma)
     return [Bias(layer, tuple(heads), KeySet(on=FIRST), bias) for layer, heads in spec.targets(info).items()]
@@ -85,7 +82,6 @@ def _union(maps: list[dict[int, list[int]]]) -> dict[int, list[int]]:
     return {layer: sorted(hs) for layer, hs in out.items()}
 
 
-@finder("zerotuning")
 def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
     """ZeroTuning's search: head profiling at `spec.gamma`, then a gamma grid over head sets.
 
@@ -136,3 +132,23 @@ def _with_limit(cal: Calibration, n: int) -> Calibration:
     from dataclasses import replace  # noqa: PLC0415
 
     return replace(cal, max_candidates=n)
+
+
+METHOD = register(
+    Method(
+        name="zerotuning",
+        schema=ZeroTuningSpec,
+        compile=compile,
+        summary="ZeroTuning: log(gamma) logit bias on each row's first real token",
+        emits=(Bias,),
+        search=Search(
+            find=find,
+            about="head profiling at the probe gamma, then a gamma grid over all, up- and down-effective heads",
+            scores_on=SCORED_TASKS,
+            params=(
+                Param("profile", str, "what one profiled unit is", "head", choices=PROFILES),
+                Param("gammas", float, "the gamma grid", DEFAULT_GAMMAS, gt=0, le=1e4, many=True),
+            ),
+        ),
+    )
+)

@@ -20,10 +20,12 @@ def hf_modules(tmp_path, monkeypatch):
 
 @pytest.fixture
 def method(monkeypatch):
-    """Register a throwaway intervention method for one test: method(name, schema, compile)."""
+    """Register a throwaway intervention method for one test: method(name, schema, compile, **declaration)."""
     from attnedit.interventions import registry
+    from attnedit.tables import EFFECT_KINDS
 
-    def add(name, schema, fn):
-        monkeypatch.setitem(registry._METHODS, name, registry.Method(name, schema, fn, f"test method {name}"))
+    def add(name, schema, fn, **declared):
+        declared.setdefault("emits", EFFECT_KINDS)
+        monkeypatch.setitem(registry._METHODS, name, registry.Method(name, schema, fn, f"test method {name}", **declared))
 
     return add

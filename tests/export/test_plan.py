@@ -175,7 +175,7 @@ def test_intervention_that_reads_weights_keeps_everything_dynamic(method):
         value = float(model.lm_head.weight[0, 0].detach())
         return [Bias(0, (0,), KeySet(on=FIRST), value)]
 
-    method("reads_weights", _ProbeSpec, compile_)
+    method("reads_weights", _ProbeSpec, compile_, reads_weights=True)
     rec = recipe("interventions: [{type: head_prune, heads: {1: [0]}}, {type: reads_weights}]")
     plan = exp.plan_export(models.tiny("llama"), rec)
     assert [e.folded for e in plan.edits] == [False, False]
@@ -198,7 +198,7 @@ def test_unresolvable_auto_is_refused_and_named(method, tmp_path):
             raise UnsupportedModelError("level: auto is searched in the model")
         return []
 
-    method("needs_auto", _AutoSpec, compile_)
+    method("needs_auto", _AutoSpec, compile_, reads_weights=lambda spec: spec.level == "auto")
     rec = recipe("interventions: [{type: head_prune, heads: {1: [0]}}, {type: needs_auto}]")
     with pytest.raises(AttneditError, match=r"interventions\[1\]\.level \(needs_auto\): 'auto' is searched"):
         attnedit.export(models.tiny("llama"), rec, tmp_path / "out", tokenizer=tiny_tokenizer())
