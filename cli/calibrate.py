@@ -110,6 +110,8 @@ def run(
     rec = load_recipe(recipe)
     types = [s.type for s in rec.interventions]
     options = registry.check_params(types, raw)
+    if task is None:
+        registry.check_task(types, None, None)  # before any model loads
     check_writable(out, force)
     name = model or rec.model or DEFAULT_MODEL
     info = ModelInfo.from_config(load_config(name, cache_dir), name=name)

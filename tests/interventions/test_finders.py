@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import models
 import pytest
 import torch
@@ -96,7 +98,8 @@ def test_calibrate_writes_nothing_when_the_found_recipe_scores_below_unpatched(m
     def finder(spec, cal):  # a search that reports no score of its own, and whose recipe hurts
         return C.Found([bad], [], {"gamma": 3.0}, None, {})
 
-    monkeypatch.setattr(registry.get("zerotuning"), "find", finder)
+    zt = registry.get("zerotuning")
+    monkeypatch.setitem(registry._METHODS, "zerotuning", replace(zt, search=replace(zt.search, find=finder)))
     cal = Calibration(None, None, INFO, score=lambda r: 0.6 if r is None else 0.4)
     resolved, (search,) = C.calibrate(Recipe.from_dict({"interventions": [{"type": "zerotuning", "gamma": 2}]}), cal)
     assert resolved.interventions == () and search["kept_interventions"] == 0
