@@ -13,6 +13,7 @@ from rich.table import Table
 from .common import (
     BackendOpt,
     CacheOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     check_writable,
@@ -20,6 +21,7 @@ from .common import (
     err_console,
     load_model,
     load_recipe,
+    read_device_map,
     read_prompts,
     write_atomic,
 )
@@ -54,6 +56,7 @@ def run(
     backend: BackendOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Generate with the unpatched and the patched model and show both, side by side."""
@@ -65,8 +68,10 @@ def run(
     if out is not None:
         check_writable(out, force)
     name = model or rec.model or DEFAULT_MODEL
-    rec.check_model(ModelInfo.from_config(load_config(name, cache_dir), name=name))  # before loading weights
-    m, tok = load_model(name, dtype, device, cache_dir)
+    config = load_config(name, cache_dir)
+    rec.check_model(ModelInfo.from_config(config, name=name))  # before loading weights
+    split = read_device_map(device_map, device, config)
+    m, tok = load_model(name, dtype, device, cache_dir, device_map=split)
     result = generate_both(m, tok, rec, prompts, max_new_tokens, batch_size, chat, system, backend)
     result.update(model=name, model_hash=model_hash(name, cache_dir), recipe=rec.to_dict(), recipe_hash=rec.hash())
     text = json.dumps(result, indent=2, ensure_ascii=False)

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Annotated, Callable
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from attnedit.errors import AttneditError
+from attnedit.errors import AttneditError, ModelLoadError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,6 +29,14 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (def
 BackendOpt = Annotated[
     str | None,
     typer.Option(help="auto (Triton on CUDA, reference elsewhere), triton or reference; default: the recipe's."),
+]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Split the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON/YAML file "
+        'mapping module names to devices ({"model.layers.15": 1, ...}).',
+    ),
 ]
 CacheOpt = Annotated[
     Path | None,
@@ -90,12 +99,66 @@ def load_recipe(arg: str):
     return Recipe.from_yaml(recipe_path(arg))
 
 
-def load_model(name: str, dtype: str = "auto", device: str | None = None, cache_dir: Path | None = None):
+def load_model(
+    name: str, dtype: str = "auto", device: str | None = None, cache_dir: Path | None = None, device_map=None
+):
     """Load a model with a status line; returns (model, tokenizer_or_processor)."""
     from attnedit.loading import load  # noqa: PLC0415
 
     with err_console.status(f"loading {name} ..."):
-        return load(name, dtype=dtype, device=device, cache_dir=cache_dir)
+        return load(name, dtype=dtype, device=device, device_map=device_map, cache_dir=cache_dir)
+
+
+def read_device_map(arg: str | None, device: str | None, config) -> str | dict | None:
+    """--device-map: a strategy name, or a JSON/YAML file of module name -> device, checked against the model.
+
+    Args:
+        arg: the option's value (None: not given).
+        device: the --device option (the two exclude each other).
+        config: the model's config, to check the names of a mapping.
+    Returns:
+        None, the strategy name, or the mapping.
+    Raises:
+        UsageError: both options, a missing or unreadable file, a file that is no mapping, a bad entry.
+    """
+    from attnedit.loading import DEVICE_MAP_STRATEGIES, check_device_map  # noqa: PLC0415
+
+    if arg is None:
+        return None
+    if device is not None:
+        raise UsageError("give --device or --device-map, not both")
+    path = Path(arg)
+    if arg in DEVICE_MAP_STRATEGIES and not path.is_file():
+        value: str | dict = arg
+        where = f"--device-map {arg}"
+    elif path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise UsageError(f"--device-map file {path} does not exist")
+        value = _mapping_file(path)
+        where = f"--device-map {path}"
+    else:
+        raise UsageError(
+            f"--device-map {arg!r} is neither {', '.join(DEVICE_MAP_STRATEGIES)} "
+            "nor a .json/.yaml file mapping module names to devices"
+        )
+    try:
+        check_device_map(value, config)
+    except ModelLoadError as e:
+        raise UsageError(f"{where}: {e}") from None
+    return value
+
+
+def _mapping_file(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML reads JSON too
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UsageError(f"--device-map {path}: cannot read it as JSON or YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise UsageError(
+            f"--device-map {path}: expected a mapping of module names to devices, "
+            'e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}'
+        )
+    return data
 
 
 # ------------------------------------------------------------------ safe writes

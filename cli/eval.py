@@ -14,6 +14,7 @@ import typer
 from .common import (
     BackendOpt,
     CacheOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     UsageError,
@@ -21,6 +22,7 @@ from .common import (
     err_console,
     load_model,
     load_recipe,
+    read_device_map,
     write_atomic,
 )
 
@@ -66,6 +68,7 @@ def run(
     backend: BackendOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Score tasks with the unpatched and the patched model: metrics, difference with a 95% interval, McNemar's p, time, memory.
@@ -81,9 +84,13 @@ def run(
     rec = load_recipe(recipe)
     loaded = _load_tasks(tasks, data_dir, shots)
     name = model or rec.model or DEFAULT_MODEL
-    rec.check_model(ModelInfo.from_config(load_config(name, cache_dir), name=name))  # before loading weights
+    config = load_config(name, cache_dir)
+    rec.check_model(ModelInfo.from_config(config, name=name))  # before loading weights
+    split = read_device_map(device_map, device, config)
     out = out or Path("attnedit-eval") / _slug(f"{rec.name or Path(recipe).stem}_{Path(name).name}")
     rank, world, barrier, dist_device = _processes()
+    if split is not None and world > 1:
+        raise UsageError("--device-map splits one model over devices; it does not combine with several processes")
     settings = runner.Settings(
         shots=shots, seed=seed, batch_size=batch_size, limit=limit, chat=chat, backend=backend, n_boot=bootstrap
     )
@@ -107,7 +114,7 @@ def run(
         runner.claim(out, settings.identity)
     if barrier is not None:
         barrier()
-    m, tok = load_model(name, dtype, device or dist_device, cache_dir)
+    m, tok = load_model(name, dtype, device or dist_device, cache_dir, device_map=split)
     results = runner.run_tasks(
         m, tok, rec, loaded, out, settings, rank=rank, world=world, progress=rank == 0, barrier=barrier
     )
@@ -122,6 +129,7 @@ def run(
         recipe_hash=rec.hash(),
         backend=_backend(rec, backend, m),
         device=str(next(m.parameters()).device),
+        **({"device_map": _placement(m)} if split is not None else {}),
         dtype=str(next(m.parameters()).dtype),
         seed=seed,
         shots=shots,
@@ -195,6 +203,12 @@ def _backend(rec, backend: str | None, model) -> str:
     from attnedit.kernels import choose  # noqa: PLC0415
 
     return choose(backend or rec.backend, next(model.parameters()).device)
+
+
+def _placement(model) -> dict[str, str]:
+    """Where a split model's modules went: module name -> device ("" -> one device when nothing was split)."""
+    placed = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+    return {name: str(dev) for name, dev in placed.items()}
 
 
 def _data_dir_name(data_dir: Path | None) -> str:

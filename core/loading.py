@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -198,6 +199,86 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_ok(value) -> str | None:
+    """None if `value` names a device of this machine for a device_map entry, else what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return f"{value!r} is not a device (allowed: a GPU index, cpu, cuda, cuda:N)"
+    if isinstance(value, str):
+        if value == "cpu":
+            return None
+        if value != "cuda" and not re.fullmatch(r"cuda:\d+", value):
+            return f"{value!r} is not a device (allowed: a GPU index, cpu, cuda, cuda:N)"
+        index = int(value.split(":")[1]) if ":" in value else 0
+    else:
+        index = value
+        if index < 0:
+            return f"{value} is not a GPU index (allowed: 0 .. number of GPUs - 1)"
+    count = torch.cuda.device_count()
+    if index >= count:
+        return f"{value!r} names GPU {index}, but this machine has {count} GPU{'s' if count != 1 else ''}"
+    return None
+
+
+def check_device_map(device_map, config) -> None:
+    """Check a device_map before any weight is read: a strategy, or module name -> device covering every weight.
+
+    Args:
+        device_map: "auto", "balanced", "balanced_low_0", "sequential", or a dict of module names
+            ("" for the whole model) to devices (GPU index, "cpu", "cuda", "cuda:N").
+        config: the model's config (the model is built on the meta device to list its modules).
+    Raises:
+        ModelLoadError: an unknown strategy, a name that is no module, a device this machine lacks,
+            or weights that no entry places.
+    """
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ModelLoadError(
+                f"device_map {device_map!r} is not allowed: use {', '.join(DEVICE_MAP_STRATEGIES)}, "
+                "or a mapping of module names to devices"
+            )
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise ModelLoadError("device_map must be a strategy name or a non-empty mapping of module names to devices")
+    for name, value in device_map.items():
+        problem = _device_ok(value)
+        if not isinstance(name, str):
+            problem = f"the key {name!r} is not a module name"
+        if problem:
+            raise ModelLoadError(f"device_map entry {name!r}: {problem}")
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: PLC0415
+
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    modules = {n for n, _ in skeleton.named_modules()}
+    for name in device_map:
+        if name not in modules:
+            top = ", ".join(n for n in _outline(modules))
+            raise ModelLoadError(f"device_map entry {name!r} names no module of this model; its modules: {top}")
+    placed = lambda p: any(k == "" or p == k or p.startswith(k + ".") for k in device_map)  # noqa: E731
+    missing = [n for n, _ in skeleton.named_parameters() if not placed(n)]
+    if missing:
+        raise ModelLoadError(
+            f"device_map places {len(missing)} weight{'s' if len(missing) > 1 else ''} on no device, "
+            f"e.g. {missing[0]!r}; add an entry for its module"
+        )
+
+
+def _outline(modules: set[str]) -> list[str]:
+    """Top-level module names, with numbered blocks shown as ranges (model.layers.0..29)."""
+    blocks: dict[str, list[int]] = {}
+    for name in modules:
+        head, _, last = name.rpartition(".")
+        if last.isdigit():
+            blocks.setdefault(head, []).append(int(last))
+    inner = lambda n: any(n.startswith(b + ".") for b in blocks)  # noqa: E731
+    out = [n for n in sorted(modules) if n and n not in blocks and not inner(n) and n.count(".") <= 1]
+    return out + [f"{b}.{min(ix)}..{max(ix)}" for b, ix in sorted(blocks.items()) if not inner(b)]
+
+
 def load(
     name: str = DEFAULT_MODEL,
     *,
@@ -214,14 +295,17 @@ def load(
             A folder written by `attnedit export` comes back with its recipe applied.
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16".
         device: "cpu", "cuda", "cuda:1", ...; default CUDA when available.
-        device_map: e.g. "auto" to spread a model larger than one device (accelerate); overrides `device`.
+        device_map: split the model over devices (accelerate): "auto", "balanced", "balanced_low_0",
+            "sequential", or a dict of module names to devices (e.g. {"model.layers.15": 1, ...});
+            overrides `device`. Checked before any weight is read (`check_device_map`).
         cache_dir: where the alias is converted and cached (default $ATTNEDIT_CACHE or ~/.cache/attnedit).
         trust_remote_code: passed to transformers.
     Returns:
         (model, tokenizer_or_processor); the model is in eval mode. A folder written by `attnedit export`
         comes back with its dynamic edits applied, their `Patch` in ``model.attnedit_patch``.
     Raises:
-        ModelLoadError: unknown name, missing package, damaged file, unreachable hub, an export's missing recipe.
+        ModelLoadError: unknown name, missing package, damaged file, unreachable hub, an export's missing recipe,
+            a device_map that names no module, a device this machine lacks, or leaves weights unplaced.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
@@ -235,6 +319,7 @@ def load(
     is_vlm = hasattr(config, "vision_config")
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa", **extra)
     if device_map is not None:
+        check_device_map(device_map, config)
         kwargs["device_map"] = device_map
     try:
         if is_vlm:
