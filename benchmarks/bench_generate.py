@@ -1,0 +1,390 @@
+"""Generation benchmark: `model.generate` of a Llama-3.1-8B-shaped model, unpatched and under each method.
+
+A random bf16 model in Llama-3.1-8B shape (32 layers, hidden 4096, 32 heads, 8 KV heads, head_dim 128,
+vocab 128256), made directly on the GPU (no download). Greedy `generate`, batch 1 with a 2k-token
+prompt and batch 16 with 512-token prompts, 128 new tokens, with the dynamic cache and with the static
+cache (`cache_implementation="static"`, which makes transformers compile the decoding step with
+torch.compile, mode "reduce-overhead"). Every recipe goes through the public path: `Recipe.from_str`
+or a built-in recipe file, then `attnedit.patch(model, recipe)`.
+
+ms per new token = (time of generate(128 new) - time of generate(8 new)) / 120, so the prefill and
+each call's first steps (CUDA-graph recording under the static cache) cancel. Ratios are to unpatched
+SDPA in the same mode, measured in the same run; "x dyn" is the ratio to unpatched SDPA with the
+dynamic cache. "same tokens" compares each variant's 128 greedy tokens under the static cache with its
+own dynamic-cache tokens (exact only in fp32: `--dtype float32`).
+
+Text stand-in for image tokens (VAR, VHR): the config names token id 128255 its image token (which
+makes attnedit treat the model as a vision-language model) and every prompt holds a block of them
+after 35 text tokens (576 at batch 1, as LLaVA-1.5's image; 256 in the 512-token prompts). VHR runs
+as the paper does (`vhr-paper`: per input a text-only prefill picks the heads). VAR's sink detection
+looks for massive activations, which random weights lack, so the stand-in uses `var-paper`'s settings
+with sink dimensions 0..3 and tau 3 (about 1% of tokens pass): rows after the image are then gated
+and edited as on a real VLM.
+
+    python benchmarks/bench_generate.py --out benchmarks/results                 # the full table
+    python benchmarks/bench_generate.py --layers 4 --new-tokens 32               # a quick run
+    python benchmarks/bench_generate.py --layers 4 --dtype float32 --e2e-tokens 0  # tokens check in fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+import transformers
+
+import attnedit
+
+IMAGE_ID = 128255  # the stand-in image token (the last id of Llama-3.1's vocabulary)
+SHORT = 8  # new tokens of the short generate whose time is subtracted
+SHAPES = {
+    "llama3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+    ),
+    # a CPU smoke test of the script itself (no timing value)
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=128256,
+    ),
+}
+VARIANTS = ("sdpa", "zerotuning", "act", "head_prune", "pasta", "vhr", "var", "eager")
+
+
+# --------------------------------------------------------------------------- model, prompts, recipes
+
+
+def build_model(shape: str, layers: int, dtype: torch.dtype, device: str):
+    """A random model of the shape, made on the device; its config names IMAGE_ID as the image token."""
+    cfg = transformers.AutoConfig.for_model(
+        "llama",
+        num_hidden_layers=layers,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **SHAPES[shape],
+    )
+    cfg.image_token_id = IMAGE_ID
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def prompts(batch: int, length: int, device: str, seed: int = 0) -> tuple[torch.Tensor, int, int]:
+    """(B, T) random text ids with a block of stand-in image tokens after 35 text tokens; (ids, start, n)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, IMAGE_ID, (batch, length), generator=g)
+    start, n = 35, min(576, length // 2)
+    ids[:, start : start + n] = IMAGE_ID
+    ids[:, 0] = 1
+    return ids.to(device), start, n
+
+
+def builtin(name: str) -> attnedit.Recipe:
+    return attnedit.Recipe.from_yaml(Path(str(resources.files("attnedit.recipes") / f"{name}.yaml")))
+
+
+def recipes(layers: int, n_heads: int) -> dict[str, attnedit.Recipe]:
+    """Each method's recipe, through the public path (built-in recipe files, or YAML text)."""
+    pruned = {}
+    for i in range(8):  # 8 heads, spread over the depth (4 layers at 32 layers deep)
+        pruned.setdefault((i * layers) // 8 + layers // 16, []).append((5 * i + 3) % n_heads)
+    heads = ", ".join(f"{layer}: {sorted(set(hs))}" for layer, hs in sorted(pruned.items()))
+    lo, hi = layers // 4, max(layers // 2, layers // 4 + 1)
+    text = {
+        "head_prune": f"name: bench-head-prune\ninterventions: [{{type: head_prune, heads: {{{heads}}}}}]\n",
+        # pasta-example's settings (alpha 0.01, layers 8..15 of 32), its layers scaled to the depth
+        "pasta": f"name: bench-pasta\ninterventions: [{{type: pasta, alpha: 0.01, layers: '{lo}:{hi}'}}]\n",
+        # var-paper's settings, with the stand-in's sink dimensions and threshold (see the module docstring)
+        "var": "name: bench-var\ninterventions: [{type: var, layers: '2:-1', tau: 3.0, rho: 0.5, p: 0.6, "
+        "min_image_mass: 0.2, sink_dims: [0, 1, 2, 3]}]\n",
+    }
+    out = {
+        "zerotuning": builtin("zerotuning-paper"),  # gamma 2 on the first token, every head of every layer
+        "act": builtin("act-paper"),  # beta 0.4, tau 0.1, layers 2..L-1, every head
+        "vhr": builtin("vhr-paper"),  # per-input vision-aware heads, alpha 2, layer 1 and the last 14
+    }
+    out.update({k: attnedit.Recipe.from_str(v, f"bench-{k}.yaml") for k, v in text.items()})
+    return out
+
+
+class Variant:
+    """A context that puts the model in one variant: unpatched SDPA, unpatched eager, or a patch."""
+
+    def __init__(self, model, name: str, recipe=None, spans=None):
+        self.model, self.name, self.recipe, self.spans = model, name, recipe, spans
+        self.patch = None
+
+    def __enter__(self):
+        if self.name == "eager":
+            self.model.set_attn_implementation("eager")
+        elif self.recipe is not None:
+            self.patch = attnedit.patch(self.model, self.recipe, spans=self.spans).apply()
+        return self
+
+    def __exit__(self, *exc):
+        if self.patch is not None:
+            self.patch.remove()
+        if self.name == "eager":
+            self.model.set_attn_implementation("sdpa")
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return (time.perf_counter() - t) * 1e3, out
+
+
+def generate(model, ids, new: int, static: bool):
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+def decode_ms(model, ids, new: int, static: bool, reps: int) -> tuple[float, float, torch.Tensor]:
+    """(ms per new token, ms of the first call, the new tokens). The first call compiles under the static cache."""
+    first, out = timed(lambda: generate(model, ids, new, static))
+    best = float("inf")
+    for _ in range(reps):
+        long_ms, out = timed(lambda: generate(model, ids, new, static))
+        short_ms, _ = timed(lambda: generate(model, ids, SHORT, static))
+        best = min(best, (long_ms - short_ms) / (new - SHORT))
+    return best, first, out[:, ids.shape[1] :].cpu()
+
+
+def same_tokens(a: torch.Tensor | None, b: torch.Tensor | None) -> str:
+    if a is None or b is None:
+        return "—"
+    if torch.equal(a, b):
+        return "yes"
+    differ = (a != b).any(1)
+    step = int((a != b).any(0).int().argmax())
+    return f"no ({int(differ.sum())}/{a.shape[0]} rows; first at step {step})"
+
+
+def run_generate(model, args, recipe_of) -> list[dict]:
+    rows = []
+    dynamic_tokens: dict[tuple, torch.Tensor] = {}
+    for batch, length in args.batches:
+        ids, _, _ = prompts(batch, length, args.device)
+        spans = [[(100, 196), (length, 2**62)]] * batch  # PASTA: one highlighted span; generated tokens unbiased
+        for mode in args.modes:
+            static = mode == "static"
+            names = args.static_variants if static else args.variants
+            if static and (batch, length) not in args.static_batches:
+                continue
+            for name in names:
+                torch._dynamo.reset()
+                row = {"batch": batch, "prompt": length, "mode": mode, "variant": name}
+                t = time.time()
+                try:
+                    with Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
+                        ms, first, tokens = decode_ms(model, ids, args.new_tokens, static, args.reps)
+                    row.update(ms_per_token=ms, first_call_ms=first)
+                    if static:
+                        row["same_tokens"] = same_tokens(dynamic_tokens.get((batch, length, name)), tokens)
+                    else:
+                        dynamic_tokens[(batch, length, name)] = tokens
+                except Exception as e:  # a variant that fails in this mode: recorded, the run goes on
+                    row.update(ms_per_token=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
+                    torch._dynamo.reset()
+                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                note = f"{row['ms_per_token']:.2f} ms/token" if row["ms_per_token"] else row.get("error")
+                print(
+                    f"  b{batch} p{length} {mode:7s} {name:11s} {note} ({time.time() - t:.0f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows.append(row)
+    for r in rows:
+        same = [x for x in rows if x["batch"] == r["batch"] and x["prompt"] == r["prompt"] and x["variant"] == "sdpa"]
+        base = {x["mode"]: x["ms_per_token"] for x in same}
+        ms = r["ms_per_token"]
+        r["ratio"] = ms / base[r["mode"]] if ms and base.get(r["mode"]) else None
+        r["ratio_to_dynamic"] = ms / base["dynamic"] if ms and base.get("dynamic") else None
+    return rows
+
+
+def run_prefill(model, args, recipe_of) -> list[dict]:
+    """End to end prefill of one long prompt (logits of the last token): throughput against unpatched SDPA."""
+    from triton.testing import do_bench  # noqa: PLC0415  (Triton: CUDA machines only)
+
+    N = args.e2e_tokens
+    ids, _, _ = prompts(1, N, args.device, seed=1)
+    spans = [[(N // 4, N // 4 + 96), (N, 2**62)]]
+
+    def fwd():
+        with torch.no_grad():
+            return model(ids, logits_to_keep=1).logits
+
+    rows = []
+    for name in ["sdpa"] + [v for v in args.variants if v not in ("sdpa", "eager")]:
+        try:
+            with Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
+                fwd()
+                ms = do_bench(fwd, warmup=100, rep=1500, return_mode="median")
+            rows.append({"variant": name, "ms": ms})
+        except Exception as e:  # recorded, the run goes on
+            rows.append({"variant": name, "ms": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+        print(f"  prefill {N} {name:11s} {rows[-1]['ms']} ms", file=sys.stderr, flush=True)
+    base = rows[0]["ms"]
+    for r in rows:
+        r["tokens_per_s"] = N / r["ms"] * 1e3 if r["ms"] else None
+        r["throughput_ratio"] = base / r["ms"] if r["ms"] and base else None
+        r["target"] = 0.90 if r["variant"] == "act" else 0.98
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(x, p=2) -> str:
+    return "—" if x is None else f"{x:.{p}f}"
+
+
+def tables(rows: list[dict], prefill: list[dict], args) -> str:
+    out = [
+        "| batch x prompt | cache | variant | ms / new token | x unpatched (same cache) | x unpatched dynamic | "
+        "same tokens as dynamic |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = fmt(r["ms_per_token"]) if r["ms_per_token"] else f"fails: {r.get('error', '')}"
+        out.append(
+            f"| {r['batch']} x {r['prompt']} | {r['mode']} | {r['variant']} | {ms} | {fmt(r['ratio'])} | "
+            f"{fmt(r['ratio_to_dynamic'])} | {r.get('same_tokens', '')} |"
+        )
+    if prefill:
+        out += [
+            "",
+            f"| end to end, {args.e2e_tokens}-token prefill | ms | tokens/s | x unpatched throughput | target |",
+            "|---|---|---|---|---|",
+        ]
+        for r in prefill:
+            ms = fmt(r["ms"], 1) if r["ms"] else f"fails: {r.get('error', '')}"
+            ok = (
+                ""
+                if r["variant"] == "sdpa" or r["throughput_ratio"] is None
+                else (f">= {r['target']:.2f}: {'met' if r['throughput_ratio'] >= r['target'] else 'not met'}")
+            )
+            out.append(
+                f"| {r['variant']} | {ms} | {fmt(r['tokens_per_s'], 0)} | {fmt(r['throughput_ratio'], 3)} | {ok} |"
+            )
+    return "\n".join(out)
+
+
+def device_line() -> str:
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
+    if not torch.cuda.is_available():
+        return f"CPU; {versions}"
+    import triton  # noqa: PLC0415  (Triton: CUDA machines only)
+
+    p = torch.cuda.get_device_properties(0)
+    return (
+        f"{p.name}, {p.multi_processor_count} SMs; {versions}, triton {triton.__version__}, CUDA {torch.version.cuda}"
+    )
+
+
+def pairs(text: str) -> list[tuple[int, int]]:
+    """'1x2048,16x512' -> [(1, 2048), (16, 512)]."""
+    out = []
+    for part in filter(None, text.split(",")):
+        b, _, t = part.partition("x")
+        out.append((int(b), int(t)))
+    return out
+
+
+def names(text: str) -> list[str]:
+    out = [v for v in filter(None, text.split(","))]
+    bad = [v for v in out if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"error: unknown variants {bad}; allowed: {', '.join(VARIANTS)}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="folder for generate.md and generate.json")
+    ap.add_argument("--tag", default="generate", help="file name stem under --out")
+    ap.add_argument("--shape", choices=SHAPES, default="llama3.1-8b")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (fewer for quick runs)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--batches", type=pairs, default=pairs("1x2048,16x512"), help="BATCHxPROMPT, comma-separated")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--modes", default="dynamic,static")
+    ap.add_argument("--variants", type=names, default=list(VARIANTS))
+    ap.add_argument("--static-variants", type=names, help="variants measured with the static cache (default: all)")
+    ap.add_argument("--static-batches", type=pairs, help="BATCHxPROMPT measured with the static cache (default: all)")
+    ap.add_argument("--reps", type=int, default=1, help="timed pairs of generate calls per variant (the best counts)")
+    ap.add_argument("--e2e-tokens", type=int, default=8192, help="prompt of the end-to-end prefill (0: skip)")
+    args = ap.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.static_variants = args.static_variants or args.variants
+    args.static_batches = args.static_batches or args.batches
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.new_tokens <= SHORT:
+        raise SystemExit(f"error: --new-tokens must be larger than {SHORT}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.config.cache_size_limit = 64
+    print(device_line(), flush=True)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.shape, args.layers, dtype, args.device)
+    info = model.config
+    recipe_of = recipes(args.layers, info.num_attention_heads)
+    rows = run_generate(model, args, recipe_of)
+    prefill = run_prefill(model, args, recipe_of) if args.e2e_tokens and args.device == "cuda" else []
+    text = tables(rows, prefill, args)
+    command = "python " + " ".join(sys.argv)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "command": command,
+            "device": device_line(),
+            "shape": args.shape,
+            "layers": args.layers,
+            "dtype": args.dtype,
+            "new_tokens": args.new_tokens,
+            "recipes": {k: r.to_dict() for k, r in recipe_of.items()},
+        }
+        (args.out / f"{args.tag}.json").write_text(json.dumps({**meta, "generate": rows, "prefill": prefill}, indent=1))
+        (args.out / f"{args.tag}.md").write_text(f"`{command}`\n\n{meta['device']}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
