@@ -16,6 +16,7 @@ from .common import (
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    check_device,
     check_writable,
     console,
     err_console,
@@ -63,6 +64,7 @@ def run(
     from attnedit.loading import DEFAULT_MODEL, load_config, model_hash  # noqa: PLC0415
     from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
 
+    check_device(device)
     rec = load_recipe(recipe)
     prompts = read_prompts(prompt, prompts_file)
     if out is not None:

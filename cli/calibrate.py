@@ -18,6 +18,8 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     UsageError,
+    check_device,
+    check_seed,
     check_writable,
     console,
     err_console,
@@ -106,6 +108,8 @@ def run(
 
     if objective not in ("accuracy", "logprob", "entropy"):
         raise UsageError(f"--objective {objective!r}; allowed: accuracy, logprob, entropy")
+    check_seed(seed)
+    check_device(device)
     raw = _options(param or [])
     rec = load_recipe(recipe)
     types = [s.type for s in rec.interventions]

@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import tempfile
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable
@@ -164,51 +165,155 @@ def _mapping_file(path: Path) -> dict:
 # ------------------------------------------------------------------ safe writes
 
 
-def check_writable(path: Path, force: bool) -> None:
+def check_writable(path: Path, force: bool, what: str = "--out") -> None:
+    """Refuse an output file that exists (without force), is a folder, or whose folder cannot be written.
+
+    Cheap, and run before any model loads; the write itself goes through `write_atomic`.
+    """
+    path = Path(path)
+    if not str(path) or path.name in ("", ".", ".."):
+        raise UsageError(f"{what} {str(path)!r} names no file")
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
     if path.exists() and not force:
         raise UsageError(f"{path} exists; pass --force to overwrite it")
-    if not path.parent.exists():
-        raise UsageError(f"folder {path.parent} does not exist")
+    check_folder_writable(path.parent, what)
+
+
+def check_folder_writable(folder: Path, what: str = "--out") -> None:
+    """Refuse a folder that does not exist, is a file, or does not take a new file (read-only, /proc, /sys)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UsageError(f"folder {folder} does not exist ({what})")
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder ({what})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".attnedit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write into {folder} ({what}): {e.strerror or e}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> None:
+    """Delete the temporary files of `path` that a killed process left (`.NAME.<pid>.<rand>.tmp`)."""
+    path = Path(path)
+    for old in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = old.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temporary name and rename it into place: never half-written."""
+    """Write a file through a temporary name and rename it into place: never half-written.
+
+    The file's mode follows the umask (as a file made by `open` would); temporary files that a
+    killed run left for the same path are deleted first.
+    """
     path = Path(path)
-    mode = "w" if isinstance(data, str) else "wb"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; cannot write a file there")
+    clean_stale(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-            f.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file, or a UsageError that says what is wrong with it (folder, device, binary, ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise UsageError(f"{what} {path} is not a regular file (a device or a pipe)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not UTF-8 text (a binary file?)") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
     """Prompts from --prompt (repeatable) and --prompts-file (one a line, or a JSONL of {"prompt": ...})."""
     out = list(prompts or [])
+    for i, p in enumerate(out):
+        if not p.strip():
+            raise UsageError(f"--prompt number {i + 1} is empty")
     if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise UsageError(f"prompts file {prompts_file} does not exist")
+        text = read_text_file(prompts_file, "prompts file")
+        if "\x00" in text:
+            raise UsageError(f"prompts file {prompts_file} holds NUL bytes (a binary file?)")
         import json  # noqa: PLC0415
 
-        for n, line in enumerate(prompts_file.read_text(encoding="utf-8").splitlines(), 1):
+        found = 0
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
+            found += 1
             if prompts_file.suffix == ".jsonl":
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UsageError(f"{prompts_file}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise UsageError(f"{prompts_file}:{n}: each line is an object with a string field 'prompt'")
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                    raise UsageError(f"{prompts_file}:{n}: each line is an object with a non-empty string 'prompt'")
                 out.append(row["prompt"])
             else:
                 out.append(line)
+        if not found:
+            raise UsageError(f"prompts file {prompts_file} holds no prompt (it is empty)")
     if not out:
         raise UsageError("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE")
     return out
+
+
+def check_seed(seed: int) -> None:
+    if seed < 0 or seed >= 2**32:
+        raise UsageError(f"--seed {seed}: a seed is an integer from 0 to {2**32 - 1}")
+
+
+def check_device(device: str | None) -> None:
+    """--device checked before anything loads (`cuda` on a CPU-only torch, a GPU the machine lacks)."""
+    if device is None:
+        return
+    from attnedit.loading import check_device as check  # noqa: PLC0415  (imports torch)
+
+    check(device)
 
 
 def stdout_is_tty() -> bool:

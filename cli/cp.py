@@ -24,6 +24,6 @@ def run(
         raise UsageError(f"no built-in recipe {name!r}; built-ins: {', '.join(builtins)}")
     if path.is_dir():
         path = path / f"{name}.yaml"
-    check_writable(path, force)
+    check_writable(path, force, "PATH")
     write_atomic(path, builtins[name].read_text(encoding="utf-8"))
     console.print(f"wrote {path}")

@@ -18,6 +18,9 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     UsageError,
+    check_device,
+    check_folder_writable,
+    check_seed,
     console,
     err_console,
     load_model,
@@ -81,13 +84,16 @@ def run(
     from attnedit.loading import DEFAULT_MODEL, load_config, model_hash  # noqa: PLC0415
     from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
 
+    check_seed(seed)
+    check_device(device)
     rec = load_recipe(recipe)
-    loaded = _load_tasks(tasks, data_dir, shots)
     name = model or rec.model or DEFAULT_MODEL
+    out = out or Path("attnedit-eval") / _slug(f"{rec.name or Path(recipe).stem}_{Path(name).name}")
+    _check_out(out)
+    loaded = _load_tasks(tasks, data_dir, shots)
     config = load_config(name, cache_dir)
     rec.check_model(ModelInfo.from_config(config, name=name))  # before loading weights
     split = read_device_map(device_map, device, config)
-    out = out or Path("attnedit-eval") / _slug(f"{rec.name or Path(recipe).stem}_{Path(name).name}")
     rank, world, barrier, dist_device = _processes()
     if split is not None and world > 1:
         raise UsageError("--device-map splits one model over devices; it does not combine with several processes")
@@ -171,6 +177,16 @@ def _load_tasks(arg: str, data_dir: Path | None, shots: int):
         if shots and task.kind == "pope":
             raise UsageError(f"task {task.name!r} is a pope task: those are zero-shot (use --shots 0)")
     return loaded
+
+
+def _check_out(out: Path) -> None:
+    """The output folder: not a file, and its nearest existing folder takes new files (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    check_folder_writable(existing, "--out")
 
 
 def _prepare_out(out: Path, force: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import CacheOpt, DeviceOpt, DtypeOpt, console, err_console, load_model, load_recipe
+from .common import CacheOpt, DeviceOpt, DtypeOpt, check_device, console, err_console, load_model, load_recipe
 
 COMMAND = "export"
 ORDER = 50
@@ -35,18 +35,30 @@ def run(
     The folder holds safetensors weights, config, tokenizer (processor for VLMs), the resolved recipe and a
     model card. `attnedit.load(DIR)` restores every edit; plain transformers loads the folded ones.
     """
+    from attnedit.card import read_results  # noqa: PLC0415
     from attnedit.export import Edit, check_target, export  # noqa: PLC0415
     from attnedit.loading import DEFAULT_MODEL, load_config  # noqa: PLC0415
     from attnedit.modelinfo import ModelInfo  # noqa: PLC0415
 
+    check_device(device)
     rec = load_recipe(recipe)
     name = model or rec.model or DEFAULT_MODEL
-    check_target(out, force, name)  # before loading weights
+    check_target(out, force, name, cache_dir)  # before loading weights
+    if results is not None:
+        read_results(results)  # a bad results file is refused before the model loads
     rec.check_model(ModelInfo.from_config(load_config(name, cache_dir), name=name))
     m, tok = load_model(name, dtype, device, cache_dir)
     with err_console.status(f"writing {out} ..."):
         result = export(
-            m, rec, out, tokenizer=tok, force=force, results=results, base_model=name, max_shard_size=max_shard_size
+            m,
+            rec,
+            out,
+            tokenizer=tok,
+            force=force,
+            results=results,
+            base_model=name,
+            max_shard_size=max_shard_size,
+            cache_dir=cache_dir,
         )
     table = Table(title=f"{rec.name or rec.source} exported to {out}")
     for col in Edit.COLUMNS:

@@ -9,7 +9,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import CacheOpt, DeviceOpt, DtypeOpt, console, err_console, load_model, load_recipe, write_atomic
+from .common import (
+    CacheOpt,
+    DeviceOpt,
+    DtypeOpt,
+    UsageError,
+    check_device,
+    check_writable,
+    console,
+    err_console,
+    load_model,
+    load_recipe,
+    write_atomic,
+)
 
 COMMAND = "inspect"
 ORDER = 26
@@ -26,6 +38,7 @@ def run(
         bool | None, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")
     ] = False,
     png: Annotated[Path, typer.Option(help="Where to write the heat map.")] = Path("attnedit_inspect.png"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --png if it exists.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print per-head figures as JSON instead of the table.")
     ] = False,
@@ -40,19 +53,22 @@ def run(
     from attnedit.prompting import render  # noqa: PLC0415
     from attnedit.recipe import Recipe  # noqa: PLC0415
 
+    if not prompt.strip():
+        raise UsageError("--prompt is empty; give the text to inspect")
+    check_writable(png, force, "--png")
+    check_device(device)
     rec = load_recipe(recipe) if recipe else None
-    if not png.parent.exists():
-        from .common import UsageError  # noqa: PLC0415
-
-        raise UsageError(f"folder {png.parent} does not exist")
     m, tok = load_model(model, dtype, device, cache_dir)
     text = render(tok, prompt, chat)
-    enc = getattr(tok, "tokenizer", tok)(text, return_tensors="pt", add_special_tokens=text == prompt).to(m.device)
-    tokens = getattr(tok, "tokenizer", tok).convert_ids_to_tokens(enc["input_ids"][0])
+    inner = getattr(tok, "tokenizer", tok)
+    enc = inner(text, return_tensors="pt", add_special_tokens=text == prompt).to(m.device)
+    if enc["input_ids"].shape[1] == 0:
+        raise UsageError("--prompt encodes to no token")
+    tokens = [inner.decode([int(t)]) for t in enc["input_ids"][0]]  # as text, not byte-level pieces ('ĠThe')
     runs = {"unpatched": Recipe()}
     if rec is not None:
         runs["patched"] = rec
-    report = {"model": model, "prompt": prompt, "tokens": tokens, "tau": tau}
+    report = {"model": model, "recipe": recipe, "prompt": prompt, "tokens": tokens, "tau": tau}
     for label, r in runs.items():
         with torch.no_grad(), attnedit.patch(m, r, backend="reference") as p:
             p.capture = {}
@@ -127,6 +143,14 @@ def _print_table(report: dict) -> None:
         console.print(table)
 
 
+def _caption(report: dict, width: int = 110) -> str:
+    """The PNG's title: model, recipe and prompt (shortened to fit)."""
+    prompt = " ".join(report["prompt"].split())
+    head = f"{report['model']}" + (f" + {report['recipe']}" if report.get("recipe") else " (unpatched)")
+    room = max(20, width - len(head) - 12)
+    return f"{head}\nprompt: {prompt if len(prompt) <= room else prompt[: room - 3] + '...'}"
+
+
 def _plot(report: dict, png: Path) -> None:
     import io  # noqa: PLC0415
 
@@ -146,7 +170,8 @@ def _plot(report: dict, png: Path) -> None:
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
             fig.colorbar(im, ax=ax)
-    fig.tight_layout()
+    fig.suptitle(_caption(report), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.94 if len(labels) == 1 else 0.97))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

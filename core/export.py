@@ -75,6 +75,7 @@ def export(
     results: str | Path | None = None,
     base_model: str | None = None,
     max_shard_size: str | int = "5GB",
+    cache_dir: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Write `model` with `recipe` applied to `out_dir`: folded weights, config, tokenizer, recipe, model card.
 
@@ -90,6 +91,8 @@ def export(
         results: a results JSON written by `attnedit eval`, shown in the model card.
         base_model: the base model's name for the card (default: how it was loaded).
         max_shard_size: safetensors shard size.
+        cache_dir: the converted-model cache in use, which `out_dir` must not touch (the default is
+            always checked).
     Returns:
         An `ExportResult` with the plan (what was folded, what stays dynamic).
     Raises:
@@ -103,7 +106,7 @@ def export(
     out = Path(out_dir).expanduser()
     base = base_model or model_name(model)
     _check_model(model)
-    check_target(out, force, base)
+    check_target(out, force, base, cache_dir)
     table = card.read_results(Path(results)) if results is not None else None
     plan = plan_export(model, recipe)
     tokenizer = tokenizer if tokenizer is not None else _base_tokenizer(model, base)
@@ -119,22 +122,79 @@ def export(
     return result
 
 
-def check_target(out: Path, force: bool, base: str = "") -> None:
-    """Refuse a target that is a file, a non-empty folder (without force), or the model's own folder."""
+def check_target(out: Path, force: bool, base: str = "", cache_dir=None) -> None:
+    """Refuse a target that is a file, a non-empty folder (without force), the model's own folder, the
+    current folder or one above it, or the converted-model cache (an export there would replace the
+    model every later load reads).
+
+    What an interrupted export of the same target left beside it is cleaned up first (`clean_stale`).
+    """
+    from .loading import in_alias_cache  # noqa: PLC0415  (loading imports this module's restore)
+
+    out = Path(out)
+    if not str(out) or out.name in ("", ".", ".."):
+        raise AttneditError(f"the export target {str(out)!r} names no new folder; give a folder name")
+    cached = in_alias_cache(out, cache_dir)
+    if cached is not None:
+        raise AttneditError(
+            f"{out} is in or holds attnedit's converted-model cache ({cached}); an export there would replace "
+            "the model that every later load reads. Export to another folder"
+        )
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise AttneditError(f"{out} is the current folder or holds it; export to a new folder")
     if out.exists() and not out.is_dir():
         raise AttneditError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise AttneditError(f"{out} is a folder that is not empty; pass --force (force=True) to replace it")
     if not out.parent.is_dir():
         raise AttneditError(f"folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise AttneditError(f"cannot write into {out.parent}")
     if base and Path(base).expanduser().is_dir() and Path(base).expanduser().resolve() == out.resolve():
         raise AttneditError(f"{out} is the folder the model was loaded from; export to another folder")
+    clean_stale(out)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> None:
+    """Tidy what a killed export of `out` left beside it (`.NAME.<pid>-<rand>.partial` / `.old` folders).
+
+    A `.partial` folder of a process that no longer runs is deleted. A `.old` folder is the previous
+    `out`, moved aside just before the new one was renamed in: it is put back if `out` is missing,
+    else deleted. Folders of a process still running are left alone.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}."
+    for entry in sorted(out.parent.iterdir()):
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith((".partial", ".old")) and entry.is_dir()):
+            continue
+        tag = name[len(prefix) :].rsplit(".", 1)[0]
+        pid = tag.split("-", 1)[0]
+        if pid.isdigit() and "-" in tag and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue  # an export still running
+        if name.endswith(".old") and not out.exists():
+            os.rename(entry, out)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextmanager
 def staged(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is deleted."""
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
     tmp.mkdir()  # mode from the umask, as a folder made by hand (mkdtemp would make it private)
     try:
         yield tmp
@@ -149,8 +209,9 @@ def _swap(tmp: Path, out: Path, force: bool) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    check_target(out, force)  # it may have appeared while we wrote
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+    if out.is_dir() and any(out.iterdir()) and not force:  # it may have appeared while we wrote
+        raise AttneditError(f"{out} is a folder that is not empty; pass --force (force=True) to replace it")
+    old = out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.old"
     os.rename(out, old)
     try:
         os.rename(tmp, out)

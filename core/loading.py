@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .errors import ModelLoadError
 
 
@@ -92,16 +93,119 @@ def alias_file(name: str) -> Path:
     return path
 
 
-def alias_dir(name: str, cache_dir=None, progress: bool = True) -> Path:
-    """The alias converted to a safetensors folder in the cache, converting it once if needed."""
+SOURCE_FILE = "attnedit_source.json"  # what a converted alias came from, and the hash of each file written
+
+
+def alias_cache(name: str, cache_dir=None) -> Path:
+    """The folder the alias `name` is converted into (it may not exist yet)."""
+    return cache_root(cache_dir) / f"{name}-{ALIASES[name].sha256[:12]}"
+
+
+def in_alias_cache(path: str | os.PathLike, cache_dir=None) -> Path | None:
+    """The cache folder (or converted alias) that `path` is, lies in or contains; None if it touches none."""
+    target = Path(path).expanduser().resolve()
+    roots = {cache_root(None).resolve(), cache_root(cache_dir).resolve()}
+    roots.update(p for p in (target, *target.parents) if (p / SOURCE_FILE).is_file())
+    for root in roots:
+        if target == root or root in target.parents or target in root.parents:
+            return root
+    return None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+
+
+def _folder_hash(folder: Path, digests: dict[str, str] | None = None) -> str:
+    """sha256 over the weight files' names and sha256s (taken from `digests` where given)."""
+    h = hashlib.sha256()
+    for f in _weight_files(folder):
+        h.update(f.name.encode())
+        h.update(((digests or {}).get(f.name) or sha256_file(f)).encode())
+    return h.hexdigest()
+
+
+def _seal(folder: Path, record: dict) -> None:
+    """Write SOURCE_FILE: `record` plus the sha256 of every file in the folder, taken right after conversion."""
+    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != SOURCE_FILE}
+    (folder / SOURCE_FILE).write_text(json.dumps({**record, "files": files}, indent=2) + "\n", encoding="utf-8")
+
+
+_VERIFIED: dict[tuple, str] = {}  # (folder, file stats) -> weights hash, so one process hashes a cache once
+
+
+def _stats(folder: Path) -> tuple:
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
+
+
+def verify_cache(name: str, folder: Path, weights: bool = True) -> str | None:
+    """Check a converted alias against the hashes recorded at its conversion.
+
+    Args:
+        name: the alias.
+        folder: its cache folder.
+        weights: also hash the weight files (the load does; reading the config alone need not).
+    Returns:
+        The weights' hash (as `model_hash` computes it for a folder), None with `weights=False`.
+    Raises:
+        ModelLoadError: a file missing, added or changed since the conversion, naming the folder to delete.
+    """
+    fix = f"delete the folder (rm -rf {folder}) and the next load converts {name} again"
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+        files = record["files"]
+        if not isinstance(files, dict):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelLoadError(
+            f"{folder} is not a conversion of {name} that attnedit can verify (its {SOURCE_FILE} is missing, "
+            f"unreadable or records no file hashes); {fix}"
+        ) from None
+    key = (str(folder), _stats(folder))
+    if key in _VERIFIED:
+        return _VERIFIED[key] if weights else None
+    present = {f.name for f in folder.iterdir() if f.is_file() and f.name != SOURCE_FILE}
+    if present != set(files):
+        extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+        what = ", ".join([f"{f} added" for f in extra] + [f"{f} missing" for f in missing])
+        raise ModelLoadError(
+            f"the converted copy of {name} in {folder} was changed since its conversion ({what}); {fix}"
+        )
+    weight_names = {f.name for f in _weight_files(folder)}
+    for fname, digest in sorted(files.items()):
+        if fname in weight_names and not weights:
+            continue
+        if sha256_file(folder / fname) != digest:
+            raise ModelLoadError(
+                f"the converted copy of {name} in {folder} is damaged or was replaced: {fname} differs from "
+                f"the hash recorded when it was converted; {fix}"
+            )
+    if not weights:
+        return None
+    _VERIFIED[key] = _folder_hash(folder, files)
+    return _VERIFIED[key]
+
+
+def alias_dir(name: str, cache_dir=None, progress: bool = True, verify: bool = True) -> Path:
+    """The alias converted to a safetensors folder in the cache, converting it once if needed.
+
+    A cached conversion is checked against the file hashes recorded when it was made (`verify_cache`);
+    one made before hashes were recorded is converted again.
+    """
     alias = ALIASES[name]
-    target = cache_root(cache_dir) / f"{name}-{alias.sha256[:12]}"
-    if (target / "attnedit_source.json").is_file():
+    target = alias_cache(name, cache_dir)
+    if target.exists() and not target.is_dir():
+        raise ModelLoadError(f"{target} is a file where the converted {name} belongs; delete it (rm {target})")
+    source = target / SOURCE_FILE
+    if source.is_file() and "files" not in source.read_text(encoding="utf-8", errors="replace"):
+        shutil.rmtree(target, ignore_errors=True)  # converted by an attnedit that recorded no hashes: redo it
+    if target.is_dir():
+        verify_cache(name, target, weights=verify)
         return target
     gguf = alias_file(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_cache_root(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -114,18 +218,17 @@ def alias_dir(name: str, cache_dir=None, progress: bool = True) -> Path:
         model.config._name_or_path = name
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "attnedit_source.json").write_text(
-            json.dumps(
-                {
-                    "alias": name,
-                    "package": alias.package,
-                    "file": alias.filename,
-                    "sha256": alias.sha256,
-                    "about": alias.about,
-                },
-                indent=2,
-            )
+        _seal(
+            tmp,
+            {
+                "alias": name,
+                "package": alias.package,
+                "file": alias.filename,
+                "sha256": alias.sha256,
+                "about": alias.about,
+            },
         )
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the cache follows the umask
         if target.exists():  # another process converted it meanwhile
             shutil.rmtree(tmp)
         else:
@@ -136,6 +239,26 @@ def alias_dir(name: str, cache_dir=None, progress: bool = True) -> Path:
     return target
 
 
+def check_cache_root(root: Path) -> None:
+    """Create the cache folder if needed; refuse one that is a file or cannot be written (ModelLoadError)."""
+    fix = "pass --cache-dir (or set ATTNEDIT_CACHE) to a writable folder"
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ModelLoadError(f"the model cache {root} cannot be made: {existing} is a file; {fix}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".attnedit-probe-", dir=root))
+        probe.rmdir()
+    except OSError as e:
+        raise ModelLoadError(f"cannot write the model cache {root}: {e.strerror or e}; {fix}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def resolve(name: str, cache_dir=None) -> tuple[str, dict]:
     """Turn a model name into (path or hub id, extra from_pretrained kwargs)."""
     if name in ALIASES:
@@ -144,6 +267,7 @@ def resolve(name: str, cache_dir=None) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist")
+        check_gguf(path)
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -155,9 +279,84 @@ def resolve(name: str, cache_dir=None) -> tuple[str, dict]:
         raise ModelLoadError(f"{name} is neither a model folder nor a .gguf file")
     if name.count("/") != 1:
         raise ModelLoadError(
-            f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a local folder, a .gguf file, or a hub id 'org/name'"
+            f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a local folder, a .gguf file, "
+            "or a hub id 'org/name'"
+        )
+    if not hub.offline_mode() and not hub.reachable():
+        if _in_hub_cache(name):
+            return name, {"local_files_only": True}  # downloaded before: read the local copy
+        raise ModelLoadError(
+            f"{name!r} is a hub id, but {hub.unreachable_reason()} and no copy of it is cached here.\n"
+            f"Use a local folder, a .gguf file, or the alias {DEFAULT_MODEL!r} ({ALIASES[DEFAULT_MODEL].install})."
         )
     return name, {}
+
+
+def _in_hub_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415  (hub ids only)
+
+    return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+
+
+def check_gguf(path: Path) -> None:
+    """Read a .gguf file's header and metadata (no tensors); a file that is no GGUF or is cut short is refused."""
+    import struct  # noqa: PLC0415  (the gguf reader is needed for .gguf files only)
+
+    from gguf import GGUFReader  # noqa: PLC0415
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    if not magic:
+        raise ModelLoadError(f"{path} is empty, not a GGUF model file")
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        GGUFReader(path)
+    except (ValueError, struct.error, IndexError, KeyError, OSError, EOFError) as e:
+        raise ModelLoadError(f"{path} is a truncated or damaged GGUF file ({str(e).splitlines()[0]})") from None
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this torch cannot use (`cuda` on a CPU-only build, a GPU index the machine lacks)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelLoadError(f"--device {device!r} is not a device; allowed: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ModelLoadError(f"--device {device}: {why}; use --device cpu (or leave --device out)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ModelLoadError(
+                f"--device {device}: this machine has {n} GPU{'s' if n != 1 else ''} (cuda:0..{n - 1})"
+            )
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise ModelLoadError(f"--device {device!r}: attnedit runs on cpu, cuda or mps")
+
+
+def _read_error(name: str, err: Exception) -> ModelLoadError:
+    """A failure to read a model's files: a damaged local file, or the hub (with what to do offline)."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    path = Path(name).expanduser()
+    if name in ALIASES or path.exists():
+        return ModelLoadError(f"cannot read the model {name}: {first} (a truncated or damaged file?)")
+    return ModelLoadError(_hub_hint(name, err))
+
+
+def _read_errors() -> tuple[type[Exception], ...]:
+    import struct  # noqa: PLC0415
+
+    from safetensors import SafetensorError  # noqa: PLC0415  (with torch, only where weights are read)
+
+    return (OSError, ValueError, struct.error, EOFError, SafetensorError)
 
 
 def load_config(name: str, cache_dir=None):
@@ -165,17 +364,18 @@ def load_config(name: str, cache_dir=None):
     from transformers import AutoConfig  # noqa: PLC0415
 
     if name in ALIASES:
-        alias = ALIASES[name]
-        cached = cache_root(cache_dir) / f"{name}-{alias.sha256[:12]}"
-        if (cached / "attnedit_source.json").is_file():
+        cached = alias_cache(name, cache_dir)
+        if (cached / SOURCE_FILE).is_file() and "files" in (cached / SOURCE_FILE).read_text(errors="replace"):
+            verify_cache(name, cached, weights=False)  # config and tokenizer files; the load checks the weights
             return AutoConfig.from_pretrained(cached)
+        check_cache_root(cached.parent)  # where the load will convert it
         gguf = alias_file(name)  # read the metadata only, no weights
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source, extra = resolve(name, cache_dir)
     try:
         return AutoConfig.from_pretrained(source, **extra)
-    except OSError as e:
-        raise ModelLoadError(_hub_hint(name, e)) from None
+    except _read_errors() as e:
+        raise _read_error(name, e) from None
 
 
 def _hub_hint(name: str, err: Exception) -> str:
@@ -309,13 +509,14 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
+    check_device(device)
     device = device or default_device()
     torch_dtype = _dtype(dtype, device)
     source, extra = resolve(name, cache_dir)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except OSError as e:
-        raise ModelLoadError(_hub_hint(name, e)) from None
+    except _read_errors() as e:
+        raise _read_error(name, e) from None
     is_vlm = hasattr(config, "vision_config")
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa", **extra)
     if device_map is not None:
@@ -330,8 +531,8 @@ def load(
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except OSError as e:
-        raise ModelLoadError(_hub_hint(name, e)) from None
+    except _read_errors() as e:
+        raise _read_error(name, e) from None
     if device_map is None:
         model.to(device)
     model.eval()
@@ -346,16 +547,17 @@ def load(
 
 
 def model_hash(name: str, cache_dir=None) -> str:
-    """A content hash identifying the weights: the alias's GGUF sha256, or sha256 over a folder's weight files."""
+    """A content hash of the weights a load of `name` reads: sha256 over the weight files' names and sha256s.
+
+    For the alias, the files of its converted copy in the cache (converted and verified first), so the
+    hash describes the weights actually loaded; for a .gguf file, its sha256; for a hub id, "hub:<id>".
+    """
     if name in ALIASES:
-        return ALIASES[name].sha256
+        folder = alias_dir(name, cache_dir)
+        return verify_cache(name, folder)
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return sha256_file(path)
     if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            h.update(f.name.encode())
-            h.update(sha256_file(f).encode())
-        return h.hexdigest()
+        return _folder_hash(path)
     return f"hub:{name}"

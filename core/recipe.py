@@ -14,10 +14,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, Union, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 from .modelinfo import ModelInfo
@@ -45,9 +45,20 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Map each data path (tuple of keys / indices) to its 1-based line in the YAML text."""
+class _Recursive(Exception):
+    def __init__(self, node: yaml.Node):
+        self.line = node.start_mark.line + 1
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None, inside: tuple = ()) -> dict[tuple, int]:
+    """Map each data path (tuple of keys / indices) to its 1-based line in the YAML text.
+
+    Raises _Recursive for a node that contains itself (an anchor used inside its own value).
+    """
     out = {} if out is None else out
+    if any(node is n for n in inside):
+        raise _Recursive(node)
+    inside = inside + (node,)
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -55,10 +66,10 @@ def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dic
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag.endswith(":int"):
                 key = int(key)
             out[path + (key,)] = key_node.start_mark.line + 1
-            _line_map(value_node, path + (key,), out)
+            _line_map(value_node, path + (key,), out, inside)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, path + (i,), out)
+            _line_map(item, path + (i,), out, inside)
     return out
 
 
@@ -66,14 +77,18 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML text; return the data and a path -> line map. Raises RecipeError."""
     try:
         node = yaml.compose(text, Loader=_LineLoader)
+        lines = _line_map(node) if node is not None else {}
         data = yaml.load(text, Loader=_LineLoader)
+    except _Recursive as e:
+        raise RecipeError(
+            [f"{source}:{e.line}: an anchor (&name) is used inside its own value; not allowed"], source
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else "?"
         raise RecipeError([f"{source}:{line}: not valid YAML: {e.problem or e}"], source) from None
     except yaml.YAMLError as e:  # pragma: no cover - non-marked errors are rare
         raise RecipeError([f"{source}: not valid YAML: {e}"], source) from None
-    lines = _line_map(node) if node is not None else {}
     return data, lines
 
 
@@ -125,13 +140,24 @@ class InterventionSpec(BaseModel):
     in which case the map alone says where the intervention applies.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `gamma: true` or `gamma: "2"` is refused, not read as 1.0 or 2.0 (an int still reads as a float)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     type: str
     layers: LayerSel = "all"
     heads: HeadSel = "all"
 
     SUMMARY: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, data):
+        """YAML has lists only: a list given for a tuple field is that tuple (strict mode would refuse it)."""
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                if get_origin(info.annotation) is tuple and isinstance(data.get(name), list):
+                    data = {**data, name: tuple(data[name])}
+        return data
 
     @field_validator("layers")
     @classmethod
@@ -219,7 +245,7 @@ class InterventionSpec(BaseModel):
 
 
 class _RecipeHead(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str | None = None
     description: str | None = None

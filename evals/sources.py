@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnedit import hub
+
 from .spec import Carve, HubSource, LocalSource, TaskError
 
 
@@ -137,6 +139,12 @@ def read_hub(src: HubSource, split: str, task: str) -> list[Row]:
             "the `datasets` package: pip install datasets"
         ) from None
     name = getattr(src, split)
+    if not hub.offline_mode() and not hub.reachable():
+        raise TaskError(
+            f"task {task!r} has no data folder, so it reads the Hugging Face dataset {src.id!r}, but "
+            f"{hub.unreachable_reason()}.\nGive the local files instead: --data-dir DIR or ATTNEDIT_DATA_DIR "
+            "(see docs/evals.md)"
+        )
     try:
         ds = datasets.load_dataset(src.id, src.config, split=name)
     except Exception as e:  # network, unknown id or split: all user-facing

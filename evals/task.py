@@ -86,10 +86,11 @@ def data_dir_from(arg: str | os.PathLike | None) -> Path | None:
     if raw is None:
         return None
     path = Path(raw).expanduser()
+    origin = "--data-dir" if arg is not None else "$" + DATA_ENV
+    if path.exists() and not path.is_dir():
+        raise TaskError(f"data folder {path} (from {origin}) is a file; give the folder that holds the data")
     if not path.is_dir():
-        raise TaskError(
-            f"data folder {path} does not exist (from {'--data-dir' if arg is not None else '$' + DATA_ENV})"
-        )
+        raise TaskError(f"data folder {path} does not exist (from {origin})")
     return path
 
 
@@ -188,6 +189,12 @@ def _example(spec: TaskSpec, src, row: Row) -> Example:
     data = row.data
     mapping = (src.fields if src is not None else {}) or {}
     fields = {name: _get(data, column, row, name) for name, column in mapping.items()} if mapping else dict(data)
+    for name in sorted(spec.template_fields()):
+        if name in fields and (fields[name] is None or isinstance(fields[name], (dict, list))):
+            raise TaskError(
+                f"{row.where}: field {name!r} is {'null' if fields[name] is None else 'not text'}; "
+                "the template needs text there"
+            )
     if spec.kind in ("classification", "pope"):
         label = _label(spec, src, data, row)
         words = list(spec.labels.values())
@@ -212,6 +219,8 @@ def _choice_example(spec: TaskSpec, row: Row, fields: dict) -> Example:
             options = [options[gold[0]]] + [o for i, o in enumerate(options) if i != gold[0]]
             gold = (0,)
     else:
+        if not isinstance(data["choices"], list) or any(c is None or isinstance(c, (dict, list)) for c in data["choices"]):
+            raise TaskError(f"{row.where}: 'choices' is a list of texts (a choice is null or not text)")
         options = [str(c) for c in data["choices"]]
         g = data.get("gold")
         gold = tuple(g) if isinstance(g, list) else (int(g),)

@@ -41,3 +41,27 @@ def smollm2():
     import attnedit
 
     return attnedit.load("smollm2-135m-instruct", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory) -> Path:
+    """A tiny Llama folder with a byte-level tokenizer, loadable by `attnedit.load` as a local folder."""
+    import models
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tkm
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    models.tiny("llama").save_pretrained(path)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        if len(vocab) < 256:
+            vocab[ch] = len(vocab)
+    inner = Tokenizer(tkm.WordLevel(vocab, unk_token="<pad>"))
+    inner.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.Split("", "isolated")]
+    )
+    inner.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(path)
+    return path
