@@ -10,7 +10,7 @@ from export_kit import recipe, rel
 from transformers import AutoModelForCausalLM
 
 import attnedit
-from attnedit.loading import ALIASES
+from attnedit.loading import model_hash
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_static_recipe_by_plain_transformers(smollm2, tmp_path):
     want_logits, want_tokens = _patched(model, rec, enc, tok)
     attnedit.export(model, rec, tmp_path / "out", tokenizer=tok)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["attnedit"]["base_model_hash"] == ALIASES["smollm2-135m-instruct"].sha256
+    assert config["attnedit"]["base_model_hash"] == model_hash("smollm2-135m-instruct")
     assert config["tie_word_embeddings"] and "auto_map" not in config
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     logits, tokens = _run(loaded, enc, tok)
