@@ -151,12 +151,16 @@ class InterventionSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _lists_as_tuples(cls, data):
-        """YAML has lists only: a list given for a tuple field is that tuple (strict mode would refuse it)."""
+    def _yaml_forms(cls, data):
+        """What strict mode would refuse but YAML and JSON can only write so: a list for a tuple field,
+        and integer map keys written as strings (``{"2": [1]}``, as JSON writes them)."""
         if isinstance(data, dict):
+            data = dict(data)
             for name, info in cls.model_fields.items():
                 if get_origin(info.annotation) is tuple and isinstance(data.get(name), list):
-                    data = {**data, name: tuple(data[name])}
+                    data[name] = tuple(data[name])
+                elif isinstance(data.get(name), dict):
+                    data[name] = _int_keys(data[name])
         return data
 
     @field_validator("layers")
@@ -242,6 +246,13 @@ class InterventionSpec(BaseModel):
     def check_method_model(self, info: ModelInfo) -> list[tuple[tuple, str]]:
         """Method-specific model checks (a VLM method on a text model, ...). Override."""
         return []
+
+
+def _int_keys(value: Any) -> Any:
+    """A map with its decimal-string keys made ints, nested maps too."""
+    if not isinstance(value, dict):
+        return value
+    return {int(k) if isinstance(k, str) and k.isdecimal() else k: _int_keys(v) for k, v in value.items()}
 
 
 class _RecipeHead(BaseModel):

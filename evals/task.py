@@ -219,7 +219,8 @@ def _choice_example(spec: TaskSpec, row: Row, fields: dict) -> Example:
             options = [options[gold[0]]] + [o for i, o in enumerate(options) if i != gold[0]]
             gold = (0,)
     else:
-        if not isinstance(data["choices"], list) or any(c is None or isinstance(c, (dict, list)) for c in data["choices"]):
+        choices = data["choices"]
+        if not isinstance(choices, list) or any(c is None or isinstance(c, (dict, list)) for c in choices):
             raise TaskError(f"{row.where}: 'choices' is a list of texts (a choice is null or not text)")
         options = [str(c) for c in data["choices"]]
         g = data.get("gold")
