@@ -177,9 +177,13 @@ def generate(model, ids, new: int, static: bool):
 
 
 def decode_ms(model, ids, new: int, static: bool, reps: int) -> tuple[float, float, torch.Tensor]:
-    """(ms per new token, ms of the first call, the new tokens). The first call compiles under the static cache."""
-    first, out = timed(lambda: generate(model, ids, new, static))
-    best = float("inf")
+    """(ms per new token, ms of the first call, the new tokens).
+
+    The first call warms up: under the static cache it is the full generate, which compiles the decoding
+    step and sets the cache length that later calls reuse.
+    """
+    first, _ = timed(lambda: generate(model, ids, new if static else SHORT, static))
+    best, out = float("inf"), None
     for _ in range(reps):
         long_ms, out = timed(lambda: generate(model, ids, new, static))
         short_ms, _ = timed(lambda: generate(model, ids, SHORT, static))
@@ -197,47 +201,45 @@ def same_tokens(a: torch.Tensor | None, b: torch.Tensor | None) -> str:
     return f"no ({int(differ.sum())}/{a.shape[0]} rows; first at step {step})"
 
 
-def run_generate(model, args, recipe_of) -> list[dict]:
-    rows = []
-    dynamic_tokens: dict[tuple, torch.Tensor] = {}
-    for batch, length in args.batches:
-        ids, _, _ = prompts(batch, length, args.device)
-        spans = [[(100, 196), (length, 2**62)]] * batch  # PASTA: one highlighted span; generated tokens unbiased
-        for mode in args.modes:
-            static = mode == "static"
-            names = args.static_variants if static else args.variants
-            if static and (batch, length) not in args.static_batches:
-                continue
-            for name in names:
-                torch._dynamo.reset()
-                row = {"batch": batch, "prompt": length, "mode": mode, "variant": name}
-                t = time.time()
-                try:
-                    with Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
-                        ms, first, tokens = decode_ms(model, ids, args.new_tokens, static, args.reps)
-                    row.update(ms_per_token=ms, first_call_ms=first)
-                    if static:
-                        row["same_tokens"] = same_tokens(dynamic_tokens.get((batch, length, name)), tokens)
-                    else:
-                        dynamic_tokens[(batch, length, name)] = tokens
-                except Exception as e:  # a variant that fails in this mode: recorded, the run goes on
-                    row.update(ms_per_token=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
-                    torch._dynamo.reset()
-                    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                note = f"{row['ms_per_token']:.2f} ms/token" if row["ms_per_token"] else row.get("error")
-                print(
-                    f"  b{batch} p{length} {mode:7s} {name:11s} {note} ({time.time() - t:.0f}s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                rows.append(row)
+def configurations(args) -> list[tuple[str, int, int, str]]:
+    """(mode, batch, prompt, variant) in the order they run: every dynamic one, then the static ones
+    variant by variant (unpatched first), so that a time budget cuts the last variants."""
+    out = [("dynamic", b, t, v) for b, t in args.batches for v in args.variants] if "dynamic" in args.modes else []
+    if "static" in args.modes:
+        out += [("static", b, t, v) for v in args.static_variants for b, t in args.static_batches]
+    return out
+
+
+def measure_one(model, args, recipe_of, mode, batch, length, name, dynamic_tokens) -> dict:
+    ids, _, _ = prompts(batch, length, args.device)
+    spans = [[(100, 196), (length, 2**62)]] * batch  # PASTA: one highlighted span; generated tokens unbiased
+    static = mode == "static"
+    row = {"batch": batch, "prompt": length, "mode": mode, "variant": name}
+    torch._dynamo.reset()
+    try:
+        with Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
+            ms, first, tokens = decode_ms(model, ids, args.new_tokens, static, args.reps)
+        row.update(ms_per_token=ms, first_call_ms=first)
+        if static:
+            row["same_tokens"] = same_tokens(dynamic_tokens.get((batch, length, name)), tokens)
+        else:
+            dynamic_tokens[(batch, length, name)] = tokens
+    except Exception as e:  # a variant that fails in this mode: recorded, the run goes on
+        row.update(ms_per_token=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
+        torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return row
+
+
+def ratios(rows: list[dict]) -> None:
+    """Each row's ratio to unpatched SDPA of its batch, in its own cache mode and with the dynamic cache."""
     for r in rows:
         same = [x for x in rows if x["batch"] == r["batch"] and x["prompt"] == r["prompt"] and x["variant"] == "sdpa"]
         base = {x["mode"]: x["ms_per_token"] for x in same}
         ms = r["ms_per_token"]
         r["ratio"] = ms / base[r["mode"]] if ms and base.get(r["mode"]) else None
         r["ratio_to_dynamic"] = ms / base["dynamic"] if ms and base.get("dynamic") else None
-    return rows
 
 
 def run_prefill(model, args, recipe_of) -> list[dict]:
@@ -283,8 +285,10 @@ def tables(rows: list[dict], prefill: list[dict], args) -> str:
         "same tokens as dynamic |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        ms = fmt(r["ms_per_token"]) if r["ms_per_token"] else f"fails: {r.get('error', '')}"
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for r in sorted(rows, key=lambda r: (-r["prompt"], r["batch"], r["mode"], order[r["variant"]])):
+        ms = fmt(r["ms_per_token"]) if r["ms_per_token"] else r.get("error", "")
+        ms = f"fails: {ms}" if not r["ms_per_token"] and not ms.startswith("not run") else ms
         out.append(
             f"| {r['batch']} x {r['prompt']} | {r['mode']} | {r['variant']} | {ms} | {fmt(r['ratio'])} | "
             f"{fmt(r['ratio_to_dynamic'])} | {r.get('same_tokens', '')} |"
@@ -352,6 +356,8 @@ def main() -> None:
     ap.add_argument("--static-batches", type=pairs, help="BATCHxPROMPT measured with the static cache (default: all)")
     ap.add_argument("--reps", type=int, default=1, help="timed pairs of generate calls per variant (the best counts)")
     ap.add_argument("--e2e-tokens", type=int, default=8192, help="prompt of the end-to-end prefill (0: skip)")
+    ap.add_argument("--budget-s", type=float, default=0, help="skip configurations once this many seconds passed")
+    ap.add_argument("--compile-s", type=float, default=60, help="time a static-cache configuration is expected to take")
     args = ap.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
     args.static_variants = args.static_variants or args.variants
@@ -362,28 +368,49 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.config.cache_size_limit = 64
     print(device_line(), flush=True)
-    dtype = getattr(torch, args.dtype)
-    model = build_model(args.shape, args.layers, dtype, args.device)
-    info = model.config
-    recipe_of = recipes(args.layers, info.num_attention_heads)
-    rows = run_generate(model, args, recipe_of)
-    prefill = run_prefill(model, args, recipe_of) if args.e2e_tokens and args.device == "cuda" else []
+    start = time.time()
+    model = build_model(args.shape, args.layers, getattr(torch, args.dtype), args.device)
+    recipe_of = recipes(args.layers, model.config.num_attention_heads)
+    meta = {
+        "command": "python " + " ".join(sys.argv),
+        "device": device_line(),
+        "shape": args.shape,
+        "layers": args.layers,
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "recipes": {k: r.to_dict() for k, r in recipe_of.items()},
+    }
+    rows, prefill, tokens = [], [], {}
+    todo = configurations(args)
+    for phase in ("dynamic", "prefill", "static"):
+        if phase == "prefill":
+            if args.e2e_tokens and args.device == "cuda":
+                prefill = run_prefill(model, args, recipe_of)
+                report(args, meta, rows, prefill)
+            continue
+        for mode, batch, length, name in [c for c in todo if c[0] == phase]:
+            t = time.time()
+            if args.budget_s and t - start + (args.compile_s if mode == "static" else 0) > args.budget_s:
+                row = {"batch": batch, "prompt": length, "mode": mode, "variant": name, "ms_per_token": None}
+                row["error"] = f"not run: the run's time budget ({args.budget_s:.0f} s) was spent"
+            else:
+                row = measure_one(model, args, recipe_of, mode, batch, length, name, tokens)
+            note = f"{row['ms_per_token']:.2f} ms/token" if row["ms_per_token"] else row.get("error")
+            print(f"  b{batch} p{length} {mode} {name}: {note} ({time.time() - t:.0f}s)", file=sys.stderr, flush=True)
+            rows.append(row)
+            ratios(rows)
+            report(args, meta, rows, prefill)
+    print(tables(rows, prefill, args))
+
+
+def report(args, meta: dict, rows: list[dict], prefill: list[dict]) -> None:
+    """Write what was measured so far (a run cut short still leaves its table)."""
+    if not args.out:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
     text = tables(rows, prefill, args)
-    command = "python " + " ".join(sys.argv)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "command": command,
-            "device": device_line(),
-            "shape": args.shape,
-            "layers": args.layers,
-            "dtype": args.dtype,
-            "new_tokens": args.new_tokens,
-            "recipes": {k: r.to_dict() for k, r in recipe_of.items()},
-        }
-        (args.out / f"{args.tag}.json").write_text(json.dumps({**meta, "generate": rows, "prefill": prefill}, indent=1))
-        (args.out / f"{args.tag}.md").write_text(f"`{command}`\n\n{meta['device']}\n\n{text}\n")
+    (args.out / f"{args.tag}.json").write_text(json.dumps({**meta, "generate": rows, "prefill": prefill}, indent=1))
+    (args.out / f"{args.tag}.md").write_text(f"`{meta['command']}`\n\n{meta['device']}\n\n{text}\n")
 
 
 if __name__ == "__main__":
