@@ -6,8 +6,6 @@ import functools
 import os
 import sys
 import tempfile
-import uuid
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -17,6 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from attnedit.errors import AttneditError, ModelLoadError
+from attnedit.files import write_atomic
+from attnedit.recipes import builtin_recipes, load_recipe, recipe_path
+
+__all__ = ["builtin_recipes", "load_recipe", "recipe_path", "write_atomic"]  # shared by the commands
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,35 +71,6 @@ def guard(fn: Callable) -> Callable:
 
 
 # ------------------------------------------------------------------ built-in recipes
-
-
-def builtin_recipes() -> dict[str, Path]:
-    """Built-in recipe names -> files (the YAML files shipped in attnedit.recipes)."""
-    root = resources.files("attnedit.recipes")
-    out = {}
-    for entry in root.iterdir():
-        if entry.name.endswith(".yaml"):
-            out[entry.name[: -len(".yaml")]] = Path(str(entry))
-    return dict(sorted(out.items()))
-
-
-def recipe_path(arg: str) -> Path:
-    """A recipe argument: a YAML path, or the name of a built-in recipe."""
-    path = Path(arg)
-    if path.is_file():
-        return path
-    builtins = builtin_recipes()
-    if arg in builtins:
-        return builtins[arg]
-    if path.suffix in (".yaml", ".yml") or os.sep in arg:
-        raise UsageError(f"recipe file {arg} does not exist")
-    raise UsageError(f"{arg!r} is neither a recipe file nor a built-in recipe; built-ins: {', '.join(builtins)}")
-
-
-def load_recipe(arg: str):
-    from attnedit.recipe import Recipe  # noqa: PLC0415
-
-    return Recipe.from_yaml(recipe_path(arg))
 
 
 def load_model(
@@ -199,56 +172,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale(path: Path) -> None:
-    """Delete the temporary files of `path` that a killed process left (`.NAME.<pid>.<rand>.tmp`)."""
-    path = Path(path)
-    for old in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        pid = old.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            old.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temporary name and rename it into place: never half-written.
-
-    The file's mode follows the umask (as a file made by `open` would); temporary files that a
-    killed run left for the same path are deleted first.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; cannot write a file there")
-    clean_stale(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_text_file(path: Path, what: str) -> str:

@@ -9,11 +9,11 @@ with attnedit.patch(model, recipe):
 
 from .errors import AttneditError, BackendError, ModelLoadError, RecipeError, UnsupportedModelError
 from .export import export
+from .interventions import builtin as _builtin  # noqa: F401  (importing it registers the built-in methods)
 from .loading import load
 from .patch import Patch, patch
 from .recipe import Recipe
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AttneditError",

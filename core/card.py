@@ -18,7 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
 from .errors import AttneditError
+from .fold import Edit
+from .version import __version__
 
 _ROW_KEYS = ("rows", "results", "tasks")
 
@@ -161,8 +166,6 @@ def model_card(result, model, results: ResultsTable | None = None) -> str:
 
 
 def _edits(plan) -> str:
-    from .export import Edit  # noqa: PLC0415
-
     if not plan.edits:
         return "## Edits\n\nThe recipe has no interventions."
     return "## Edits\n\n" + _table(list(Edit.COLUMNS), [e.row() for e in plan.edits])
@@ -252,11 +255,6 @@ def _results_section(results: ResultsTable, result) -> str:
 
 
 def _provenance(plan, model) -> str:
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-
-    from attnedit import __version__  # noqa: PLC0415
-
     rows = [
         ["attnedit", __version__],
         ["transformers", transformers.__version__],

@@ -4,8 +4,8 @@
 `export` writes the folded weights, config, tokenizer (processor), the
 resolved recipe (`FULL_RECIPE`), its dynamic part (`DYNAMIC_RECIPE`) and a
 model card, into a temporary folder renamed into place at the end.
-`restore` applies the dynamic part to a model loaded from such a folder
-(`attnedit.load` calls it); `entry_point` does the same for
+`attnedit.loading.restore` applies the dynamic part to a model loaded from
+such a folder (`attnedit.load` calls it); `entry_point` does the same for
 ``from_pretrained(DIR, trust_remote_code=True)``.
 """
 
@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import transformers
+from transformers import AutoProcessor, AutoTokenizer
 
-from .errors import AttneditError, ModelLoadError
+from . import card
+from .errors import AttneditError
 from .fold import Edit, ExportPlan, folded_weights, model_name, out_proj, plan_export
-from .patch import _ACTIVE, Patch
+from .loading import CONFIG_KEY, DYNAMIC_RECIPE, FORMAT, model_hash, resolve, restore
+from .patch import _ACTIVE
 from .recipe import Recipe
+from .version import __version__
 
 __all__ = [
     "Edit",
@@ -39,10 +44,7 @@ __all__ = [
     "staged",
 ]
 
-CONFIG_KEY = "attnedit"  # the block export adds to config.json
-FORMAT = 1
 FULL_RECIPE = "attnedit_recipe.yaml"  # the whole recipe, resolved, as applied to the base model
-DYNAMIC_RECIPE = "attnedit_dynamic.yaml"  # the part attnedit applies to this folder's weights at load
 ENTRY_MODULE = "attnedit_entry"  # loader for from_pretrained(DIR, trust_remote_code=True)
 RESULTS_FILE = "eval_results.json"
 NOTICE = (
@@ -100,8 +102,6 @@ def export(
             itself an export with dynamic edits, an unreadable results file, an unresolvable `auto`.
         RecipeError: the recipe does not fit the model.
     """
-    from . import card  # noqa: PLC0415
-
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_yaml(recipe)
     out = Path(out_dir).expanduser()
     base = base_model or model_name(model)
@@ -236,8 +236,6 @@ def _write_weights(model, plan: ExportPlan, tmp: Path, max_shard_size) -> None:
 
 def _write_config(model, result: ExportResult, tmp: Path) -> None:
     """Add the attnedit block (and, with dynamic edits, the trust_remote_code loader) to config.json."""
-    from attnedit import __version__  # noqa: PLC0415
-
     path = tmp / "config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     plan = result.plan
@@ -287,8 +285,6 @@ AttneditLoader = entry_point("{cls}")
 
 def _loader_class(model) -> tuple[str, str] | None:
     """(Auto class, transformers class name) for the trust_remote_code loader, or None for non-transformers classes."""
-    import transformers  # noqa: PLC0415
-
     name = type(model).__name__
     if getattr(transformers, name, None) is not type(model):
         return None
@@ -312,24 +308,16 @@ def _check_model(model) -> None:
 
 
 def _base_hash(name: str) -> str | None:
-    from .loading import model_hash  # noqa: PLC0415
-
     return model_hash(name) if name else None
 
 
 def _base_tokenizer(model, base: str):
-    from .loading import resolve  # noqa: PLC0415
-
     if not base:
         raise AttneditError("the model has no name to load its tokenizer from; pass tokenizer=... to export")
     source, extra = resolve(base)
     try:
         if hasattr(model.config, "vision_config"):
-            from transformers import AutoProcessor  # noqa: PLC0415
-
             return AutoProcessor.from_pretrained(source, **extra)
-        from transformers import AutoTokenizer  # noqa: PLC0415
-
         return AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError) as e:
         raise AttneditError(
@@ -340,44 +328,8 @@ def _base_tokenizer(model, base: str):
 # --------------------------------------------------------------------------- loading
 
 
-def restore(model: torch.nn.Module, source: str | os.PathLike, revision: str | None = None) -> Patch | None:
-    """Apply an export's dynamic edits to a model loaded from it (`attnedit.load` calls this).
-
-    Args:
-        model: a model loaded from `source`.
-        source: the export's folder (or hub id).
-        revision: hub revision, if any.
-    Returns:
-        The applied `Patch`, also stored as ``model.attnedit_patch`` (``.remove()`` takes the dynamic
-        edits off; the folded ones are in the weights); None when `source` is no export or has no dynamic part.
-    Raises:
-        ModelLoadError: the export's dynamic recipe is missing or written by a newer attnedit.
-    """
-    from transformers.utils import cached_file  # noqa: PLC0415
-
-    block = getattr(model.config, CONFIG_KEY, None)
-    if not isinstance(block, dict) or not block.get("dynamic"):
-        return None
-    if block.get("format", FORMAT) > FORMAT:
-        raise ModelLoadError(
-            f"{source} was exported by attnedit {block.get('version')}, newer than this one; upgrade attnedit"
-        )
-    name = block.get("dynamic_recipe") or DYNAMIC_RECIPE
-    try:
-        path = cached_file(str(source), name, revision=revision)
-    except OSError:
-        path = None
-    if path is None:
-        raise ModelLoadError(f"{source} is an attnedit export with dynamic edits, but its {name} is missing")
-    patch = Patch(model, Recipe.from_yaml(path)).apply()
-    model.attnedit_patch = patch
-    return patch
-
-
 def entry_point(class_name: str) -> type:
     """A loader class for ``from_pretrained(DIR, trust_remote_code=True)``: the model class, then `restore`."""
-    import transformers  # noqa: PLC0415
-
     base = getattr(transformers, class_name)
 
     def from_pretrained(cls, path, *args, **kwargs):

@@ -20,9 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
+from transformers.utils import cached_file
 
 from . import hub
 from .errors import ModelLoadError
+from .patch import Patch
+from .recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -203,7 +213,6 @@ def alias_dir(name: str, cache_dir=None, progress: bool = True, verify: bool = T
         verify_cache(name, target, weights=verify)
         return target
     gguf = alias_file(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     check_cache_root(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -361,7 +370,6 @@ def _read_errors() -> tuple[type[Exception], ...]:
 
 def load_config(name: str, cache_dir=None):
     """The model's config without its weights (for `attnedit validate --model`)."""
-    from transformers import AutoConfig  # noqa: PLC0415
 
     if name in ALIASES:
         cached = alias_cache(name, cache_dir)
@@ -507,7 +515,6 @@ def load(
         ModelLoadError: unknown name, missing package, damaged file, unreachable hub, an export's missing recipe,
             a device_map that names no module, a device this machine lacks, or leaves weights unplaced.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer  # noqa: PLC0415
 
     check_device(device)
     device = device or default_device()
@@ -524,8 +531,6 @@ def load(
         kwargs["device_map"] = device_map
     try:
         if is_vlm:
-            from transformers import AutoModelForImageTextToText  # noqa: PLC0415
-
             model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
             tokenizer = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
         else:
@@ -540,8 +545,6 @@ def load(
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    from .export import restore  # noqa: PLC0415
-
     restore(model, source)  # an attnedit export: apply its dynamic edits (model.attnedit_patch)
     return model, tokenizer
 
@@ -561,3 +564,42 @@ def model_hash(name: str, cache_dir=None) -> str:
     if path.is_dir():
         return _folder_hash(path)
     return f"hub:{name}"
+
+
+# --------------------------------------------------------------------------- folders written by `attnedit export`
+
+CONFIG_KEY = "attnedit"  # the block an export adds to config.json
+FORMAT = 1  # the export format this attnedit reads and writes
+DYNAMIC_RECIPE = "attnedit_dynamic.yaml"  # the part attnedit applies to an export's weights at load
+
+
+def restore(model: torch.nn.Module, source: str | os.PathLike, revision: str | None = None) -> Patch | None:
+    """Apply an export's dynamic edits to a model loaded from it (`attnedit.load` calls this).
+
+    Args:
+        model: a model loaded from `source`.
+        source: the export's folder (or hub id).
+        revision: hub revision, if any.
+    Returns:
+        The applied `Patch`, also stored as ``model.attnedit_patch`` (``.remove()`` takes the dynamic
+        edits off; the folded ones are in the weights); None when `source` is no export or has no dynamic part.
+    Raises:
+        ModelLoadError: the export's dynamic recipe is missing or written by a newer attnedit.
+    """
+    block = getattr(model.config, CONFIG_KEY, None)
+    if not isinstance(block, dict) or not block.get("dynamic"):
+        return None
+    if block.get("format", FORMAT) > FORMAT:
+        raise ModelLoadError(
+            f"{source} was exported by attnedit {block.get('version')}, newer than this one; upgrade attnedit"
+        )
+    name = block.get("dynamic_recipe") or DYNAMIC_RECIPE
+    try:
+        path = cached_file(str(source), name, revision=revision)
+    except OSError:
+        path = None
+    if path is None:
+        raise ModelLoadError(f"{source} is an attnedit export with dynamic edits, but its {name} is missing")
+    patch = Patch(model, Recipe.from_yaml(path)).apply()
+    model.attnedit_patch = patch
+    return patch

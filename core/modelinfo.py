@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -58,9 +60,7 @@ class ModelInfo:
 
 def text_decoder(model):
     """The text decoder module of a causal LM or vision-language model (holds `.layers`)."""
-    import torch  # noqa: PLC0415
-
-    from .errors import UnsupportedModelError  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (heavy: reading a config for `attnedit validate` needs no torch)
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
@@ -72,8 +72,6 @@ def text_decoder(model):
 
 def decoder_layers(model):
     """The text decoder's blocks, each with a `self_attn` module."""
-    from .errors import UnsupportedModelError  # noqa: PLC0415
-
     layers = text_decoder(model).layers
     if not all(hasattr(layer, "self_attn") for layer in layers):
         raise UnsupportedModelError(f"the decoder layers of {type(model).__name__} have no `self_attn` module")

@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from attnedit.kernels import BACKENDS, choose, dispatch, reference
+
 from . import tables as T
 from .errors import AttneditError, BackendError
 from .modelinfo import ModelInfo, decoder_layers, text_decoder
@@ -85,8 +87,6 @@ class Patch:
         self.info = ModelInfo.from_config(model.config, name=getattr(model, "name_or_path", "") or "")
         recipe.check_model(self.info)
         self.backend = backend or recipe.backend
-        from attnedit.kernels import BACKENDS  # noqa: PLC0415
-
         if self.backend not in BACKENDS:
             raise BackendError(f"unknown backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         self.compiled = T.compile_recipe(recipe, self.info, model)
@@ -328,8 +328,6 @@ class Patch:
         share = value if self.capture is None else None  # lets ACT's column scores and attention share one flash pass
         tables = self._tables(layer, plan, query, key, mask, scaling, softcap, backend, per_input_scale, share)
         if self.capture is not None:
-            from attnedit.kernels import reference  # noqa: PLC0415
-
             out, weights = reference.attention(
                 query,
                 key,
@@ -347,15 +345,11 @@ class Patch:
                 "q_offset": mask.q_offset,
             }
             return out, None
-        from attnedit.kernels import dispatch  # noqa: PLC0415
-
         return dispatch.attention(backend, query, key, value, tables, mask, scaling=scaling, softcap=softcap), None
 
     def _backend(self, device: torch.device) -> str:
         key = str(device)
         if key not in self._backend_for:
-            from attnedit.kernels import choose  # noqa: PLC0415
-
             self._backend_for[key] = choose(self.backend, device)
         return self._backend_for[key]
 
@@ -385,8 +379,6 @@ class Patch:
         flags = self._key_flags(layer, plan, mask, B, H, K, query.device)
         if prefill and plan.attention_detectors:
             pre = self._grouped(plan, flags, first_key, moves=False)
-            from attnedit.kernels import dispatch  # noqa: PLC0415
-
             colsum, count = dispatch.column_scores(
                 backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=value
             )

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Literal, Union, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from attnedit.interventions import registry
+
 from .errors import RecipeError
 from .modelinfo import ModelInfo
 
@@ -308,8 +310,6 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>", lines: dict | None = None) -> "Recipe":
-        from attnedit.interventions import registry  # noqa: PLC0415  (methods register on import)
-
         lines = lines or {}
         problems: list[str] = []
 

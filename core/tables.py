@@ -39,6 +39,8 @@ from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 
+from attnedit.interventions import registry
+
 from .errors import AttneditError
 from .modelinfo import ModelInfo
 
@@ -268,8 +270,6 @@ def compile_recipe(recipe, info: ModelInfo, model: torch.nn.Module | None = None
     Returns:
         A `CompiledRecipe`; layers without effects are absent (they run unpatched).
     """
-    from attnedit.interventions import registry  # noqa: PLC0415
-
     effects: list[Effect] = []
     needs_spans = False
     for spec in recipe.interventions:

@@ -28,6 +28,9 @@ except ImportError as e:  # pragma: no cover - depends on the optional extra
     raise ImportError("the lm-eval integration needs lm-evaluation-harness: pip install 'attnedit[lm-eval]'") from e
 
 from attnedit.interventions import registry
+from attnedit.loading import load
+from attnedit.patch import Patch
+from attnedit.recipes import load_recipe
 
 log = logging.getLogger("attnedit")
 
@@ -62,11 +65,8 @@ class AttneditLM(HFLM):
         cache_dir: str | None = None,
         **kwargs,
     ):
-        import attnedit  # noqa: PLC0415
-        from attnedit.cli.common import load_recipe  # noqa: PLC0415
-
         rec = load_recipe(recipe) if recipe else None
-        model, tokenizer = attnedit.load(pretrained, dtype=dtype, device=device, cache_dir=cache_dir)
+        model, tokenizer = load(pretrained, dtype=dtype, device=device, cache_dir=cache_dir)
         if rec is not None and per_input(rec) and str(kwargs.get("batch_size", 1)) != "1":
             log.warning(
                 "recipe %s detects something in each input (%s): lm-eval's right padding would enter the "
@@ -77,7 +77,7 @@ class AttneditLM(HFLM):
             kwargs["batch_size"] = 1
         super().__init__(pretrained=model, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), **kwargs)
         self.attnedit_recipe = rec
-        self.attnedit_patch = attnedit.patch(model, rec, backend=backend).apply() if rec is not None else None
+        self.attnedit_patch = Patch(model, rec, backend=backend).apply() if rec is not None else None
 
     def get_model_info(self) -> dict:
         info = super().get_model_info() if hasattr(super(), "get_model_info") else {}

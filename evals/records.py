@@ -13,10 +13,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Sequence
 
+from rich.console import Console
+from rich.progress import Progress
+
 from .prompts import Encoded, encode
 from .scoring import choice_scores, generate, generation_correct, normalise_scores, patched, plan_batches
 from .stats import macro_f1
 from .task import Example, Task
+from .vision import image_text, pope_scores
 
 
 def score(
@@ -68,8 +72,6 @@ def score(
 def encode_for(task: Task, examples, tokenizer, **kw) -> list[Encoded]:
     """`encode`, with the processor's image token for vision-language tasks."""
     if task.kind == "pope":
-        from .vision import image_text  # noqa: PLC0415
-
         kw["image_text"] = image_text(tokenizer)
     return encode(task, examples, tokenizer, **kw)
 
@@ -93,8 +95,6 @@ def score_batch(
             for ex, o in zip(exs, outputs)
         ]
     if spec.kind == "pope":
-        from .vision import pope_scores  # noqa: PLC0415
-
         raw, lengths = pope_scores(model, tokenizer, items)
     else:
         tok = getattr(tokenizer, "tokenizer", tokenizer)
@@ -170,9 +170,6 @@ def _bar(show: bool, total: int, label: str):
     if not show:
         yield lambda n=1: None
         return
-    from rich.console import Console  # noqa: PLC0415
-    from rich.progress import Progress  # noqa: PLC0415
-
     with Progress(console=Console(stderr=True), transient=True) as bar:
         t = bar.add_task(f"scoring {label}", total=total)
         yield lambda n=1: bar.advance(t, n)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from attnedit.files import write_atomic
+
 
 def provenance(**fields) -> dict:
     """The header of results.json: the given fields plus the date and library versions."""
@@ -52,12 +54,10 @@ def table(results: dict, title: str) -> Table:
 
 def plot(results: dict, path: Path) -> None:
     """A PNG of each task's patched-minus-baseline difference with its 95% bootstrap interval."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415  (heavy: only a plot needs it)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    from attnedit.cli.common import write_atomic  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (heavy: only a plot needs it)
 
     names = list(results["tasks"])
     diffs = [results["tasks"][n]["difference"] for n in names]

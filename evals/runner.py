@@ -24,7 +24,10 @@ from typing import Any, Sequence
 
 import torch
 
+from attnedit.files import write_atomic
+
 from .prompts import Encoded
+from .records import _bar as bar
 from .records import encode_for, metric, per_example, score_batch
 from .scoring import patched, plan_batches
 from .spec import TaskError
@@ -203,7 +206,6 @@ def completed(work: Path, task: str, n_batches: int) -> set[int]:
 
 def merge(tasks: Sequence[Task], out: Path, settings: Settings) -> dict:
     """Join every process's lines into samples files and the results dict (written to results.json)."""
-    from attnedit.cli.common import write_atomic  # noqa: PLC0415
 
     results: dict[str, Any] = {}
     for task in tasks:
@@ -329,7 +331,5 @@ def _rss_mb() -> float:
 
 @contextmanager
 def _bar(show: bool, total: int, label: str):
-    from .records import _bar as bar  # noqa: PLC0415
-
     with bar(show, total, label) as advance:
         yield lambda: advance(1)

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
+from attnedit.patch import Patch, patch
+
 from .prompts import Encoded
 from .spec import TaskSpec
 
@@ -159,6 +161,4 @@ def patched(model, recipe, backend: str | None = None):
     """A context with `recipe` (a Recipe, a recipe path, or a ready `Patch`) applied; None: unpatched."""
     if recipe is None:
         return nullcontext()
-    from attnedit.patch import Patch, patch  # noqa: PLC0415
-
     return recipe if isinstance(recipe, Patch) else patch(model, recipe, backend=backend)

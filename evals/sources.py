@@ -132,7 +132,7 @@ def read_bigbench(path: Path, task: str) -> tuple[dict, list[Row]]:
 def read_hub(src: HubSource, split: str, task: str) -> list[Row]:
     """Rows of a Hugging Face dataset split (online)."""
     try:
-        import datasets  # noqa: PLC0415
+        import datasets  # noqa: PLC0415  (optional: only hub data sets need it)
     except ImportError:
         raise TaskError(
             f"task {task!r} has no data folder (--data-dir / ATTNEDIT_DATA_DIR) and its Hugging Face source needs "

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import facts
 from .sources import Row, carve, read_bigbench, read_hub, read_local, resolve_path
-from .spec import LocalSource, TaskError, TaskSpec, find_spec, read_spec
+from .spec import LocalSource, TaskError, TaskSpec, _merge, _validate, find_spec, read_spec
 
 SPLITS = ("train", "test")
 DATA_ENV = "ATTNEDIT_DATA_DIR"
@@ -272,8 +272,6 @@ def _bigbench_spec(arg: str, root: Path | None, overrides: dict) -> tuple[TaskSp
     ``bigbench:NAME`` reads ``{data_dir}/bigbench/NAME.json``; ``bigbench:PATH.json`` reads that file.
     The file has no train split: a fixed 20% slice (seed 0) becomes `train`.
     """
-    from .spec import _merge, _validate  # noqa: PLC0415
-
     ref = arg[len("bigbench:") :]
     if ref.endswith(".json"):
         raw = str(Path(ref).expanduser().resolve())

@@ -30,7 +30,7 @@ def image_text(processor) -> str:
 
 
 def load_image(path: str):
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415  (optional: only image tasks need it)
 
     if not Path(path).is_file():
         raise TaskError(f"image file not found: {path}")

@@ -1,5 +1,5 @@
-"""The interventions: one module per method (schema, compile step, target finder)."""
+"""The interventions: one module per method (schema, compile step, search, declaration).
 
-from . import act, head_prune, pasta, registry, var, vhr, zerotuning  # noqa: F401  (each registers itself)
-
-__all__ = ["registry"]
+`registry` holds the declarations; `builtin` imports the built-in methods, which register
+themselves (the `attnedit` package imports it, so the built-ins are always there).
+"""

@@ -16,8 +16,16 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+from attnedit import evals
 from attnedit.errors import AttneditError
+from attnedit.evals.records import choice_record
+from attnedit.evals.scoring import left_pad, plan_batches
+from attnedit.patch import Patch
 from attnedit.recipe import InterventionSpec, Recipe
+from attnedit.version import __version__
+
+from . import registry
+from .replay import Replay, first_layer
 
 
 @dataclass
@@ -125,8 +133,6 @@ def best(records: Sequence[dict], baseline: float | None = None) -> dict | None:
 
 def provenance(**fields) -> dict:
     """The provenance block of a calibrated recipe: the given fields, plus tool version and date, as plain data."""
-    from attnedit import __version__  # noqa: PLC0415
-
     out = {"tool": f"attnedit {__version__}", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     out.update(fields)
     return _plain(out)
@@ -206,8 +212,6 @@ def task_scorer(
     Scores equal `attnedit.evals.score`'s. With one-token answers, candidates that edit only later
     layers rerun only those (`replay.Replay`).
     """
-    from attnedit import evals  # noqa: PLC0415
-
     encoded = evals.encode(task, examples, tokenizer, shots=shots, seed=seed)  # tokenized once for every candidate
     prompts = [it.prompt for it in encoded]
     fast = _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend)
@@ -238,8 +242,6 @@ def task_scorer(
 
 def objective_value(recs: Sequence[dict], objective: str, task) -> float:
     """The calibration objective of scored records (see `task_scorer`)."""
-    from attnedit import evals  # noqa: PLC0415
-
     if objective == "entropy":
         return -sum(_entropy(r["scores"]) for r in recs) / len(recs)
     if objective == "logprob":
@@ -253,8 +255,6 @@ def heldout_check(score, recipe: Recipe, objective: str, task) -> dict:
     Args:
         score: a `task_scorer` over the held-out examples.
     """
-    from attnedit import evals  # noqa: PLC0415
-
     base = score.records(None)
     edit = score.records(recipe) if recipe.interventions else base
     out = {
@@ -272,12 +272,6 @@ def heldout_check(score, recipe: Recipe, objective: str, task) -> dict:
 
 def _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend):
     """A records function through `Replay`, or None when answers are not single tokens or the cache is too big."""
-    import attnedit  # noqa: PLC0415
-    from attnedit.evals.records import choice_record  # noqa: PLC0415
-    from attnedit.evals.scoring import left_pad, plan_batches  # noqa: PLC0415
-
-    from .replay import Replay, first_layer  # noqa: PLC0415
-
     if task.kind == "generation" or any(len(c) != 1 for it in encoded for c in it.choice_ids):
         return None
     if not Replay.fits(model, sum(len(it.prompt_ids) for it in encoded)):
@@ -291,7 +285,7 @@ def _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend
         if recipe is None:
             logits = replay.last_logits(0)
         else:
-            patch = attnedit.patch(model, recipe, backend=backend)
+            patch = Patch(model, recipe, backend=backend)
             start = first_layer(patch.compiled)
             if start is None:
                 return None
@@ -329,8 +323,6 @@ def calibrate(recipe: Recipe, cal: Calibration) -> tuple[Recipe, list[dict]]:
     Returns:
         (the resolved recipe, one search summary per intervention).
     """
-    from . import registry  # noqa: PLC0415
-
     specs, searches = [], []
     unpatched: list[float] = []  # the unpatched score, measured at most once
 

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from attnedit import evals
 from attnedit.errors import AttneditError, RecipeError
 from attnedit.modelinfo import text_decoder
+from attnedit.patch import Patch
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import Scale
 
@@ -168,15 +169,13 @@ def _delta(model, layer: int, o: torch.Tensor, ref: torch.Tensor) -> torch.Tenso
 
 def _total_effects(model, tokenizer, texts, ids, spec_for, targets, batch_size, cal) -> dict:
     """{(layer, head): mean LD(clean) - LD(head ablated everywhere)}, one forward pass set per head."""
-    import attnedit  # noqa: PLC0415
-
     device = next(model.parameters()).device
     clean = _logit_diff(model, tokenizer, texts, ids, batch_size, device)
     heads = [(l, h) for l, hs in targets.items() for h in hs][: cal.max_candidates]
     step = cal.progress(len(heads), "PH3 head patching") if cal.progress else (lambda **_: None)
     out = {}
     for l, h in heads:
-        with attnedit.patch(model, recipe_of(spec_for({l: [h]})), backend="reference"):
+        with Patch(model, recipe_of(spec_for({l: [h]})), backend="reference"):
             out[(l, h)] = float((clean - _logit_diff(model, tokenizer, texts, ids, batch_size, device)).mean())
         step(advance=1)
     return out
@@ -224,8 +223,6 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
         baseline and score are the rate at which the kept kind's answer wins (the context's answer
         for ``prune: memory``) on the recalled conflicts, unpatched and pruned.
     """
-    import attnedit  # noqa: PLC0415
-
     prune, k = str(cal.options.get("prune", "memory")), int(cal.options.get("k", 5))
     patching, bs = str(cal.options.get("patching", "direct")), int(cal.options.get("batch_size", 8))
     if prune not in ("memory", "context") or patching not in ("direct", "total"):
@@ -275,7 +272,7 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     baseline = rate(notes["memory_rate_before"])
     if not heads:
         return Found([], records, None, baseline, notes, score=baseline)
-    with attnedit.patch(model, recipe_of(spec_for(heads)), backend="reference"):
+    with Patch(model, recipe_of(spec_for(heads)), backend="reference"):
         notes["memory_rate_after"] = float((_logit_diff(model, tok, texts, ids, bs, device) > 0).float().mean())
     chosen = {"heads": heads, "scores": {f"{l}.{h}": s for (l, h), s in ranked}}
     return Found([spec_for(heads)], records, chosen, baseline, notes, score=rate(notes["memory_rate_after"]))

@@ -19,10 +19,12 @@ scorer decides; see `attnedit calibrate --objective`).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
 
+from attnedit.errors import AttneditError
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import FIRST, Bias, KeySet
 
@@ -93,8 +95,6 @@ def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
     """
     profile = str(cal.options.get("profile", "head"))
     if profile not in PROFILES:
-        from attnedit.errors import AttneditError  # noqa: PLC0415
-
         raise AttneditError(f"zerotuning option profile={profile!r}; allowed: {', '.join(PROFILES)}")
     gammas = [float(g) for g in cal.options.get("gammas", DEFAULT_GAMMAS)]
     baseline = float(need_scorer(cal, "zerotuning")(None))
@@ -129,8 +129,6 @@ def find(spec: ZeroTuningSpec, cal: Calibration) -> Found:
 
 
 def _with_limit(cal: Calibration, n: int) -> Calibration:
-    from dataclasses import replace  # noqa: PLC0415
-
     return replace(cal, max_candidates=n)
 
 

@@ -22,7 +22,7 @@ BACKENDS = ("auto", "reference", "triton")
 def triton_status() -> str | None:
     """None when the Triton kernels can be imported, else why not."""
     try:
-        from . import triton_ops  # noqa: F401, PLC0415
+        from . import triton_ops  # noqa: F401, PLC0415  (Triton: optional, probed here)
     except ImportError as e:  # triton missing, or too old
         return f"the Triton kernels cannot be imported ({e})"
     return None
@@ -63,7 +63,7 @@ def attention(
 ) -> torch.Tensor:
     """Run one layer's attention with its tables. Returns (B, Q, H, D)."""
     if name == "triton":
-        from . import triton_ops  # noqa: PLC0415
+        from . import triton_ops  # noqa: PLC0415  (Triton: loaded only when the backend runs)
 
         return triton_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
     return reference.attention(
@@ -88,7 +88,7 @@ def column_scores(
     for the `attention` call on the same q, k, v that follows; the reference ignores it.
     """
     if name == "triton":
-        from . import triton_ops  # noqa: PLC0415
+        from . import triton_ops  # noqa: PLC0415  (Triton: loaded only when the backend runs)
 
         return triton_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap, value=value)
     return reference.column_scores(q, k, tables, scaling=scaling, mask=mask.dense, softcap=softcap)

@@ -7,6 +7,9 @@ Every helper works on a block of ROWS query rows and GP >= G group columns
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -16,10 +19,6 @@ LOG2E = tl.constexpr(LOG2E_F)
 
 def emulate_bf16(dtype) -> bool:
     """Triton's CPU interpreter (3.9) multiplies bf16 matrices wrongly: round to bf16, multiply in fp32 instead."""
-    import os
-
-    import torch
-
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -70,8 +69,6 @@ class Launcher:
 
 def placeholders(device):
     """(int32, fp32, uint8) 8-element tensors for pointer arguments a kernel variant never reads, one set per device."""
-    import torch
-
     key = str(device)
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = tuple(
@@ -82,8 +79,6 @@ def placeholders(device):
 
 def sm_count(device) -> int:
     """Multiprocessors of a CUDA device (4 elsewhere: the interpreter), cached."""
-    import torch
-
     key = ("sm", str(device))
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = (
