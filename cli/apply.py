@@ -16,6 +16,7 @@ from .common import (
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    ModelOpt,
     check_device,
     check_writable,
     console,
@@ -33,10 +34,7 @@ ORDER = 25
 
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
-    ] = None,
+    model: ModelOpt = None,
     prompt: Annotated[
         list[str] | None,
         typer.Option("--prompt", "-p", help="A prompt (repeatable). PASTA: mark spans with the recipe's markers."),

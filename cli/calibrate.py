@@ -17,6 +17,7 @@ from .common import (
     CacheOpt,
     DeviceOpt,
     DtypeOpt,
+    ModelOpt,
     UsageError,
     check_device,
     check_seed,
@@ -51,10 +52,7 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated recipe (YAML).")] = Path(
         "calibrated.yaml"
     ),
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
-    ] = None,
+    model: ModelOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="Evaluation data folder (default $ATTNEDIT_DATA_DIR).")] = None,
     limit: Annotated[
         int, typer.Option(min=1, help="Calibration examples, drawn (seeded) from the task's train split.")

@@ -24,8 +24,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 ModelOpt = Annotated[
-    str,
-    typer.Option("--model", "-m", help="Alias (smollm2-135m-instruct), hub id, local model folder or .gguf file."),
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Alias (smollm2-135m-instruct), hub id, local model folder or .gguf file "
+        "(default: the recipe's `model`, else smollm2-135m-instruct).",
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")]

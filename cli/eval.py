@@ -11,12 +11,15 @@ from typing import Annotated
 
 import typer
 
+from attnedit.files import slug
+
 from .common import (
     BackendOpt,
     CacheOpt,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    ModelOpt,
     UsageError,
     check_device,
     check_folder_writable,
@@ -41,10 +44,7 @@ def run(
             "--tasks", "-t", help="Comma-separated tasks: built-in names, bigbench:<name or .json>, or task YAML files."
         ),
     ],
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
-    ] = None,
+    model: ModelOpt = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Score the first N test examples of each task.")] = None,
     shots: Annotated[int, typer.Option(min=0, help="Demonstrations per example, drawn from the train split.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the demonstrations and of the bootstrap.")] = 0,
@@ -88,7 +88,7 @@ def run(
     check_device(device)
     rec = load_recipe(recipe)
     name = model or rec.model or DEFAULT_MODEL
-    out = out or Path("attnedit-eval") / _slug(f"{rec.name or Path(recipe).stem}_{Path(name).name}")
+    out = out or Path("attnedit-eval") / slug(f"{rec.name or Path(recipe).stem}_{Path(name).name}")
     _check_out(out)
     loaded = _load_tasks(tasks, data_dir, shots)
     config = load_config(name, cache_dir)
@@ -230,7 +230,3 @@ def _placement(model) -> dict[str, str]:
 def _data_dir_name(data_dir: Path | None) -> str:
     raw = data_dir or os.environ.get("ATTNEDIT_DATA_DIR")
     return str(Path(raw).expanduser().resolve()) if raw else ""
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import CacheOpt, DeviceOpt, DtypeOpt, check_device, console, err_console, load_model, load_recipe
+from .common import CacheOpt, DeviceOpt, DtypeOpt, ModelOpt, check_device, console, err_console, load_model, load_recipe
 
 COMMAND = "export"
 ORDER = 50
@@ -17,10 +17,7 @@ ORDER = 50
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write (its parent must exist).")],
-    model: Annotated[
-        str | None,
-        typer.Option("--model", "-m", help="Model (default: the recipe's `model`, else smollm2-135m-instruct)."),
-    ] = None,
+    model: ModelOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is a non-empty folder.")] = False,
     results: Annotated[
         Path | None, typer.Option(help="Results JSON from `attnedit eval`, shown in the model card.")

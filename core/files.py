@@ -9,6 +9,11 @@ from pathlib import Path
 from .errors import AttneditError
 
 
+def slug(text: str) -> str:
+    """`text` as a file name: letters, digits, '-', '_' and '.' kept, anything else '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,7 +24,8 @@ from attnedit.interventions import registry
 from .errors import RecipeError
 from .modelinfo import ModelInfo
 
-BACKENDS = ("auto", "reference", "triton")
+Backend = Literal["auto", "reference", "triton"]  # the kernel backends (attnedit.kernels) a recipe may ask for
+BACKENDS: tuple[str, ...] = get_args(Backend)
 _SLICE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
 
 # --------------------------------------------------------------------------- YAML with line numbers
@@ -263,7 +264,7 @@ class _RecipeHead(BaseModel):
     name: str | None = None
     description: str | None = None
     model: str | None = None
-    backend: Literal["auto", "reference", "triton"] = "auto"
+    backend: Backend = "auto"
     interventions: list[Any] = Field(default_factory=list)
     provenance: dict[str, Any] | None = None
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from attnedit.files import write_atomic
+from attnedit.files import slug, write_atomic
 
 from .prompts import Encoded
 from .records import _bar as bar
@@ -158,18 +158,14 @@ def clear(out: Path) -> None:
             p.unlink()
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
 def _work_file(work: Path, task: str, rank: int) -> Path:
-    return work / f"{_slug(task)}.rank{rank}.jsonl"
+    return work / f"{slug(task)}.rank{rank}.jsonl"
 
 
 def read_lines(work: Path, task: str) -> dict[int, dict]:
     """Complete batch lines of a task from every process's work file; a torn last line is ignored."""
     lines: dict[int, dict] = {}
-    for path in sorted(work.glob(f"{_slug(task)}.rank*.jsonl")):
+    for path in sorted(work.glob(f"{slug(task)}.rank*.jsonl")):
         for raw in path.read_text(encoding="utf-8").splitlines():
             try:
                 line = json.loads(raw)
@@ -218,7 +214,7 @@ def merge(tasks: Sequence[Task], out: Path, settings: Settings) -> dict:
             )
         samples = [_sample(examples[r["index"]], r) for r in rows]
         write_atomic(
-            out / f"samples_{_slug(task.name)}.jsonl",
+            out / f"samples_{slug(task.name)}.jsonl",
             "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples),
         )
         results[task.name] = summarize(task, rows, list(lines.values()), settings)

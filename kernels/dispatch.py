@@ -12,11 +12,10 @@ import os
 import torch
 
 from attnedit.errors import BackendError
+from attnedit.recipe import BACKENDS
 from attnedit.tables import LayerTables, MaskInfo
 
 from . import reference
-
-BACKENDS = ("auto", "reference", "triton")
 
 
 def triton_status() -> str | None:

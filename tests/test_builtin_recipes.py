@@ -29,3 +29,10 @@ def test_builtin_recipe(path):
     vlm = any(spec.type in ("var", "vhr") for spec in recipe.interventions)
     if not vlm and (recipe.model in (None, "smollm2-135m-instruct")):
         recipe.check_model(SMOLLM2)
+
+
+def test_builtin_recipe_names_are_their_file_names_and_unique():
+    names = {path: attnedit.Recipe.from_yaml(path).name for path in RECIPES}
+    wrong = [f"{p.name}: name {n!r}" for p, n in names.items() if n != p.stem]
+    assert not wrong, "a built-in recipe's `name:` is its file name: " + ", ".join(wrong)
+    assert len(set(names.values())) == len(names)

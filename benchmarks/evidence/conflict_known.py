@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from attnedit.evals.runner import _slug  # the samples file's name, as `attnedit eval` writes it
 from attnedit.evals.stats import mcnemar, mean_diff_interval
+from attnedit.files import slug  # the samples file's name, as `attnedit eval` writes it
 
 
 def _samples(run: Path, kind: str) -> tuple[str, dict[str, dict]]:
@@ -29,7 +29,7 @@ def _samples(run: Path, kind: str) -> tuple[str, dict[str, dict]]:
     if len(names) != 1:
         raise SystemExit(f"error: {run}: expected one knowledge-conflict task with metric {kind}, found {names}")
     name = names[0]
-    path = run / f"samples_{_slug(name)}.jsonl"
+    path = run / f"samples_{slug(name)}.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found (the per-example file of task {name!r})")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
