@@ -7,10 +7,20 @@ longer choices are scored as continuations (prompt + choice, summed
 log-probabilities of the choice's tokens). Batches are formed from the examples
 sorted by length (longest first, ties by position), so they are the same in
 every run with the same batch size.
+
+Longer choices are scored from one forward of the prompt with its KV cache, then
+one short forward per choice index over the cached prompt (the cache cut back to
+the prompt after each), so a multi-token task costs about what a one-token task
+does. Under a patch whose detections depend on the input tokens (sinks found in
+the attention, hidden-state or input-token detectors), the choice tokens would be
+decoding steps for it rather than part of the input; there each choice is scored
+as a full forward of prompt + choice, as without a cache.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import string
 from contextlib import nullcontext
@@ -58,22 +68,105 @@ def plain_positions(model) -> bool:
 
 
 def choice_scores(
-    model, items: Sequence[Encoded], pad_id: int, chunk: int = 8
+    model, items: Sequence[Encoded], pad_id: int, chunk: int = 8, cached: bool | None = None
 ) -> tuple[list[list[float]], list[list[int]]]:
     """Per item and choice: the summed log-likelihood of the choice's tokens, and their number.
 
     The path is chosen per item, never per batch, so an item scores the same whatever it is batched
     with (a patch that detects sinks over the whole sequence would otherwise see different inputs).
+
+    Args:
+        cached: score multi-token choices over the prompt's KV cache (True) or as full prompt + choice
+            forwards (False); None: the cache unless the active patch detects per input (see above).
     """
     raw = [[0.0] * len(it.choice_ids) for it in items]
     lengths = [[len(c) for c in it.choice_ids] for it in items]
     single = [b for b, it in enumerate(items) if all(len(c) == 1 for c in it.choice_ids)]
     if single:
         _last_position(model, items, single, pad_id, raw)
-    seqs = [(b, j) for b, it in enumerate(items) if b not in single for j in range(len(it.choice_ids))]
+    multi = [b for b in range(len(items)) if b not in single and items[b].choice_ids]
+    if cached is None:
+        cached = plain_positions(model) and not _detects_per_input(model)
+    if cached:
+        for start in range(0, len(multi), chunk):
+            _cached_continuations(model, items, multi[start : start + chunk], pad_id, raw)
+        return raw, lengths
+    seqs = [(b, j) for b in multi for j in range(len(items[b].choice_ids))]
     for start in range(0, len(seqs), chunk):
         _continuations(model, items, seqs[start : start + chunk], pad_id, raw)
     return raw, lengths
+
+
+def _detects_per_input(model) -> bool:
+    """Whether an attnedit patch is active on `model` and detects anything from its input."""
+    P = importlib.import_module("attnedit.patch")  # the module (`attnedit.patch` is also the function)
+    active = P.active_patch(model) if hasattr(P, "active_patch") else getattr(P, "_ACTIVE", {}).get(model)
+    if active is None:
+        return False
+    c = active.compiled
+    return bool(
+        c.input_detectors
+        or c.forward_hooks
+        or any(plan.attention_detectors or plan.layer_detectors for plan in c.layers.values())
+    )
+
+
+def _cache_arg(model) -> str:
+    """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cached_continuations(model, items, rows: list[int], pad_id: int, raw: list[list[float]]) -> None:
+    """Multi-token choices: one forward of the prompts with a cache, then one forward per choice index.
+
+    The j-th choices of all rows go in one forward over the cached prompts (right padded to the
+    longest; a row with fewer choices gets padding only); the cache is cut back to the prompts after
+    each. Token t of a choice is predicted by the logits at its previous position: the prompt's last
+    position for t = 0.
+    """
+    device = _device(model)
+    ids, mask = left_pad([items[b].prompt_ids for b in rows], pad_id, device)
+    lens = mask.sum(1)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = getattr(out, "cache", None) or out.past_key_values
+        first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): predicts each choice's first token
+        for j in range(max(len(items[b].choice_ids) for b in rows)):
+            conts = [items[b].choice_ids[j] if j < len(items[b].choice_ids) else [] for b in rows]
+            L = max(len(c) for c in conts)
+            if L == 0:
+                continue
+            cids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+            cmask = torch.zeros((len(rows), L), dtype=torch.long)
+            for r, c in enumerate(conts):
+                cids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+                cmask[r, : len(c)] = 1
+            cids, cmask = cids.to(device), cmask.to(device)
+            logp = None
+            if L > 1:
+                step = model(
+                    input_ids=cids,
+                    attention_mask=torch.cat([mask, cmask], 1),
+                    position_ids=lens[:, None] + torch.arange(L, device=device)[None, :],
+                    use_cache=True,
+                    **{_cache_arg(model): cache},
+                )
+                logp = step.logits.float().log_softmax(-1)  # (B, L, V): position t predicts token t + 1
+                cache.crop(-L)  # back to the prompts (a negative length removes that many tokens)
+            for r, (b, c) in enumerate(zip(rows, conts)):
+                if not c:
+                    continue
+                total = first[r, c[0]]
+                if len(c) > 1:
+                    nxt = torch.tensor(c[1:], device=device)
+                    total = total + logp[r, torch.arange(len(c) - 1, device=device), nxt].sum()
+                raw[b][j] = total.item()
 
 
 def _last_position(model, items, rows: list[int], pad_id: int, raw: list[list[float]]) -> None:

@@ -192,3 +192,44 @@ def test_mixed_answer_lengths_do_not_depend_on_the_batch(tiny, tmp_path):
     many = score(model, tok, task, examples, batch_size=5, recipe=rec, progress=False)
     for a, b in zip(one, many):
         assert a["scores"] == pytest.approx(b["scores"], abs=2e-5)
+
+
+CACHED = {
+    "none": None,
+    "zerotuning": "interventions: [{type: zerotuning, gamma: 3.0, layers: [0, 1]}]",
+    "head_prune": "interventions: [{type: head_prune, heads: {0: [1], 1: [0, 3]}}]",
+    "act": "interventions: [{type: act, layers: '1:', beta: 0.3, tau: 0.05}]",
+}
+
+
+@pytest.mark.parametrize("recipe", list(CACHED))
+def test_cached_multi_token_scores_equal_prompt_plus_choice_forwards(tiny, recipe):
+    """Choices of 1 to 4 tokens and 2 to 5 choices per prompt, scored over the prompt's cache."""
+    from attnedit.evals.prompts import Encoded
+    from attnedit.evals.scoring import choice_scores
+
+    model, tok = tiny
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+
+    def ids(n):
+        return torch.randint(3, V, (n,), generator=g).tolist()
+
+    items = []
+    for i in range(9):
+        n_choices = 2 + i % 4
+        choices = [ids(1 + (i + j) % 4) for j in range(n_choices)]
+        items.append(Encoded(i, f"p{i}", ids(5 + 3 * i % 11), choices))
+    rec = attnedit.Recipe.from_str(CACHED[recipe]) if CACHED[recipe] else None
+    pad = tok.pad_token_id
+    with attnedit.patch(model, rec) if rec else torch.no_grad():
+        cached, n1 = choice_scores(model, items, pad, chunk=4, cached=True)
+        full, n2 = choice_scores(model, items, pad, chunk=4, cached=False)
+        auto, _ = choice_scores(model, items, pad, chunk=4)
+    assert n1 == n2 == [[len(c) for c in it.choice_ids] for it in items]
+    if recipe == "act":  # sinks detected over prompt + choice: the choices are part of the input, no cache
+        assert auto == full
+        return
+    for a, b in zip(cached, full):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert auto == cached  # the cache is the default where the patch does not detect per input
