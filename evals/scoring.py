@@ -11,10 +11,11 @@ every run with the same batch size.
 Longer choices are scored from one forward of the prompt with its KV cache, then
 one short forward per choice index over the cached prompt (the cache cut back to
 the prompt after each), so a multi-token task costs about what a one-token task
-does. Under a patch whose detections depend on the input tokens (sinks found in
-the attention, hidden-state or input-token detectors), the choice tokens would be
-decoding steps for it rather than part of the input; there each choice is scored
-as a full forward of prompt + choice, as without a cache.
+does. A choice is scored as the model would generate it: under a patch, what it
+detects at the prompt (ACT's sinks, VHR's sink tokens) holds for the answer's
+tokens, as for generated tokens. Under a patch that reads the input ids or hooks
+the whole forward (spans, image tokens, per-input head scales), each choice is
+scored as a full forward of prompt + choice instead.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def choice_scores(
 
     Args:
         cached: score multi-token choices over the prompt's KV cache (True) or as full prompt + choice
-            forwards (False); None: the cache unless the active patch detects per input (see above).
+            forwards (False); None: the cache unless the active patch reads the input ids (see above).
     """
     raw = [[0.0] * len(it.choice_ids) for it in items]
     lengths = [[len(c) for c in it.choice_ids] for it in items]
@@ -86,7 +87,7 @@ def choice_scores(
         _last_position(model, items, single, pad_id, raw)
     multi = [b for b in range(len(items)) if b not in single and items[b].choice_ids]
     if cached is None:
-        cached = plain_positions(model) and not _detects_per_input(model)
+        cached = plain_positions(model) and not _reads_input(model)
     if cached:
         for start in range(0, len(multi), chunk):
             _cached_continuations(model, items, multi[start : start + chunk], pad_id, raw)
@@ -97,18 +98,13 @@ def choice_scores(
     return raw, lengths
 
 
-def _detects_per_input(model) -> bool:
-    """Whether an attnedit patch is active on `model` and detects anything from its input."""
+def _reads_input(model) -> bool:
+    """Whether an attnedit patch is active on `model` and reads its input ids or hooks its forward."""
     P = importlib.import_module("attnedit.patch")  # the module (`attnedit.patch` is also the function)
     active = P.active_patch(model) if hasattr(P, "active_patch") else getattr(P, "_ACTIVE", {}).get(model)
     if active is None:
         return False
-    c = active.compiled
-    return bool(
-        c.input_detectors
-        or c.forward_hooks
-        or any(plan.attention_detectors or plan.layer_detectors for plan in c.layers.values())
-    )
+    return bool(active.compiled.input_detectors or active.compiled.forward_hooks)
 
 
 def _cache_arg(model) -> str:

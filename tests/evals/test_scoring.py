@@ -7,7 +7,8 @@ import torch
 
 import attnedit
 from attnedit.evals import TaskError, demonstrations, encode, load_task, metric, score
-from attnedit.evals.scoring import plan_batches
+from attnedit.evals.prompts import Encoded
+from attnedit.evals.scoring import _cache_arg, choice_scores, plan_batches
 
 RECIPES = {
     "act": "interventions: [{type: act, layers: '1:', beta: 0.3, tau: 0.05}]",
@@ -205,9 +206,6 @@ CACHED = {
 @pytest.mark.parametrize("recipe", list(CACHED))
 def test_cached_multi_token_scores_equal_prompt_plus_choice_forwards(tiny, recipe):
     """Choices of 1 to 4 tokens and 2 to 5 choices per prompt, scored over the prompt's cache."""
-    from attnedit.evals.prompts import Encoded
-    from attnedit.evals.scoring import choice_scores
-
     model, tok = tiny
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
@@ -227,9 +225,23 @@ def test_cached_multi_token_scores_equal_prompt_plus_choice_forwards(tiny, recip
         full, n2 = choice_scores(model, items, pad, chunk=4, cached=False)
         auto, _ = choice_scores(model, items, pad, chunk=4)
     assert n1 == n2 == [[len(c) for c in it.choice_ids] for it in items]
-    if recipe == "act":  # sinks detected over prompt + choice: the choices are part of the input, no cache
-        assert auto == full
+    assert auto == cached  # the cache is the default where the patch does not read the input ids
+    if recipe != "act":
+        for a, b in zip(cached, full):
+            assert a == pytest.approx(b, abs=1e-4)
         return
-    for a, b in zip(cached, full):
-        assert a == pytest.approx(b, abs=1e-4)
-    assert auto == cached  # the cache is the default where the patch does not detect per input
+    # ACT detects sinks at the prompt; the answer is scored as generated: prompt, then one token at a time
+    for it, got in zip(items, cached):
+        for c, value in zip(it.choice_ids, got):
+            with attnedit.patch(model, rec), torch.no_grad():
+                out = model(input_ids=torch.tensor([it.prompt_ids]), use_cache=True)
+                cache, total = _cache_of(out), out.logits[0, -1].log_softmax(-1)[c[0]].item()
+                for prev, nxt in zip(c, c[1:]):
+                    out = model(input_ids=torch.tensor([[prev]]), use_cache=True, **{_cache_arg(model): cache})
+                    cache, total = _cache_of(out), total + out.logits[0, -1].log_softmax(-1)[nxt].item()
+            assert value == pytest.approx(total, abs=1e-4)
+    assert max(abs(a - b) for x, y in zip(cached, full) for a, b in zip(x, y)) > 1e-3  # detection differs
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) or out.past_key_values
