@@ -137,7 +137,8 @@ def run(
         )
         scorer = dict(objective=objective, shots=shots, seed=seed, batch_size=batch_size, backend=backend)
         if the_task is not None:
-            cal.score = C.task_scorer(m, tok, the_task, examples, **scorer)
+            cal.scorer_for = lambda part: C.task_scorer(m, tok, the_task, part, **scorer)
+            cal.score = cal.scorer_for(examples)
             cal.prompts = cal.score.prompts
         resolved, searches = C.calibrate(rec, cal)
         final = cal.score(resolved) if cal.score is not None and resolved.interventions else None

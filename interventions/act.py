@@ -18,17 +18,19 @@ alone can hurt together, and the recipe written is judged as a whole.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from attnedit.errors import AttneditError
 from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import ACTSINK, Detect, KeySet, MoveEffect
 
 from .calibration import SCORED_TASKS, Calibration, Found, need_scorer, recipe_of, score_all
-from .registry import Method, Search, register
+from .registry import Method, Param, Search, register
 
 
 class ActSpec(InterventionSpec):
@@ -79,6 +81,9 @@ def find(spec: ActSpec, cal: Calibration) -> Found:
     scores higher than the set without it. So the recipe written scores at least as well as the
     unpatched model on the calibration examples (exactly the score reported), never lower.
 
+    With option ``screen=N`` (and ``cal.scorer_for``), stage 1 scores the heads alone on a seeded N of
+    the examples (a head passes when it beats the unpatched score on those N); stage 2 is unchanged.
+
     Args:
         spec: the ACT spec whose targets are the candidates (beta, tau kept).
         cal: the calibration context (`cal.score` on the calibration split); `max_candidates`
@@ -92,8 +97,13 @@ def find(spec: ActSpec, cal: Calibration) -> Found:
     for layer, heads in spec.targets(cal.info).items():
         for h in heads:
             candidates.append(({"layer": layer, "head": h}, recipe_of(_spec({layer: [h]}, spec))))
-    records = score_all(cal, candidates, "ACT heads")
-    helped = sorted((r for r in records if r["score"] > baseline), key=lambda r: -r["score"])  # stable: ties in order
+    screen, screen_base = _screen(cal)
+    if screen is None:
+        records = score_all(cal, candidates, "ACT heads")
+    else:
+        records = score_all(replace(cal, score=screen), candidates, "ACT heads (screening)")
+    alone = baseline if screen is None else screen_base
+    helped = sorted((r for r in records if r["score"] > alone), key=lambda r: -r["score"])  # stable: ties in order
     left = None if cal.max_candidates is None else max(0, cal.max_candidates - len(records))
     todo = helped if left is None else helped[:left]
     kept: dict[int, list[int]] = {}
@@ -119,12 +129,32 @@ def find(spec: ActSpec, cal: Calibration) -> Found:
         "rule": "helped alone, and raised the score of the heads kept before it",
     }
     notes = {
+        "screened_on": None if screen is None else {"examples": screen.n, "unpatched": screen_base},
         "candidates_total": len(candidates),
         "helped_alone": len(helped),
         "combined_tried": len(todo),
         "combined_skipped_by_max_candidates": len(helped) - len(todo),
     }
     return Found(specs, records + combined, chosen if kept else None, baseline, notes, score=current)
+
+
+def _screen(cal: Calibration):
+    """(scorer, unpatched score) on a seeded part of the examples for stage 1, or (None, None).
+
+    Option ``screen`` (``--param screen=N``): score the heads alone on N of the calibration examples;
+    the combination (stage 2) is judged on all of them. Default: all examples in both stages.
+    """
+    n = cal.options.get("screen")
+    if n is None:
+        return None, None
+    if not isinstance(n, int) or n < 1:
+        raise AttneditError(f"act option screen={n!r}: a number of examples, at least 1")
+    if cal.scorer_for is None or not cal.examples or n >= len(cal.examples):
+        return None, None
+    part = random.Random(f"screen:{cal.seed}").sample(list(cal.examples), n)
+    scorer = cal.scorer_for(part)
+    scorer.n = n
+    return scorer, float(scorer(None))
 
 
 def _spec(heads: dict[int, list[int]], like: ActSpec) -> ActSpec:
@@ -141,8 +171,12 @@ METHOD = register(
         per_input=True,  # sinks are detected in each input's attention map at prefill
         search=Search(
             find=find,
-            about="heads whose ACT beats the unpatched score on the task",
+            about="heads whose ACT beats the unpatched score alone, combined greedily while the set improves",
             scores_on=SCORED_TASKS,
+            params=(
+                Param("screen", int, "score heads alone on this many of the examples (default: all)", None, ge=1),
+                Param("combine", int, "try at most this many single heads in the combination", None, ge=1),
+            ),
         ),
     )
 )

@@ -43,6 +43,8 @@ class Calibration:
         task: the calibration task (an `attnedit.evals.Task`), or None for searches that need none.
         progress: ``progress(total, description) -> callable(advance=1)``; default: no display.
         options: method-specific options from the command line (e.g. ``{"k": 5}``).
+        scorer_for: ``scorer_for(examples) -> score`` on other examples of the same task, objective and
+            prompts (a search that screens candidates on a part of `examples` uses it); None: not offered.
     """
 
     model: Any
@@ -57,6 +59,7 @@ class Calibration:
     task: Any = None
     progress: Callable[[int, str], Callable[..., None]] | None = None
     options: dict = field(default_factory=dict)
+    scorer_for: Callable[[Sequence[Any]], Callable[[Recipe | None], float]] | None = None
 
 
 @dataclass

@@ -56,10 +56,18 @@ class Replay:
             self.inputs.append(seen)
 
     @staticmethod
-    def fits(model, n_tokens: int, budget_bytes: int = 2 << 30) -> bool:
-        """Whether caching every layer's input for `n_tokens` tokens stays within `budget_bytes`."""
+    def fits(model, n_tokens: int, budget_bytes: int | None = None) -> bool:
+        """Whether caching every layer's input for `n_tokens` tokens stays within `budget_bytes`.
+
+        Default budget: a quarter of the free memory of the model's CUDA device, 2 GiB elsewhere.
+        """
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        per_token = config.num_hidden_layers * config.hidden_size * next(model.parameters()).element_size()
+        param = next(model.parameters())
+        if budget_bytes is None:
+            budget_bytes = 2 << 30
+            if param.device.type == "cuda":
+                budget_bytes = max(budget_bytes, torch.cuda.mem_get_info(param.device)[0] // 4)
+        per_token = config.num_hidden_layers * config.hidden_size * param.element_size()
         return n_tokens * per_token <= budget_bytes
 
     @torch.no_grad()

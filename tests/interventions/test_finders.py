@@ -267,3 +267,33 @@ def test_head_means_are_the_mean_output_over_real_tokens(tiny_lm):
     allrows = torch.cat(outs).view(-1, 8, 16)  # (tokens, H, D)
     for head in (0, 3):
         torch.testing.assert_close(torch.tensor(means[1][head]), allrows[:, head].mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_act_screens_heads_on_part_of_the_examples_and_combines_on_all():
+    parts = []
+
+    def scorer_for(examples):
+        parts.append(list(examples))
+
+        def score(recipe):  # on the part: heads (2, 0) and (3, 0) look good; on all: only (3, 0) helps
+            if recipe is None:
+                return 0.5
+            return 0.6 if heads_of(recipe) & {(2, 0), (3, 0)} else 0.4
+
+        return score
+
+    def full(recipe):
+        if recipe is None:
+            return 0.5
+        return 0.7 if heads_of(recipe) == {(3, 0)} else 0.45
+
+    examples = list(range(100))
+    cal = Calibration(None, None, INFO, score=full, examples=examples, options={"screen": 10}, scorer_for=scorer_for)
+    found = act.find(act.ActSpec(type="act"), cal)
+    (part,) = parts
+    assert len(part) == 10 and set(part) <= set(examples)
+    (spec,) = found.specs
+    assert spec.heads == {3: [0]} and found.score == 0.7 and found.baseline == 0.5
+    assert found.notes["screened_on"] == {"examples": 10, "unpatched": 0.5} and found.notes["helped_alone"] == 2
+    with pytest.raises(attnedit.AttneditError, match="screen"):
+        act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=full, options={"screen": 0}))

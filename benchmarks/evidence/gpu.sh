@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The evidence behind the built-in SmolLM2-135M-Instruct recipes, in one run on one GPU, fp32:
+# every calibration at the papers' budgets, then every evaluation on the full test splits.
+#
+#   bash benchmarks/evidence/gpu.sh              from the repository root; data at $DATA (../shared/data)
+#   SMOKE=1 bash benchmarks/evidence/gpu.sh      tiny budgets on the CPU: checks the script, not the model
+#
+# Budgets: ZeroTuning (accuracy and entropy) and ACT on SST-2, AGNews and TREC draw 1280 train
+# examples (1024 searched, 256 held out: `attnedit calibrate --holdout 0.2`, the default; ACT screens
+# single heads on 256 of the 1024 and judges their combination on all 1024); CB and RTE
+# draw all their train examples; PH3 all LAMA conflicts of the train relations; Colored Objects all
+# of its train part. Evaluation: the whole test split of each task.
+# Calibrated recipes go to $R/recipes/<name>.yaml (`name:` set to the file name), eval runs to
+# $R/<run>/, each lane's log to $R/logs/. Lanes run in parallel, JOBS at a time; a step whose
+# output exists is skipped, so an interrupted run resumes.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DATA=${DATA:-../shared/data}
+R=${R:-benchmarks/results/evidence}
+T=benchmarks/evidence/tasks
+RC=$R/recipes
+JOBS=${JOBS:-9}
+mkdir -p "$R/logs" "$RC"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
+
+if [ -n "${SMOKE:-}" ]; then  # every command once, on a few examples and candidates
+  BIG=40 CB=40 RTE=40 PH3=300 COLORED=40 MAXC="--max-candidates 12" EVAL="--limit 6" DEV="--device cpu"
+else
+  BIG=1280 CB=250 RTE=2490 PH3=5566 COLORED=400 MAXC="" EVAL="" DEV=""
+fi
+CAL="--data-dir $DATA --dtype float32 --batch-size 128 $DEV $MAXC"
+EV="--data-dir $DATA --dtype float32 --batch-size 64 $DEV $EVAL"
+
+step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
+  local out=$1; shift
+  if [ -e "$out" ]; then echo "skip (exists): $out"; return 0; fi
+  echo "+ $*"
+  local t0=$SECONDS
+  "$@" || { echo "FAILED ($?) after $((SECONDS - t0)) s: $out"; return 1; }
+  echo "  done in $((SECONDS - t0)) s: $out"
+}
+
+cal() {  # cal NAME SOURCE TASK LIMIT [calibrate options]: a calibrated recipe named NAME
+  local name=$1 src=$2 task=$3 limit=$4; shift 4
+  step "$RC/$name.yaml" attnedit calibrate "$src" --task "$task" --limit "$limit" $CAL --out "$RC/$name.yaml" "$@" &&
+    sed -i "0,/^name: .*/s//name: $name/" "$RC/$name.yaml"
+}
+
+ev() {  # ev NAME RUN TASKS: evaluate recipe NAME on TASKS into $R/RUN (nothing to do for an empty recipe)
+  local name=$1 run=$2 tasks=$3 file=$RC/$1.yaml
+  [ -e "$file" ] || { echo "no recipe $file: nothing to evaluate"; return 0; }
+  if ! python3 -c "import sys, yaml; sys.exit(0 if (yaml.safe_load(open('$file')) or {}).get('interventions') else 1)"; then
+    echo "$file is empty (the search kept nothing): nothing to evaluate"; return 0
+  fi
+  step "$R/$run/results.json" attnedit eval "$file" --tasks "$tasks" $EV --out "$R/$run"
+}
+
+lane_act() {  # ACT's per-head search: heads screened alone on 256 examples, combined greedily on all 1024
+  cal "act-$1" act-paper "$1" "$BIG" --param screen=256
+  ev "act-$1" "act-$1" "$1"
+}
+
+lane_zt() {  # ZeroTuning supervised (accuracy) and unsupervised (entropy)
+  local task=$1 limit=$2
+  cal "zerotuning-$task" zerotuning-paper "$task" "$limit"
+  cal "zerotuning-unsup-$task" zerotuning-paper "$task" "$limit" --objective entropy
+  ev "zerotuning-$task" "zerotuning-$task" "$task"
+  ev "zerotuning-unsup-$task" "zerotuning-unsup-$task" "$task"
+}
+
+lane_ph3() {  # PH3: prune k memory heads, found on the train relations' conflicts
+  local k=$1 name=ph3-context-smollm2
+  [ "$k" = 5 ] || name=ph3-context-k$k-smollm2
+  cal "$name" ph3-search "$T/lama-conflict-train.yaml" "$PH3" --param prune=memory --param k="$k" --param batch_size=64
+  ev "$name" "${name%-smollm2}-facts" facts-conflict,facts-recall
+  ev "$name" "${name%-smollm2}" "$T/lama-conflict-other.yaml,$T/lama-recall-other.yaml"
+  ev "$name" "${name%-smollm2}-bigbench" bigbench:contextual_parametric_knowledge_conflicts
+}
+
+lane_colored() {  # BIG-bench Colored Objects: ZeroTuning's and ACT's searches on its train part
+  local task=bigbench:reasoning_about_colored_objects
+  cal zerotuning-colored-objects zerotuning-paper "$task" "$COLORED"
+  ev zerotuning-colored-objects zerotuning-colored-objects "$task"
+  cal act-colored-objects act-paper "$task" "$COLORED" --param screen=160
+  ev act-colored-objects act-colored-objects "$task"
+}
+
+LANES=${LANES:-"act:trec act:sst2 act:agnews colored ph3:5 ph3:10 ph3:20 zt:trec:$BIG zt:agnews:$BIG zt:sst2:$BIG zt:cb:$CB zt:rte:$RTE"}
+
+(command -v nvidia-smi >/dev/null && nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)") | tee "$R/logs/device.txt"
+echo "+ warm-up: convert and cache the default model once"
+python3 -c "import attnedit; attnedit.load('smollm2-135m-instruct', dtype='float32'${SMOKE:+, device='cpu'})" || exit 1
+start=$SECONDS
+for lane in $LANES; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  IFS=: read -r fn a b <<< "$lane"
+  log="$R/logs/${lane//:/-}.log"
+  ( t0=$SECONDS; "lane_$fn" $a $b; echo "lane $lane: $((SECONDS - t0)) s" ) > "$log" 2>&1 &
+done
+wait
+echo "all lanes: $((SECONDS - start)) s"
+grep -h "FAILED\|^lane " "$R"/logs/*.log
