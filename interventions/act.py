@@ -82,7 +82,8 @@ def find(spec: ActSpec, cal: Calibration) -> Found:
     unpatched model on the calibration examples (exactly the score reported), never lower.
 
     With option ``screen=N`` (and ``cal.scorer_for``), stage 1 scores the heads alone on a seeded N of
-    the examples (a head passes when it beats the unpatched score on those N); stage 2 is unchanged.
+    the examples (a head passes when it beats the unpatched score on those N); with ``combine=M``,
+    stage 2 tries only the M best of them.
 
     Args:
         spec: the ACT spec whose targets are the candidates (beta, tau kept).
@@ -104,8 +105,12 @@ def find(spec: ActSpec, cal: Calibration) -> Found:
         records = score_all(replace(cal, score=screen), candidates, "ACT heads (screening)")
     alone = baseline if screen is None else screen_base
     helped = sorted((r for r in records if r["score"] > alone), key=lambda r: -r["score"])  # stable: ties in order
+    combine = cal.options.get("combine")
+    if combine is not None and (not isinstance(combine, int) or combine < 1):
+        raise AttneditError(f"act option combine={combine!r}: a number of heads, at least 1")
     left = None if cal.max_candidates is None else max(0, cal.max_candidates - len(records))
-    todo = helped if left is None else helped[:left]
+    limits = [n for n in (left, combine) if n is not None]
+    todo = helped[: min(limits)] if limits else helped
     kept: dict[int, list[int]] = {}
     current = baseline
     combined = []
@@ -133,7 +138,7 @@ def find(spec: ActSpec, cal: Calibration) -> Found:
         "candidates_total": len(candidates),
         "helped_alone": len(helped),
         "combined_tried": len(todo),
-        "combined_skipped_by_max_candidates": len(helped) - len(todo),
+        "combined_skipped": len(helped) - len(todo),
     }
     return Found(specs, records + combined, chosen if kept else None, baseline, notes, score=current)
 

@@ -87,9 +87,12 @@ def test_act_combination_stage_counts_against_max_candidates():
 
     found = act.find(act.ActSpec(type="act"), Calibration(None, None, INFO, score=score, max_candidates=18))
     assert len(found.candidates) == 18 and found.notes["combined_tried"] == 2
-    assert found.notes["combined_skipped_by_max_candidates"] == 14
+    assert found.notes["combined_skipped"] == 14
     (spec,) = found.specs
     assert sum(map(len, spec.heads.values())) == 2 and found.score == pytest.approx(0.52)
+    cal = Calibration(None, None, INFO, score=score, options={"combine": 3})
+    found = act.find(act.ActSpec(type="act"), cal)
+    assert found.notes["combined_tried"] == 3 and len(found.candidates) == 16 + 3
 
 
 def test_calibrate_writes_nothing_when_the_found_recipe_scores_below_unpatched(monkeypatch):
