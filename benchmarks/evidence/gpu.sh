@@ -19,12 +19,12 @@ DATA=${DATA:-../shared/data}
 R=${R:-benchmarks/results/evidence}
 T=benchmarks/evidence/tasks
 RC=$R/recipes
-JOBS=${JOBS:-7}
+JOBS=${JOBS:-8}
 mkdir -p "$R/logs" "$RC"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 
 if [ -n "${SMOKE:-}" ]; then  # every command once, on a few examples and candidates
-  BIG=40 CB=40 RTE=40 PH3=300 COLORED=40 MAXC="--max-candidates 12" EVAL="--limit 6" DEV="--device cpu"
+  BIG=20 CB=20 RTE=20 PH3=200 COLORED=20 MAXC="--max-candidates 3" EVAL="--limit 4" DEV="--device cpu"
 else
   BIG=1280 CB=250 RTE=2490 PH3=5566 COLORED=400 MAXC="" EVAL="" DEV=""
 fi
@@ -92,12 +92,16 @@ LANES=${LANES:-"zt:sst2:$BIG act:sst2 zt:agnews:$BIG ph3:10 zt:trec:$BIG:0 color
 (command -v nvidia-smi >/dev/null && nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)") | tee "$R/logs/device.txt"
 echo "+ warm-up: convert and cache the default model once"
 python3 -c "import attnedit; attnedit.load('smollm2-135m-instruct', dtype='float32'${SMOKE:+, device='cpu'})" || exit 1
-start=$SECONDS
-for lane in $LANES; do
+NGPU=$( (nvidia-smi -L 2>/dev/null || true) | grep -c "^GPU")
+start=$SECONDS i=0
+for lane in $LANES; do  # with several GPUs, lane i runs on GPU i mod NGPU
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   IFS=: read -r fn a b c <<< "$lane"
   log="$R/logs/${lane//:/-}.log"
-  ( t0=$SECONDS; "lane_$fn" $a $b $c; echo "lane $lane: $((SECONDS - t0)) s" ) > "$log" 2>&1 &
+  gpu=$([ "$NGPU" -gt 0 ] && echo $((i % NGPU)) || echo "")
+  ( [ -n "$gpu" ] && export CUDA_VISIBLE_DEVICES=$gpu
+    t0=$SECONDS; "lane_$fn" $a $b $c; echo "lane $lane: $((SECONDS - t0)) s${gpu:+ on GPU $gpu}" ) > "$log" 2>&1 &
+  i=$((i + 1))
 done
 wait
 echo "all lanes: $((SECONDS - start)) s"
