@@ -28,8 +28,9 @@ if [ -n "${SMOKE:-}" ]; then  # every command once, on a few examples and candid
 else
   BIG=1280 CB=250 RTE=2490 PH3=5566 COLORED=400 MAXC="" EVAL="" DEV=""
 fi
-CAL="--data-dir $DATA --dtype float32 --batch-size 128 $DEV $MAXC"
-EV="--data-dir $DATA --dtype float32 --batch-size 64 $DEV $EVAL"
+B=${BACKEND:+--backend $BACKEND}  # BACKEND=reference: the PyTorch kernels instead of Triton
+CAL="--data-dir $DATA --dtype float32 --batch-size 128 $DEV $MAXC $B"
+EV="--data-dir $DATA --dtype float32 --batch-size 64 $DEV $EVAL $B"
 
 step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
   local out=$1; shift
