@@ -86,7 +86,9 @@ def test_params_are_typed_from_the_declarations():
             r"--param nosuch=1: no search of this recipe takes 'nosuch'; allowed: zerotuning: profile, gammas; "
             r"head_prune: prune, k, patching, batch_size",
         ),
-        (["act"], {"k": "5"}, r"--param k=5: the searches of this recipe \(act\) take no parameter"),
+        (["act"], {"k": "5"}, r"--param k=5: no search of this recipe takes 'k'; allowed: act: screen, combine"),
+        (["act"], {"screen": "0"}, r"--param screen=0: screen \(act: .*\) is an integer >= 1"),
+        (["var"], {"k": "5"}, r"--param k=5: the searches of this recipe \(var\) take no parameter"),
         (["pasta"], {"k": "5"}, r"--param k=5: this recipe's interventions \(pasta\) have no search to pass it to"),
     ],
 )
