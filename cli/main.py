@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import Annotated
 
 import typer
 
@@ -29,6 +30,23 @@ def _commands():
         if hasattr(module, "COMMAND") and hasattr(module, "run"):
             found.append(module)
     return sorted(found, key=lambda m: (getattr(m, "ORDER", 100), m.COMMAND))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from attnedit import __version__  # noqa: PLC0415  (only when asked)
+
+        typer.echo(f"attnedit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Training-free attention interventions for Hugging Face checkpoints: apply, eval, calibrate, export."""
 
 
 for _module in _commands():

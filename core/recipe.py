@@ -31,7 +31,7 @@ _SLICE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*$")
 # --------------------------------------------------------------------------- YAML with line numbers
 
 
-class _LineLoader(yaml.SafeLoader):
+class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where installed: ~20x faster
     """SafeLoader that refuses duplicate keys (a silent override is a recipe bug)."""
 
 
@@ -79,9 +79,13 @@ def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None, inside
 def load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     """Parse YAML text; return the data and a path -> line map. Raises RecipeError."""
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        lines = _line_map(node) if node is not None else {}
-        data = yaml.load(text, Loader=_LineLoader)
+        loader = _LineLoader(text)
+        try:
+            node = loader.get_single_node()
+            lines = _line_map(node) if node is not None else {}
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except _Recursive as e:
         raise RecipeError(
             [f"{source}:{e.line}: an anchor (&name) is used inside its own value; not allowed"], source
@@ -250,6 +254,10 @@ class InterventionSpec(BaseModel):
         """Method-specific model checks (a VLM method on a text model, ...). Override."""
         return []
 
+    def notes(self) -> list[tuple[tuple, str]]:
+        """What is valid but needs a step before the recipe applies, as (field path, message). Override."""
+        return []
+
 
 def _int_keys(value: Any) -> Any:
     """A map with its decimal-string keys made ints, nested maps too."""
@@ -330,7 +338,7 @@ class Recipe:
             raise RecipeError(problems, source) from None
         if not isinstance(data.get("interventions", []), list):
             report(("interventions",), "must be a list of interventions")
-        specs = []
+        specs, indices = [], []
         for i, item in enumerate(head.interventions):
             path = ("interventions", i)
             if not isinstance(item, dict):
@@ -346,11 +354,16 @@ class Recipe:
             schema = registry.get(kind).schema
             try:
                 specs.append(schema.model_validate(item))
+                indices.append(i)
             except ValidationError as e:
                 for sub, msg in _pydantic_problems(e, item, path, schema.model_fields):
                     report(sub, msg)
         if problems:
-            raise RecipeError(problems, source)
+            err = RecipeError(problems, source)
+            err.valid = list(zip(indices, specs))  # what did validate: `attnedit validate` checks it against a model
+            err.model = head.model
+            err.lines = lines
+            raise err
         return cls(
             interventions=tuple(specs),
             name=head.name,
@@ -365,15 +378,26 @@ class Recipe:
     # -- checks against a model -------------------------------------------------------------------
     def check_model(self, info: ModelInfo) -> None:
         """Raise RecipeError listing every layer/head index or method requirement the model fails."""
-        problems = []
+        problems = self.model_problems(info)
+        if problems:
+            raise RecipeError(problems, self.source)
+
+    def model_problems(self, info: ModelInfo) -> list[str]:
+        """One line per layer/head index or method requirement the model fails (`check_model` raises them)."""
+        return model_problems(list(enumerate(self.interventions)), info, self.lines, self.source)
+
+    def warnings(self) -> list[str]:
+        """What is valid but likely not meant: no intervention at all, or what a method's `notes` flag."""
+        if not self.interventions:
+            return [f"{self.source or '<recipe>'}: the recipe has no interventions; it changes nothing"]
+        out = []
         for i, spec in enumerate(self.interventions):
-            for sub, msg in spec.check_model(info):
+            for sub, msg in spec.notes():
                 path = ("interventions", i) + sub
                 line = _nearest_line(self.lines, path)
                 where = f"{self.source}:{line}" if line else (self.source or "<recipe>")
-                problems.append(f"{where}: {format_path(path)}: {msg} (model: {info.name})")
-        if problems:
-            raise RecipeError(problems, self.source)
+                out.append(f"{where}: {format_path(path)}: {msg}")
+        return out
 
     # -- output -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -409,6 +433,18 @@ class Recipe:
 
     def __len__(self) -> int:
         return len(self.interventions)
+
+
+def model_problems(specs: list[tuple[int, InterventionSpec]], info: ModelInfo, lines: dict, source) -> list[str]:
+    """One line per problem of the (index, spec) pairs on a model, with file, line and field."""
+    problems = []
+    for i, spec in specs:
+        for sub, msg in spec.check_model(info):
+            path = ("interventions", i) + sub
+            line = _nearest_line(lines, path)
+            where = f"{source}:{line}" if line else (source or "<recipe>")
+            problems.append(f"{where}: {format_path(path)}: {msg} (model: {info.name})")
+    return problems
 
 
 # --------------------------------------------------------------------------- error formatting

@@ -37,11 +37,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol, Sequence
 
-import torch
-
 from attnedit.interventions import registry
 
 from .errors import AttneditError
+from .lazy import torch
 from .modelinfo import ModelInfo
 
 # --------------------------------------------------------------------------- key flags

@@ -27,7 +27,7 @@ import string
 from contextlib import nullcontext
 from typing import Any, Sequence
 
-import torch
+from attnedit.lazy import torch
 
 from attnedit.patch import Patch, patch
 

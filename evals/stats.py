@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import numpy as np
+from attnedit.lazy import np
 
 N_BOOTSTRAP = 10_000
 _CHUNK = 500  # resamples per vectorised step (bounds memory at CHUNK x n indices)

@@ -22,10 +22,10 @@ import random
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from attnedit.errors import AttneditError
+from attnedit.lazy import torch
 from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import ACTSINK, Detect, KeySet, MoveEffect
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from attnedit import evals
 from attnedit.errors import AttneditError, RecipeError
+from attnedit.lazy import no_grad, torch
 from attnedit.modelinfo import text_decoder
 from attnedit.patch import Patch
 from attnedit.recipe import InterventionSpec
@@ -48,6 +48,17 @@ class HeadPruneSpec(InterventionSpec):
         if self.ablation == "zero" and self.means:
             raise ValueError("'means' is only used with ablation: mean")
         return self
+
+    def notes(self):
+        if self.ablation == "mean" and self.means is None:
+            return [
+                (
+                    ("ablation",),
+                    "ablation: mean without 'means': apply, eval and export refuse it until `attnedit calibrate` "
+                    "computes the means (or add means: {layer: {head: [...]}})",
+                )
+            ]
+        return []
 
     def check_method_model(self, info):
         problems = []
@@ -117,7 +128,7 @@ def conflict_prompts(task, examples, tokenizer) -> list[ConflictPrompt]:
     return out
 
 
-@torch.no_grad()
+@no_grad
 def _logit_diff(model, tokenizer, texts, ids, batch_size, device) -> torch.Tensor:
     """(N,) logit(memory) - logit(context) at each prompt's last position."""
     out = []
@@ -128,7 +139,7 @@ def _logit_diff(model, tokenizer, texts, ids, batch_size, device) -> torch.Tenso
     return torch.cat(out) if out else torch.zeros(0)
 
 
-@torch.no_grad()
+@no_grad
 def _direct_effects(model, tokenizer, texts, ids, ref: dict, batch_size, info) -> torch.Tensor:
     """(L, H) mean over prompts of LD(clean) - LD(head ablated on its direct path to the logits)."""
     device = next(model.parameters()).device

@@ -5,9 +5,8 @@ Shared by head pruning (mean ablation, PH3 scores) and VHR (per-input head choic
 
 from __future__ import annotations
 
-import torch
-
 from attnedit.errors import AttneditError, UnsupportedModelError
+from attnedit.lazy import no_grad, torch
 from attnedit.modelinfo import decoder_layers
 
 
@@ -57,7 +56,7 @@ def left_padded(tokenizer, texts: list[str], batch_size: int, device):
         tok.padding_side = side
 
 
-@torch.no_grad()
+@no_grad
 def head_means(
     model, tokenizer, texts: list[str], targets: dict[int, list[int]], head_dim: int, batch_size: int = 8
 ) -> dict[int, dict[int, list[float]]]:

@@ -21,10 +21,10 @@ import weakref
 from dataclasses import dataclass
 from typing import Literal, Union
 
-import torch
 from pydantic import Field
 
 from attnedit.errors import UnsupportedModelError
+from attnedit.lazy import torch
 from attnedit.modelinfo import decoder_layers, text_decoder
 from attnedit.recipe import InterventionSpec, LayerSel
 from attnedit.tables import HSINK, IMAGE, Detect, Gate, KeySet, MoveEffect

@@ -22,9 +22,9 @@ from __future__ import annotations
 import weakref
 from typing import Literal, Union
 
-import torch
 from pydantic import Field
 
+from attnedit.lazy import torch
 from attnedit.modelinfo import text_decoder
 from attnedit.recipe import HeadSel, InterventionSpec, LayerSel
 from attnedit.tables import ForwardHook, Scale

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import models
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tkm
+from transformers import PreTrainedTokenizerFast
 
 # OMP_NUM_THREADS, when set, wins: two threads on a busy machine make CPU forwards many times slower.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
@@ -46,11 +50,6 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_with_tokenizer(tmp_path_factory) -> Path:
     """A tiny Llama folder with a byte-level tokenizer, loadable by `attnedit.load` as a local folder."""
-    import models
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers import models as tkm
-    from transformers import PreTrainedTokenizerFast
-
     path = tmp_path_factory.mktemp("tiny-with-tokenizer")
     models.tiny("llama").save_pretrained(path)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
