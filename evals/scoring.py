@@ -29,8 +29,6 @@ from typing import Any, Sequence
 
 from attnedit.lazy import torch
 
-from attnedit.patch import Patch, patch
-
 from .prompts import Encoded
 from .spec import TaskSpec
 
@@ -250,4 +248,6 @@ def patched(model, recipe, backend: str | None = None):
     """A context with `recipe` (a Recipe, a recipe path, or a ready `Patch`) applied; None: unpatched."""
     if recipe is None:
         return nullcontext()
+    from attnedit.patch import Patch, patch  # noqa: PLC0415  (attnedit.patch loads torch and transformers; recipes are read without them)
+
     return recipe if isinstance(recipe, Patch) else patch(model, recipe, backend=backend)

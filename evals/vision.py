@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import torch
+from attnedit.lazy import torch
 
 from .prompts import Encoded
 from .scoring import forward_logits

@@ -20,7 +20,6 @@ from attnedit import evals
 from attnedit.errors import AttneditError
 from attnedit.evals.records import choice_record
 from attnedit.evals.scoring import left_pad, plan_batches
-from attnedit.patch import Patch
 from attnedit.recipe import InterventionSpec, Recipe
 from attnedit.version import __version__
 
@@ -281,6 +280,8 @@ def _fast_records(model, tokenizer, task, examples, encoded, batch_size, backend
         return None
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     device = next(model.parameters()).device
+    from attnedit.patch import Patch  # noqa: PLC0415  (attnedit.patch loads torch and transformers; recipes are read without them)
+
     plan = plan_batches(encoded, batch_size)
     replay = Replay(model, [left_pad([encoded[i].prompt_ids for i in b], tok.pad_token_id, device) for b in plan])
 

@@ -27,7 +27,6 @@ from attnedit import evals
 from attnedit.errors import AttneditError, RecipeError
 from attnedit.lazy import no_grad, torch
 from attnedit.modelinfo import text_decoder
-from attnedit.patch import Patch
 from attnedit.recipe import InterventionSpec
 from attnedit.tables import Scale
 
@@ -180,6 +179,8 @@ def _delta(model, layer: int, o: torch.Tensor, ref: torch.Tensor) -> torch.Tenso
 
 def _total_effects(model, tokenizer, texts, ids, spec_for, targets, batch_size, cal) -> dict:
     """{(layer, head): mean LD(clean) - LD(head ablated everywhere)}, one forward pass set per head."""
+    from attnedit.patch import Patch  # noqa: PLC0415  (attnedit.patch loads torch and transformers; recipes are read without them)
+
     device = next(model.parameters()).device
     clean = _logit_diff(model, tokenizer, texts, ids, batch_size, device)
     heads = [(l, h) for l, hs in targets.items() for h in hs][: cal.max_candidates]
@@ -245,6 +246,8 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
         raise AttneditError(
             "PH3 head search needs knowledge-conflict prompts: use a knowledge_conflict task (--task lama-conflict)"
         )
+    from attnedit.patch import Patch  # noqa: PLC0415  (attnedit.patch loads torch and transformers; recipes are read without them)
+
     model, tok, info = cal.model, cal.tokenizer, cal.info
     conflicts, ids = _recalled(cal, conflicts, bs)
     texts, targets = [c.prompt for c in conflicts], spec.targets(info)

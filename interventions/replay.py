@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
+from attnedit.lazy import no_grad, torch
 from attnedit.modelinfo import decoder_layers, text_decoder
 
 
@@ -70,7 +69,7 @@ class Replay:
         per_token = config.num_hidden_layers * config.hidden_size * param.element_size()
         return n_tokens * per_token <= budget_bytes
 
-    @torch.no_grad()
+    @no_grad
     def last_logits(self, start: int, patch=None) -> list[torch.Tensor]:
         """(B, V) fp32 logits at the last position of each batch, recomputing layers start..L-1.
 
