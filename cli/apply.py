@@ -19,12 +19,12 @@ from .common import (
     ModelOpt,
     check_device,
     check_writable,
-    console,
     err_console,
     load_model,
     load_recipe,
     read_device_map,
     read_prompts,
+    show,
     write_atomic,
 )
 
@@ -80,12 +80,12 @@ def run(
     if as_json:
         print(text)
         return
-    table = Table(title=f"{rec.name or rec.source} on {name} (backend: {result['backend']})", show_lines=True)
+    table = Table(title=f"{recipe} on {name} (backend: {result['backend']})", show_lines=True)
     for col in ("prompt", "unpatched", "patched"):
         table.add_column(col, overflow="fold", ratio=1)
     for row in result["generations"]:
         table.add_row(row["prompt"], row["unpatched"], row["patched"])
-    console.print(table)
+    show(table)
 
 
 def generate_both(model, tokenizer, recipe, prompts, max_new_tokens, batch_size, chat, system, backend) -> dict:

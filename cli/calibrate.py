@@ -12,6 +12,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from attnedit.progress import Lines
+
 from .common import (
     BackendOpt,
     CacheOpt,
@@ -26,6 +28,7 @@ from .common import (
     err_console,
     load_model,
     load_recipe,
+    show,
     write_atomic,
 )
 
@@ -220,26 +223,65 @@ def _task(task, data_dir, limit, seed, rec):
 
 
 class _progress:
-    """Rich progress bars on stderr; `progress(total, label)` adds a bar and returns its advance callable."""
+    """Progress of the searches on stderr: rich bars in a terminal, else a line every few seconds per search
+    (label, done/total, rate, ETA); `progress(total, label)` starts one and returns its advance callable."""
 
     def __enter__(self):
-        cols = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        self.bar = Progress(*cols, console=err_console, transient=False)
-        self.bar.start()
+        self.lines: list[Lines] = []
+        self.bar = None
+        if err_console.is_terminal:
+            cols = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            self.bar = Progress(*cols, console=err_console, transient=False)
+            self.bar.start()
         return self
 
     def __call__(self, total: int, label: str):
-        tid = self.bar.add_task(label, total=total)
-        return lambda advance=1: self.bar.advance(tid, advance)
+        if self.bar is not None:
+            tid = self.bar.add_task(label, total=total)
+            return lambda advance=1: self.bar.advance(tid, advance)
+        for earlier in self.lines:
+            earlier.close()  # a new search starts: the previous one's last line
+        self.lines.append(Lines(label, total))
+        return self.lines[-1].advance
 
     def __exit__(self, *exc):
-        self.bar.stop()
+        if self.bar is not None:
+            self.bar.stop()
+        for lines in self.lines:
+            lines.close()
+
+
+def readable(chosen, width: int = 70) -> str:
+    """A search's choice in words: 'gamma=2; 12 heads in 5 layers (L3: 1,2; L5: 0; ...)', not a Python dict.
+
+    Per-candidate scores are left out (the recipe's provenance keeps them)."""
+    if not isinstance(chosen, dict):
+        return str(chosen)
+    parts = []
+    for key, value in chosen.items():
+        if key == "scores" or key.endswith("_scores"):
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, (list, tuple)) for v in value.values()):
+            n = sum(len(v) for v in value.values())
+            layers = "; ".join(f"L{layer}: {','.join(map(str, hs))}" for layer, hs in sorted(value.items()))
+            shown = layers if len(layers) <= width else layers[: width - 3].rsplit(";", 1)[0] + "; ..."
+            parts.append(f"{n} {key} in {len(value)} layer{'s' if len(value) != 1 else ''} ({shown})")
+        elif isinstance(value, float):
+            parts.append(f"{key}={value:g}")
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(map(str, value))
+            parts.append(f"{key}={text if len(text) <= width else text[: width - 3] + '...'}")
+        elif isinstance(value, dict):
+            parts.append(f"{key}: {len(value)} entries")
+        else:
+            parts.append(f"{key}={value}")
+    return "; ".join(parts) or "-"
 
 
 def _summary(searches: list[dict], final, unpatched, check, out: Path, elapsed: float) -> None:
@@ -254,9 +296,9 @@ def _summary(searches: list[dict], final, unpatched, check, out: Path, elapsed: 
             s["method"],
             "-" if base is None else f"{base:.4f}",
             str(len(s.get("candidates", []))),
-            str(chosen),
+            readable(chosen),
         )
-    console.print(table)
+    show(table)
     if final is not None:
         console.print(f"calibration examples: unpatched {unpatched:.4f}, calibrated recipe {final:.4f}")
     elif unpatched is not None:

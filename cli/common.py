@@ -13,6 +13,8 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
 from attnedit.errors import AttneditError, ModelLoadError
 from attnedit.files import write_atomic
@@ -20,8 +22,9 @@ from attnedit.recipes import builtin_recipes, load_recipe, recipe_path
 
 __all__ = ["builtin_recipes", "load_recipe", "recipe_path", "write_atomic"]  # shared by the commands
 
-console = Console()
-err_console = Console(stderr=True)
+# Outside a terminal (a log, a pipe, CI) lines are never wrapped: a wrapped name or number reads wrong.
+console = Console(soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 ModelOpt = Annotated[
     str | None,
@@ -242,6 +245,34 @@ def check_device(device: str | None) -> None:
     from attnedit.loading import check_device as check  # noqa: PLC0415  (imports torch)
 
     check(device)
+
+
+def show(table: Table) -> None:
+    """Print a table: drawn with boxes in a terminal; elsewhere as a Markdown table (lm-eval's style) whose
+    cells never wrap, so a log or CI shows each name and interval whole on its row."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    print(markdown(table))
+
+
+def markdown(table: Table) -> str:
+    """A rich Table as Markdown: title line, header, one line per row, markup and line breaks removed."""
+
+    def cell(value) -> str:
+        text = value.plain if isinstance(value, Text) else Text.from_markup(str(value)).plain
+        return " ".join(text.split()).replace("|", "\\|")
+
+    columns = table.columns
+    rows = list(zip(*(list(c.cells) for c in columns))) if columns else []
+    right = {i for i, c in enumerate(columns) if c.justify == "right"}
+    lines = [f"{cell(table.title)}", ""] if table.title else []
+    lines.append("| " + " | ".join(cell(c.header) for c in columns) + " |")
+    lines.append("|" + "|".join("---:" if i in right else "---" for i in range(len(columns))) + "|")
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    if table.caption:
+        lines += ["", cell(table.caption)]
+    return "\n".join(lines)
 
 
 def stdout_is_tty() -> bool:

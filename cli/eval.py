@@ -24,11 +24,11 @@ from .common import (
     check_device,
     check_folder_writable,
     check_seed,
-    console,
     err_console,
     load_model,
     load_recipe,
     read_device_map,
+    show,
     write_atomic,
 )
 
@@ -154,7 +154,7 @@ def run(
     if as_json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return
-    console.print(table(doc, f"{rec.name or recipe} on {name} (backend {doc['backend']}, {shots}-shot, seed {seed})"))
+    show(table(doc, f"{recipe} on {name} (backend {doc['backend']}, {shots}-shot, seed {seed})"))
     err_console.print(f"wrote {out / 'results.json'} and samples_<task>.jsonl")
 
 

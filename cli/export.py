@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import CacheOpt, DeviceOpt, DtypeOpt, ModelOpt, check_device, console, err_console, load_model, load_recipe
+from .common import (
+    CacheOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    check_device,
+    console,
+    err_console,
+    load_model,
+    load_recipe,
+    show,
+)
 
 COMMAND = "export"
 ORDER = 50
@@ -57,12 +68,12 @@ def run(
             max_shard_size=max_shard_size,
             cache_dir=cache_dir,
         )
-    table = Table(title=f"{rec.name or rec.source} exported to {out}")
+    table = Table(title=f"{recipe} exported to {out}")
     for col in Edit.COLUMNS:
         table.add_column(col, overflow="fold")
     for e in result.plan.edits:
         table.add_row(*e.row())
-    console.print(table)
+    show(table)
     if result.plan.dynamic:
         console.print(
             f"dynamic edits need attnedit: attnedit.load({str(out)!r}), or from_pretrained(..., trust_remote_code=True); "

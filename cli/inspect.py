@@ -20,6 +20,7 @@ from .common import (
     err_console,
     load_model,
     load_recipe,
+    show,
     write_atomic,
 )
 
@@ -140,7 +141,7 @@ def _print_table(report: dict) -> None:
             top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
             names = ", ".join(f"{tokens[j]!r}@{j} ({n})" for j, n in top)
             table.add_row(str(row["layer"]), f"{first:.2f}", f"{sink:.2f}", f"{1 - first - sink:.2f}", names)
-        console.print(table)
+        show(table)
 
 
 def _caption(report: dict, width: int = 110) -> str:

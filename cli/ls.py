@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import builtin_recipes, console
+from .common import builtin_recipes, show
 
 COMMAND = "ls"
 ORDER = 10
@@ -47,7 +47,7 @@ def run(
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*(", ".join(v) if isinstance(v, list) else str(v) for v in row.values()))
-    console.print(table)
+    show(table)
 
 
 def _methods() -> list[dict]:

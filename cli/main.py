@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from typing import Annotated
 
 import typer
+from typer import rich_utils
 
 from . import common
 
@@ -54,6 +56,8 @@ for _module in _commands():
 
 
 def main() -> None:
+    if not sys.stdout.isatty() and rich_utils.MAX_WIDTH is None:
+        rich_utils.MAX_WIDTH = 160  # outside a terminal, --help is not cut at 80 columns (defaults stay whole)
     app()
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from attnedit.errors import AttneditError, RecipeError
 
-from .common import CacheOpt, console, err_console, load_recipe
+from .common import CacheOpt, err_console, load_recipe, show
 
 COMMAND = "validate"
 ORDER = 20
@@ -65,4 +65,4 @@ def run(
         else:
             where = f"layers={spec.layers} heads={spec.heads}"
         table.add_row(str(i), spec.type, where, ", ".join(f"{k}={v}" for k, v in params.items()))
-    console.print(table)
+    show(table)

@@ -10,11 +10,9 @@ Generation records have the generated text as `prediction` and `targets` instead
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Sequence
 
-from rich.console import Console
-from rich.progress import Progress
+from attnedit import progress
 
 from .prompts import Encoded, encode
 from .scoring import choice_scores, generate, generation_correct, normalise_scores, patched, plan_batches
@@ -165,11 +163,5 @@ def _pope(records: Sequence[dict], yes: int) -> dict[str, float]:
     }
 
 
-@contextmanager
 def _bar(show: bool, total: int, label: str):
-    if not show:
-        yield lambda n=1: None
-        return
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        t = bar.add_task(f"scoring {label}", total=total)
-        yield lambda n=1: bar.advance(t, n)
+    return progress.bar(show, total, f"scoring {label}")

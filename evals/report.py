@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import platform
+import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(names)), [f"{n}\n({results['tasks'][n]['metric']})" for n in names], fontsize=8)
     ax.set_ylabel("patched - baseline")
-    ax.set_title(f"{results.get('recipe_name') or 'recipe'} on {results.get('model')}: difference, 95% CI", fontsize=9)
+    title = f"{results.get('recipe_name') or 'recipe'} on {Path(str(results.get('model'))).name}: difference, 95% CI"
+    ax.set_title(textwrap.fill(title, width=int(fig.get_figwidth() * 12)), fontsize=9)  # ~12 chars an inch at 9 pt
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
