@@ -206,6 +206,15 @@ def _processes():
     """(rank, world size, barrier, device) under `accelerate launch`; (0, 1, None, None) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        asked = _launch_processes()
+        if asked > 1:
+            err_console.print(
+                f"[yellow]warning:[/] accelerate launch was asked for {asked} processes but started one "
+                "(without GPUs it needs --multi_gpu: accelerate launch --multi_gpu --num_processes "
+                f"{asked} ...; see docs/evals.md); running as one process",
+                highlight=False,
+                soft_wrap=True,
+            )
         return 0, 1, None, None
     import torch  # noqa: PLC0415
     from accelerate import PartialState  # noqa: PLC0415
@@ -213,6 +222,27 @@ def _processes():
     state = PartialState(cpu=not torch.cuda.is_available())  # without a GPU: gloo processes on the CPU
     device = "cpu" if state.device.type == "cpu" else str(state.device)
     return state.process_index, state.num_processes, state.wait_for_everyone, device
+
+
+def _launch_processes(cmdline: bytes | None = None) -> int:
+    """The --num_processes that `accelerate launch` was given, when it started this process (else 1)."""
+    if cmdline is None:
+        if not any(k.startswith("ACCELERATE_") for k in os.environ):
+            return 1
+        try:
+            cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            return 1
+    args = [a.decode(errors="replace") for a in cmdline.split(b"\0")]
+    if not any(a == "launch" or a.endswith(("accelerate-launch", "accelerate.commands.launch")) for a in args):
+        return 1
+    for i, arg in enumerate(args):
+        value = args[i + 1] if arg in ("--num_processes", "--num-processes") and i + 1 < len(args) else None
+        if arg.startswith(("--num_processes=", "--num-processes=")):
+            value = arg.split("=", 1)[1]
+        if value is not None and value.isdigit():
+            return int(value)
+    return 1
 
 
 def _backend(rec, backend: str | None, model) -> str:

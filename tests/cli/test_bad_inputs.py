@@ -121,6 +121,25 @@ CASES = [
         True,
     ),
     ("validate missing recipe", ["validate", "nope.yaml"], "nope.yaml", True),
+    (
+        "calibrate --param gammas=abc",
+        ["calibrate", "zt.yaml", "--model", T, "-t", "facts-recall", "-P", "gammas=abc"],
+        "--param gammas=abc",
+        True,
+    ),
+    (
+        "calibrate --param nosuch=1",
+        ["calibrate", "zt.yaml", "--model", T, "-t", "facts-recall", "-P", "nosuch=1"],
+        "nosuch",
+        True,
+    ),
+    (
+        "calibrate zerotuning on facts-conflict",
+        ["calibrate", "zt.yaml", "--model", T, "-t", "facts-conflict"],
+        "'facts-conflict' is knowledge_conflict",
+        True,
+    ),
+    ("validate --model a folder without config", ["validate", "zt.yaml", "--model", "a-folder"], "config.json", True),
 ]
 if not torch.cuda.is_available():
     CASES.append(
