@@ -25,13 +25,20 @@ enc = tok(
     padding=True,
 )
 m = enc.attention_mask.bool()
-rel = lambda a, b: ((a[m] - b[m]).norm() / b[m].norm()).item()
+
+
+def rel(a, b):
+    return ((a[m] - b[m]).norm() / b[m].norm()).item()
+
+
 recipes = {
     "static (head_prune, 5 heads)": "interventions: [{type: head_prune, heads: {3: [1, 4], 12: [0], 20: [3, 8]}}]",
-    "mixed (+ zerotuning, act)": "interventions: [{type: head_prune, heads: {3: [1, 4], 12: [0], 20: [3, 8]}}, {type: zerotuning, gamma: 2.0, layers: '10:'}, {type: act}]",
+    "mixed (+ zerotuning, act)": "interventions: [{type: head_prune, heads: {3: [1, 4], 12: [0], 20: [3, 8]}}, "
+    "{type: zerotuning, gamma: 2.0, layers: '10:'}, {type: act}]",
 }
 print(
-    "| recipe | export s | load s (attnedit) | logits rel. err. (attnedit.load) | logits rel. err. (plain transformers, folded part) | 12 greedy tokens equal |"
+    "| recipe | export s | load s (attnedit) | logits rel. err. (attnedit.load) | logits rel. err. (plain "
+    "transformers, folded part) | 12 greedy tokens equal |"
 )
 print("|---|---|---|---|---|---|")
 for name, text in recipes.items():
@@ -60,6 +67,7 @@ for name, text in recipes.items():
         else:
             folded_only = want
     print(
-        f"| {name} | {t_exp:.2f} | {t_load:.2f} | {rel(got, want):.1e} | {rel(p, folded_only):.1e} | {torch.equal(toks, want_tok)} |"
+        f"| {name} | {t_exp:.2f} | {t_load:.2f} | {rel(got, want):.1e} | {rel(p, folded_only):.1e} | "
+        f"{torch.equal(toks, want_tok)} |"
     )
     shutil.rmtree(out)

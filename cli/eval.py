@@ -74,7 +74,8 @@ def run(
     device_map: DeviceMapOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Score tasks with the unpatched and the patched model: metrics, difference with a 95% interval, McNemar's p, time, memory.
+    """Score tasks with the unpatched and the patched model: metrics, difference with a 95% interval, McNemar's p,
+    time, memory.
 
     Writes DIR/results.json and DIR/samples_<task>.jsonl; rerun the same command to resume an interrupted run.
     Under `accelerate launch -m attnedit.cli eval ...` the examples are shared among the processes.

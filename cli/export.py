@@ -76,7 +76,8 @@ def run(
     show(table)
     if result.plan.dynamic:
         console.print(
-            f"dynamic edits need attnedit: attnedit.load({str(out)!r}), or from_pretrained(..., trust_remote_code=True); "
+            f"dynamic edits need attnedit: attnedit.load({str(out)!r}), or from_pretrained(..., "
+            f"trust_remote_code=True); "
             "plain transformers loads the folded edits only"
         )
     console.print(f"wrote {out}")

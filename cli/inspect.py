@@ -47,7 +47,7 @@ def run(
     device: DeviceOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Per layer and head: attention mass on the first token, on detected sink tokens and on the rest; a PNG heat map."""
+    """Per layer and head: attention mass on the first token, on detected sink tokens and on the rest; a heat map."""
     import torch  # noqa: PLC0415
 
     import attnedit  # noqa: PLC0415

@@ -116,7 +116,8 @@ HeadSel = Union[Literal["all"], list[int], dict[int, Union[Literal["all"], list[
 def _check_slice(text: str) -> str:
     if not _SLICE_RE.match(text):
         raise ValueError(
-            f"'{text}' is not a layer range; write 'start:stop' (Python slice, stop excluded, negatives count from the end)"
+            f"'{text}' is not a layer range; write 'start:stop' (Python slice, stop excluded, negatives "
+            f"count from the end)"
         )
     return text
 

@@ -149,7 +149,8 @@ def read_hub(src: HubSource, split: str, task: str) -> list[Row]:
         ds = datasets.load_dataset(src.id, src.config, split=name)
     except Exception as e:  # network, unknown id or split: all user-facing
         raise TaskError(
-            f"task {task!r}: cannot load Hugging Face dataset {src.id!r} split {name!r}: {str(e).splitlines()[0] if str(e) else e!r}\n"
+            f"task {task!r}: cannot load Hugging Face dataset {src.id!r} split {name!r}: "
+            f"{str(e).splitlines()[0] if str(e) else e!r}\n"
             "Offline? Read the local files instead: --data-dir DIR or ATTNEDIT_DATA_DIR (see docs/evals.md)"
         ) from None
     return [Row(f"{src.id}:{name}:{i}", dict(row)) for i, row in enumerate(ds)]

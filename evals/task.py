@@ -240,7 +240,8 @@ def _get(data: dict, column: str, row: Row, name: str) -> Any:
             return column.format_map(data)
         except (KeyError, IndexError, ValueError):
             raise TaskError(
-                f"{row.where}: field {name!r} = {column!r} names a column the row lacks; it has: {', '.join(map(str, data))}"
+                f"{row.where}: field {name!r} = {column!r} names a column the row lacks; it has: "
+                f"{', '.join(map(str, data))}"
             ) from None
     if column not in data:
         raise TaskError(

@@ -90,7 +90,8 @@ def strip_markers(
         if text.startswith(open_m, i):
             if start is not None:
                 raise AttneditError(
-                    f"prompt {row}: span marker {open_m!r} at character {i} opens inside another span (spans do not nest)"
+                    f"prompt {row}: span marker {open_m!r} at character {i} opens inside another span "
+                    f"(spans do not nest)"
                 )
             start, i = n_out, i + len(open_m)
         elif text.startswith(close_m, i):

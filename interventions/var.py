@@ -59,7 +59,8 @@ class VarSpec(InterventionSpec):
             problems.append(
                 (
                     ("type",),
-                    f"VAR needs a vision-language model with image tokens; {info.name} ({info.model_type}) has no image token id",
+                    f"VAR needs a vision-language model with image tokens; {info.name} ({info.model_type}) "
+                    f"has no image token id",
                 )
             )
         if isinstance(self.sink_dims, list):

@@ -59,7 +59,8 @@ class VhrSpec(InterventionSpec):
             return [
                 (
                     ("type",),
-                    f"VHR needs a vision-language model with image tokens; {info.name} ({info.model_type}) has no image token id",
+                    f"VHR needs a vision-language model with image tokens; {info.name} ({info.model_type}) "
+                    f"has no image token id",
                 )
             ]
         return []

@@ -4,8 +4,9 @@ One program owns BLOCK_N keys of one query head and walks down the query rows
 that can see them, recomputing ``A_ij = exp2(s_ij + bias_j - lse2_i)`` block
 by block (the structure of a flash backward pass), so the map is never
 stored. It adds whole (BLOCK_M, BLOCK_N) tiles and reduces over rows once at
-the end, and masks only the row blocks that straddle the diagonal or padding. `lse2` comes from the prefill kernel (``lse_only``), in the same
-log2 domain and with the same (shifted) biases.
+the end, and masks only the row blocks that straddle the diagonal or padding.
+`lse2` comes from the prefill kernel (``lse_only``), in the same log2 domain
+and with the same (shifted) biases.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def _member_logits(
     IEEE: tl.constexpr,
     EMU: tl.constexpr,
 ):
-    """Unbiased log2-domain logits (ROWS, N) of the visible member keys of tile n (-inf elsewhere), and its key groups."""
+    """Unbiased log2-domain logits (ROWS, N) of the visible member keys of tile n (-inf elsewhere); its key groups."""
     cols = n + offs_n
     k = tl.load(
         K_BASE + cols[:, None] * stride_kn + offs_d[None, :],

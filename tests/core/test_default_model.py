@@ -42,7 +42,8 @@ def test_cached_generation_equals_recomputation(smollm2):
     model, tok = smollm2
     enc = _batch(tok)
     r = attnedit.Recipe.from_str(
-        "interventions: [{type: zerotuning, gamma: 2.5, layers: '4:'}, {type: head_prune, heads: {10: [1, 4], 20: [0]}}]"
+        "interventions: [{type: zerotuning, gamma: 2.5, layers: '4:'}, "
+        "{type: head_prune, heads: {10: [1, 4], 20: [0]}}]"
     )
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad(), attnedit.patch(model, r):

@@ -110,7 +110,8 @@ def test_plain_and_chat_prompts(toy):
     plain = encode(task, [ex], tok, shots=1, chat=False)[0]
     assert (
         plain.prompt
-        == f"rate it\n\nreview : {demo.fields['text']} sentiment : {demo.choices[demo.gold[0]]}\n\nreview : {ex.fields['text']} sentiment :"
+        == f"rate it\n\nreview : {demo.fields['text']} sentiment : {demo.choices[demo.gold[0]]}\n\nreview : "
+        f"{ex.fields['text']} sentiment :"
     )
     assert plain.choice_ids == [
         tok(" bad", add_special_tokens=False).input_ids,
@@ -156,7 +157,8 @@ def test_generation_task(tiny, tmp_path):
     for split in ("train", "test"):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "gen.yaml").write_text(
-        "name: gen\nkind: generation\nmetric: contains\ntemplate: '{question}'\nchat: false\nmax_new_tokens: 4\nstop: ['.']\n"
+        "name: gen\nkind: generation\nmetric: contains\ntemplate: '{question}'\nchat: "
+        "false\nmax_new_tokens: 4\nstop: ['.']\n"
         "local: {format: jsonl, train: train.jsonl, test: test.jsonl, fields: {question: q}, label: a}\n"
     )
     task = load_task(str(tmp_path / "gen.yaml"))

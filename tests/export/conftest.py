@@ -26,6 +26,8 @@ def method(monkeypatch):
 
     def add(name, schema, fn, **declared):
         declared.setdefault("emits", EFFECT_KINDS)
-        monkeypatch.setitem(registry._METHODS, name, registry.Method(name, schema, fn, f"test method {name}", **declared))
+        monkeypatch.setitem(
+            registry._METHODS, name, registry.Method(name, schema, fn, f"test method {name}", **declared)
+        )
 
     return add

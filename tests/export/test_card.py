@@ -14,7 +14,10 @@ import attnedit
 from attnedit.errors import AttneditError
 from attnedit.loading import model_hash
 
-MIXED = "name: prune-and-tune\ninterventions: [{type: head_prune, heads: {1: [0, 2]}}, {type: zerotuning, gamma: 2.0, layers: '2:'}]"
+MIXED = (
+    "name: prune-and-tune\n"
+    "interventions: [{type: head_prune, heads: {1: [0, 2]}}, {type: zerotuning, gamma: 2.0, layers: '2:'}]"
+)
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,8 @@ def test_scale_commutes_with_biases_and_moves_on_the_same_heads(tmp_path):
 def test_scale_of_one_folds_to_nothing(tmp_path):
     model, processor = vlm.tiny("llava")
     rec = recipe(
-        "interventions: [{type: vhr, alpha: 1.0, layers: [1], heads: [0]}, {type: vhr, alpha: 2.0, layers: [2], heads: [1]}]"
+        "interventions: [{type: vhr, alpha: 1.0, layers: [1], heads: [0]}, "
+        "{type: vhr, alpha: 2.0, layers: [2], heads: [1]}]"
     )
     plan = exp.plan_export(model, rec)
     assert [e.folded for e in plan.edits] == [True, True] and sorted(plan.fold) == [2]
@@ -120,7 +121,7 @@ def test_var_sink_dims_are_resolved_and_not_searched_at_load(tmp_path, monkeypat
         base = model(**enc).logits
         with attnedit.patch(model, rec, backend="reference"):
             want = model(**enc).logits
-    result = attnedit.export(model, rec, tmp_path / "out", tokenizer=processor)
+    attnedit.export(model, rec, tmp_path / "out", tokenizer=processor)
     written = yaml.safe_load((tmp_path / "out" / exp.DYNAMIC_RECIPE).read_text())
     assert written["interventions"][0]["sink_dims"] == dims
     assert yaml.safe_load((tmp_path / "out" / exp.FULL_RECIPE).read_text())["interventions"][0]["sink_dims"] == dims
@@ -136,7 +137,7 @@ def test_var_sink_dims_are_resolved_and_not_searched_at_load(tmp_path, monkeypat
     assert rel(got, want, enc.attention_mask) < TOL < rel(base, want, enc.attention_mask)
 
 
-# --------------------------------------------------------------------------- dynamic parts that would see folded weights
+# -------------------------------------------------------------------------- dynamic parts that would see folded weights
 
 
 class _ProbeSpec(InterventionSpec):

@@ -160,7 +160,8 @@ RECIPES = {
     "act": "interventions: [{type: act, beta: 0.4, tau: 0.05, layers: all}]",
     "prune": "interventions: [{type: head_prune, heads: {0: [0, 3], 2: [1]}}]",
     "pasta": "interventions: [{type: pasta, alpha: 0.05, heads: {1: all}}]",
-    "compose": "interventions: [{type: zerotuning, gamma: 0.5, layers: '1:'}, {type: act, beta: 0.3, tau: 0.05, layers: all},"
+    "compose": "interventions: [{type: zerotuning, gamma: 0.5, layers: '1:'}, "
+    "{type: act, beta: 0.3, tau: 0.05, layers: all},"
     " {type: head_prune, heads: {3: [2]}}]",
 }
 
