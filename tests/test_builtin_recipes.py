@@ -26,6 +26,7 @@ def test_builtin_recipe(path):
     assert first.startswith("# attnedit "), f"{path.name} must open with a comment showing the command that runs it"
     recipe = attnedit.Recipe.from_yaml(path)
     assert recipe.description, f"{path.name} needs a one-line description for `attnedit ls`"
+    assert recipe.interventions, f"{path.name} is empty: a built-in recipe changes the model"
     vlm = any(spec.type in ("var", "vhr") for spec in recipe.interventions)
     if not vlm and (recipe.model in (None, "smollm2-135m-instruct")):
         recipe.check_model(SMOLLM2)

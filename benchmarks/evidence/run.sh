@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Evidence on SmolLM2-135M-Instruct (CPU, fp32): calibrate on train splits, evaluate on test splits.
-# Every command here is printed beside its figure in the README's results table.
-#   bash benchmarks/evidence/run.sh LANE      (LANE: ph3 | ph3k | zt | act | unsup | fewshot | colored)
+# The README's rows run on `cpu` come from here; the classification recipes are calibrated and
+# evaluated on a GPU at the papers' budgets by benchmarks/evidence/gpu.sh.
+#   bash benchmarks/evidence/run.sh LANE      (LANE: ph3 | ph3k | colored)
 # Run from the repository root with the data folder at ../shared/data.
 # Each step is skipped when its output exists, so an interrupted lane resumes.
 set -euo pipefail
@@ -20,11 +21,7 @@ step() {  # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists
   echo "  done in $((SECONDS - t0)) s: $out"
 }
 
-evaluable() {  # a calibrated recipe that kept at least one intervention (an empty one equals the baseline)
-  python3 -c "import sys, yaml; sys.exit(0 if (yaml.safe_load(open('$1')) or {}).get('interventions') else 1)"
-}
-
-lane=${1:?lane: ph3 | ph3k | zt | act | unsup | fewshot | colored}
+lane=${1:?lane: ph3 | ph3k | colored}
 case $lane in
 ph3)  # PH3 heads on train relations; measured on the other relations and on BIG-bench conflicts
   step recipes/ph3-context-smollm2.yaml attnedit calibrate --data-dir ../shared/data ph3-search --task $T/lama-conflict-train.yaml --limit 256 \
@@ -44,44 +41,6 @@ ph3k)  # PH3 pruning more memory heads (k = 10, 20): how far context-following g
          --tasks $T/lama-conflict-other.yaml,$T/lama-recall-other.yaml --limit 400 --out $R/ph3-context-k$k
     step $R/ph3-context-k$k-facts/results.json attnedit eval ph3-context-k$k-smollm2 --tasks facts-conflict,facts-recall \
          --out $R/ph3-context-k$k-facts
-  done
-  ;;
-zt)   # ZeroTuning, supervised (the task's accuracy on train examples)
-  for task in sst2 trec agnews cb rte; do
-    lim=48; case $task in cb|rte) lim=32;; esac
-    step recipes/zerotuning-$task.yaml attnedit calibrate --data-dir ../shared/data zerotuning-paper --task $task --limit $lim \
-         --out recipes/zerotuning-$task.yaml
-  done
-  for task in sst2 trec agnews cb rte; do
-    evaluable recipes/zerotuning-$task.yaml || { echo "recipes/zerotuning-$task.yaml kept nothing: nothing to evaluate"; continue; }
-    step $R/zerotuning-$task/results.json attnedit eval --data-dir ../shared/data recipes/zerotuning-$task.yaml --tasks $task --limit 200 \
-         --out $R/zerotuning-$task
-  done
-  ;;
-act)  # ACT's per-head keep/discard search
-  for task in sst2 agnews; do
-    step recipes/act-$task.yaml attnedit calibrate --data-dir ../shared/data act-paper --task $task --limit 16 --out recipes/act-$task.yaml
-  done
-  for task in sst2 agnews; do
-    evaluable recipes/act-$task.yaml || { echo "recipes/act-$task.yaml kept no head: nothing to evaluate"; continue; }
-    step $R/act-$task/results.json attnedit eval --data-dir ../shared/data recipes/act-$task.yaml --tasks $task --limit 200 --out $R/act-$task
-  done
-  ;;
-unsup)  # ZeroTuning, unsupervised (answer entropy on unlabelled train prompts)
-  for task in ${TASKS:-sst2 agnews cb rte}; do
-    step recipes/zerotuning-unsup-$task.yaml attnedit calibrate --data-dir ../shared/data zerotuning-paper --task $task --limit $([ $task = cb ] || [ $task = rte ] && echo 32 || echo 48) \
-         --objective entropy --out recipes/zerotuning-unsup-$task.yaml
-  done
-  for task in ${TASKS:-sst2 agnews cb rte}; do
-    evaluable recipes/zerotuning-unsup-$task.yaml || { echo "recipes/zerotuning-unsup-$task.yaml kept nothing: nothing to evaluate"; continue; }
-    step $R/zerotuning-unsup-$task/results.json attnedit eval --data-dir ../shared/data recipes/zerotuning-unsup-$task.yaml --tasks $task \
-         --limit 200 --out $R/zerotuning-unsup-$task
-  done
-  ;;
-fewshot)  # the supervised ZeroTuning recipes with 4 demonstrations from the train split
-  for task in sst2 agnews; do
-    step $R/zerotuning-$task-4shot/results.json attnedit eval --data-dir ../shared/data recipes/zerotuning-$task.yaml \
-         --tasks $task --shots 4 --limit 100 --out $R/zerotuning-$task-4shot
   done
   ;;
 colored)  # BIG-bench Colored Objects (the circuit-reuse paper's task) under head-level edits

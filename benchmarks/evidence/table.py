@@ -2,8 +2,8 @@
 
     python benchmarks/evidence/table.py [benchmarks/results/evidence]
 
-One row per task of every run: baseline, patched, difference with its 95% interval, n, and the
-command that produced it (recorded in results.json by `attnedit eval`).
+One row per task of every run: baseline, patched, difference with its 95% interval, n, the device,
+dtype and kernels, and the command that produced it (recorded in results.json by `attnedit eval`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def _recipe(doc: dict) -> str:
     return doc["recipe_name"]
 
 
+def _where(doc: dict) -> str:
+    """Device, dtype and kernels of a run, e.g. 'cuda fp32 triton'."""
+    device = str(doc.get("device") or "?").split(":")[0]
+    dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(doc.get("dtype")), "?")
+    return f"{device} {dtype} {doc.get('backend') or '?'}"
+
+
 KIND_ORDER = {"classification": 0, "multiple_choice": 1, "knowledge_conflict": 2}
 TASK_ORDER = ["sst2", "agnews", "trec", "cb", "rte"]
 
@@ -44,7 +51,7 @@ def rows(root: Path) -> list[str]:
             line = (
                 f"| {name}{shots} | {_recipe(doc)} | {t['metric']} | {t['baseline']['value']:.3f} | "
                 f"{t['patched']['value']:.3f} | {d['value']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} | {t['n']} | "
-                f"`{doc.get('command') or '(see benchmarks/evidence/run.sh)'}` |"
+                f"{_where(doc)} | `{doc.get('command') or '(see benchmarks/evidence/run.sh)'}` |"
             )
             task_rank = TASK_ORDER.index(name) if name in TASK_ORDER else len(TASK_ORDER)
             found.append(((KIND_ORDER.get(t["kind"], 9), task_rank, name, doc["shots"], path.parent.name), line))
@@ -55,8 +62,8 @@ def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/evidence")
     if not any(root.glob("*/results.json")):
         raise SystemExit(f"error: no */results.json under {root}: give the folder that holds the `attnedit eval` runs")
-    print("| task | recipe | metric | baseline | patched | difference [95% CI] | n | command |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task | recipe | metric | baseline | patched | difference [95% CI] | n | run on | command |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows(root):
         print(row)
     print("\n`*`: the interval excludes zero.")
