@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
 from rich.table import Table
 from typer.testing import CliRunner
 
+from attnedit.cli import inspect as command
 from attnedit.cli.calibrate import readable
 from attnedit.cli.common import markdown
 from attnedit.cli.main import app
@@ -62,3 +64,19 @@ def test_a_calibrated_choice_reads_as_words():
     )
     many = readable({"heads": {layer: list(range(9)) for layer in range(30)}})
     assert many.startswith("270 heads in 30 layers (L0: 0,1,") and many.endswith("...)") and len(many) < 120
+
+
+def test_inspect_shows_decoded_tokens_and_names_its_run(tmp_path, tiny_with_tokenizer, monkeypatch):
+    captions = []
+    monkeypatch.setattr(command, "_caption", lambda report, width=110: captions.append(report) or "caption")
+    png = tmp_path / "map.png"
+    args = ["inspect", "-p", "the cat sat", "--model", str(tiny_with_tokenizer), "--png", str(png), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert " " in report["tokens"] and not any("Ġ" in t for t in report["tokens"])  # text, not byte-level pieces
+    assert captions[0]["prompt"] == "the cat sat" and captions[0]["model"] == str(tiny_with_tokenizer)
+    assert png.is_file()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0

@@ -22,9 +22,9 @@ VALID = [
 
 # (field, values that are never allowed there)
 BAD_VALUES = {
-    "gamma": [0, -1.0, "big", [], {}, None, 1e9],
-    "beta": [-0.1, 1.5, "x", [0.4], None],
-    "tau": [0, -0.5, 2.0, "0.1x", {}],
+    "gamma": [0, -1.0, "big", [], {}, None, 1e9, True, "2"],  # strict: no bool or string read as a number
+    "beta": [-0.1, 1.5, "x", [0.4], None, False, "0.4"],
+    "tau": [0, -0.5, 2.0, "0.1x", {}, True],
     "alpha": [0, 1.5, -2, "a"],
     "layers": ["x:y", "1:2:3", [], [-1], [1.5], {"a": 1}, 7, "every"],
     "heads": [[], [-2], ["h"], {}, {-1: [0]}, {1: []}, "some", 3.5],
