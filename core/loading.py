@@ -212,10 +212,10 @@ def alias_dir(name: str, cache_dir=None, progress: bool = True, verify: bool = T
     if target.is_dir():
         verify_cache(name, target, weights=verify)
         return target
-    gguf = alias_file(name)
-
     check_cache_root(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    _clean_stale_conversions(name, target.parent)
+    gguf = alias_file(name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -246,6 +246,24 @@ def alias_dir(name: str, cache_dir=None, progress: bool = True, verify: bool = T
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _clean_stale_conversions(name: str, root: Path) -> None:
+    """Delete the half-written conversions (`.NAME-<pid>-*`) of processes that no longer run (a killed load)."""
+    for entry in root.glob(f".{name}-*"):
+        pid = entry.name[len(name) + 2 :].split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def check_cache_root(root: Path) -> None:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import models
 import pytest
@@ -103,3 +106,23 @@ def test_an_export_into_the_cache_is_refused(cache, tiny_with_tokenizer, tmp_pat
     model, tok = attnedit.load(str(tiny_with_tokenizer), device="cpu")
     with pytest.raises(attnedit.AttneditError, match="converted-model cache"):
         attnedit.export(model, attnedit.Recipe(), target, tokenizer=tok, force=True, cache_dir=root)
+
+
+def test_a_killed_conversion_is_cleaned_by_the_next(tmp_path, monkeypatch):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    root = tmp_path / "cache"
+    root.mkdir()
+    stale = root / f".{ALIAS}-{proc.pid}-abc123"
+    running = root / f".{ALIAS}-{os.getppid()}-abc123"
+    for p in (stale, running):
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"x" * 100)
+
+    def convert(name):
+        raise attnedit.ModelLoadError("converting")
+
+    monkeypatch.setattr(loading, "alias_file", convert)
+    with pytest.raises(attnedit.ModelLoadError, match="converting"):
+        loading.alias_dir(ALIAS, root)
+    assert not stale.exists() and running.exists()
