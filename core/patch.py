@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,8 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from attnedit.kernels import BACKENDS, choose, dispatch, reference
-
+from . import runtime as R
 from . import tables as T
 from .errors import AttneditError, BackendError
 from .modelinfo import ModelInfo, decoder_layers, text_decoder
@@ -35,29 +33,6 @@ from .recipe import Recipe
 log = logging.getLogger("attnedit")
 _COUNTER = itertools.count()
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Patch]" = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class _MaskMeta:
-    """What our mask function knows and the attention function needs (attached to the mask tensor)."""
-
-    first_abs: torch.Tensor  # (B,) absolute position of each row's first real token
-    q_offset: int
-    kv_offset: int
-    plain_left_pad: bool  # exactly causal + left padding (no window, no extra mask functions)
-
-
-@dataclass
-class _State:
-    """Per-input detections, kept from prefill for the decoding steps. Positions are absolute."""
-
-    input_flags: torch.Tensor | None = None  # (B, P) uint8: SPAN, IMAGE
-    layer_flags: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, P) uint8: HSINK
-    head_flags: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H, P) bool: ACTSINK
-    pending: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, T) bool from layer pre-hooks
-    head_scale: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, H) per-input output scales
-    image_end: torch.Tensor | None = None  # (B,) absolute position after the last image token
-    past: int = 0  # tokens already in the cache at this forward (0 = prefill)
 
 
 class Patch:
@@ -87,12 +62,17 @@ class Patch:
         self.info = ModelInfo.from_config(model.config, name=getattr(model, "name_or_path", "") or "")
         recipe.check_model(self.info)
         self.backend = backend or recipe.backend
+        from attnedit.kernels import BACKENDS  # noqa: PLC0415
+
         if self.backend not in BACKENDS:
             raise BackendError(f"unknown backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         self.compiled = T.compile_recipe(recipe, self.info, model)
         self.name = f"attnedit_{next(_COUNTER)}"
-        self.state = _State()
+        self.state = R.State()
         self.spans: list[list[tuple[int, int]]] | None = None
+        self._spans_at: dict[str, torch.Tensor] = {}
+        self._fwd: R.Forward | None = None
+        self._inner_pending = False
         self.capture: dict[int, dict[str, torch.Tensor]] | None = None  # set to {} to record maps (inspect)
         self._hooks: list[Any] = []
         self._saved: Any = None
@@ -129,6 +109,9 @@ class Patch:
                     "(it does not use transformers' AttentionInterface)"
                 )
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+            inner = text_decoder(self.model)
+            if inner is not self.model:  # a direct call of the text decoder (no model pre-hook) gets its own forward
+                self._hooks.append(inner.register_forward_pre_hook(self._on_inner_forward, with_kwargs=True))
             for i, layer in enumerate(layers):
                 plan = self.compiled.layers.get(i)
                 if plan is not None and plan.layer_detectors:
@@ -151,8 +134,9 @@ class Patch:
         self.reset()
 
     def reset(self) -> None:
-        """Forget per-input detections (they are also reset at every prefill)."""
-        self.state = _State()
+        """Forget per-input detections and their buffers (a prefill overwrites them anyway)."""
+        self.state = R.State()
+        self._fwd = None
 
     def __enter__(self) -> "Patch":
         return self.apply()
@@ -193,6 +177,7 @@ class Patch:
         Positions index the `input_ids` the model receives (padding included).
         They hold until changed; `None` clears them.
         """
+        self._spans_at = {}
         if spans is None:
             self.spans = None
             return
@@ -207,49 +192,96 @@ class Patch:
             clean.append(out)
         self.spans = clean
 
+    def _spans_on(self, device: torch.device) -> torch.Tensor | None:
+        """The spans as a (B, S, 2) int64 tensor on `device` (rows padded with empty ranges), made once per device."""
+        if self.spans is None:
+            return None
+        key = str(device)
+        if key not in self._spans_at:
+            S = max(1, max((len(r) for r in self.spans), default=0))
+            t = torch.zeros(len(self.spans), S, 2, dtype=torch.long)
+            for b, ranges in enumerate(self.spans):
+                for s, (start, stop) in enumerate(ranges):
+                    t[b, s, 0], t[b, s, 1] = start, stop
+            self._spans_at[key] = t.to(device)
+        return self._spans_at[key]
+
     def _on_model_forward(self, module, args, kwargs):
-        """Model pre-hook: flags from the input ids and spans, for this forward's tokens."""
+        """Model pre-hook: this forward's shared per-input work (positions, flags, first real tokens), once."""
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        self._begin(ids, kwargs, args)
+        self._inner_pending = self._fwd is not None
+        return None
+
+    def _on_inner_forward(self, module, args, kwargs):
+        """Text-decoder pre-hook: a forward of its own only when the model pre-hook did not run for this call."""
+        if self._inner_pending:
+            self._inner_pending = False
+            return None
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        self._begin(ids, kwargs, args)
+        return None
+
+    def _begin(self, ids, kwargs, args) -> None:
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:
-            return None
+            return
         B, Tn = ref.shape[:2]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if past == 0:
-            self.state = _State()
-        self.state.past = past
-        flags = torch.zeros(B, Tn, dtype=torch.uint8, device=ref.device)
-        for det in self.compiled.input_detectors:
-            if ids is None:
-                raise AttneditError(f"{type(det).__name__} needs input_ids; this forward received only inputs_embeds")
-            flags |= det.detect(ids).to(torch.uint8) * det.flag
+        past, capacity = _cache_extent(kwargs.get("cache", kwargs.get("past_key_values")), Tn)
+        detect = past == 0 if isinstance(past, int) else Tn > 1
+        if self.compiled.input_detectors and ids is None:
+            det = self.compiled.input_detectors[0]
+            raise AttneditError(f"{type(det).__name__} needs input_ids; this forward received only inputs_embeds")
         if self.compiled.needs_spans:
-            if self.spans is None and past == 0:
+            if self.spans is None and detect and not torch.compiler.is_compiling():
                 log.warning("the recipe highlights spans (PASTA) but no spans were given: every key gets the bias")
-            if self.spans is not None:
-                if len(self.spans) != B:
-                    raise AttneditError(f"spans were given for {len(self.spans)} rows but the batch has {B}")
-                pos = torch.arange(past, past + Tn, device=ref.device)
-                for b, ranges in enumerate(self.spans):
-                    for start, stop in ranges:
-                        flags[b] |= ((pos >= start) & (pos < stop)).to(torch.uint8) * T.SPAN
-        prev = self.state.input_flags
-        if past == 0 or prev is None:
-            self.state.input_flags = flags
-        else:
-            self.state.input_flags = torch.cat([_fit(prev, past, B, flags.dtype, flags.device), flags], dim=1)
-        if any(d.flag == T.IMAGE for d in self.compiled.input_detectors):
-            image = (self.state.input_flags & T.IMAGE) != 0
-            P = image.shape[1]
-            last = torch.where(
-                image, torch.arange(P, device=image.device), torch.full_like(image, -1, dtype=torch.long)
+            if self.spans is not None and len(self.spans) != B:
+                raise AttneditError(f"spans were given for {len(self.spans)} rows but the batch has {B}")
+        # forward hooks first: they may run forwards of their own (VHR's text-only prefill)
+        hook_past = past if isinstance(past, int) else (0 if detect else 1)
+        if self.compiled.forward_hooks:
+            hook_kwargs = kwargs
+            pad = kwargs.get("attention_mask")
+            if detect and pad is not None and not (torch.is_tensor(pad) and pad.dim() == 2):
+                # hooks see a (B, T) padding mask, also where generate hands the model dense masks (a static cache)
+                hook_kwargs = dict(kwargs, attention_mask=R.padding_of(pad, Tn).to(ref.device).long())
+            for hook in self.compiled.forward_hooks:
+                hook.on_forward(self, args, hook_kwargs, hook_past)
+        self._fwd = R.begin(
+            self.state,
+            self.compiled,
+            batch=B,
+            length=Tn,
+            device=ref.device,
+            past=past,
+            capacity=capacity,
+            detect=detect,
+            attention_mask=kwargs.get("attention_mask"),
+            input_ids=ids,
+            spans=self._spans_on(ref.device) if self.compiled.needs_spans else None,
+        )
+
+    def _forward_for(self, query: torch.Tensor, key: torch.Tensor) -> R.Forward:
+        """This forward's shared state; one made from the shapes when no pre-hook ran (a bare attention call)."""
+        fwd = self._fwd
+        B, Q, K = query.shape[0], query.shape[2], key.shape[2]
+        if fwd is None or fwd.batch != B or fwd.length != Q:
+            fwd = R.begin(
+                self.state,
+                self.compiled,
+                batch=B,
+                length=Q,
+                device=query.device,
+                past=K - Q,
+                capacity=K,
+                detect=K == Q,
+                attention_mask=None,
+                input_ids=None,
+                spans=None,
             )
-            self.state.image_end = last.amax(1) + 1
-        for hook in self.compiled.forward_hooks:
-            hook.on_forward(self, args, kwargs, past)
-        return None
+            self._fwd = fwd
+        return fwd
 
     def _layer_hook(self, layer: int):
         plan = self.compiled.layers[layer]
@@ -257,60 +289,55 @@ class Patch:
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             B, Tn = hidden.shape[:2]
+            fwd = self._fwd
+            if fwd is None or fwd.batch != B or fwd.length != Tn:
+                return None
+            view = fwd.on(hidden.device)
+            flags = view.flags.index_select(1, view.positions) if view.flags is not None else None
             found = torch.zeros(B, Tn, dtype=torch.bool, device=hidden.device)
-            flags = self.state.input_flags  # (B, P): this forward's tokens are the last Tn
-            flags = flags[:, -Tn:] if flags is not None and flags.shape[0] == B and flags.shape[1] >= Tn else None
             for det in plan.layer_detectors:
-                if self.state.past > 0 and getattr(det, "prefill_only", False):
+                if not fwd.detect and getattr(det, "prefill_only", False):
                     continue  # detections made at prefill hold for the generated tokens
                 found |= det.detect(hidden, flags)
-            self.state.pending[layer] = found
+            R.record_layer_detection(fwd, layer, found)
             return None
 
         return hook
 
     # ------------------------------------------------------------------ mask function
     def _mask(self, *args, **kwargs):
-        """transformers mask function: SDPA's boolean mask, with what the attention function needs attached."""
+        """transformers mask function: SDPA's boolean mask; records the key offset this mask size has.
+
+        A static cache gives its query offset as a device tensor: the mask is then always
+        materialised (SDPA's causal shortcut would align it wrongly against the cache's full length).
+        """
+        if torch.is_tensor(kwargs.get("q_offset")):
+            kwargs["allow_is_causal_skip"] = False
         mask = sdpa_mask(*args, **kwargs)
-        if mask is None:
-            return None
-        pad = kwargs.get("attention_mask")
-        B = kwargs.get("batch_size", mask.shape[0])
-        if pad is not None and pad.dim() == 2:
-            pad = pad.bool()
-            has = pad.any(1)
-            first = torch.where(has, pad.int().argmax(1), torch.zeros_like(has, dtype=torch.long)).long()
-            contiguous = bool((pad.sum(1) == pad.shape[1] - first).all())
-        else:
-            first = torch.zeros(B, dtype=torch.long, device=mask.device)
-            contiguous = True
-        q_offset = kwargs.get("q_offset")
-        if q_offset is None and kwargs.get("cache_position") is not None:
-            q_offset = kwargs["cache_position"][0]
-        q_offset = int(q_offset) if q_offset is not None else 0
-        plain = (
-            kwargs.get("mask_function", causal_mask_function) is causal_mask_function
-            and not kwargs.get("use_vmap", False)
-            and contiguous
-        )
-        mask._attnedit = _MaskMeta(first.to(mask.device), q_offset, int(kwargs.get("kv_offset", 0)), plain)
+        fwd = self._fwd
+        kv_length = kwargs.get("kv_length")
+        if fwd is not None and isinstance(kv_length, int):
+            fwd.kv_offsets[kv_length] = int(kwargs.get("kv_offset", 0))
+            plain = kwargs.get("mask_function", causal_mask_function) is causal_mask_function and not kwargs.get(
+                "use_vmap", False
+            )
+            fwd.causal[kv_length] = plain
         return mask
 
-    def _mask_info(self, attention_mask, query, key) -> T.MaskInfo:
-        B, Q, K = query.shape[0], query.shape[2], key.shape[2]
+    def _mask_info(self, fwd: R.Forward, view: R.View, attention_mask, query, key, backend: str) -> T.MaskInfo:
+        Q, K = query.shape[2], key.shape[2]
+        kv_offset = fwd.kv_offset(Q, K)
         if attention_mask is None:
-            return T.MaskInfo(None, K - Q, 0, None, torch.zeros(B, dtype=torch.long, device=query.device))
+            return T.MaskInfo(None, view.pos0, kv_offset, None, view.first_abs)
         dense = attention_mask
         if dense.dtype != torch.bool:
             dense = dense > torch.finfo(dense.dtype).min / 2
         dense = dense[:, :, :, :K]
-        meta = getattr(attention_mask, "_attnedit", None)
-        if meta is None:  # a mask built elsewhere: its first visible key is the row's first token
-            first = dense[:, 0].any(1).int().argmax(1).long()
-            return T.MaskInfo(dense, K - Q, 0, None, first)
-        kv_start = (meta.first_abs - meta.kv_offset).clamp_min(0) if meta.plain_left_pad else None
-        return T.MaskInfo(dense, meta.q_offset, meta.kv_offset, kv_start, meta.first_abs)
+        first_abs = view.first_abs
+        kv_start = None
+        if backend == "triton" and Q > 1 and fwd.causal.get(K, False) and fwd.padding_is_left(view):
+            kv_start = (first_abs - kv_offset).clamp_min(0)
+        return T.MaskInfo(dense, view.pos0, kv_offset, kv_start, first_abs)
 
     # ------------------------------------------------------------------ attention function
     def _attention(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -323,11 +350,42 @@ class Patch:
             )
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         softcap = kwargs.get("softcap")
-        mask = self._mask_info(attention_mask, query, key)
         backend = self._backend(query.device)
+        fwd = self._forward_for(query, key)
+        view = fwd.on(query.device)
+        mask = self._mask_info(fwd, view, attention_mask, query, key, backend)
         share = value if self.capture is None else None  # lets ACT's column scores and attention share one flash pass
-        tables = self._tables(layer, plan, query, key, mask, scaling, softcap, backend, per_input_scale, share)
+        if plan is not None:
+            plan = R.plan_on(self._device_plans, plan, query.device)
+        detect = None
+        if plan is not None and plan.attention_detectors and fwd.detect:
+
+            def detect(pre: T.LayerTables) -> torch.Tensor:
+                from attnedit.kernels import dispatch  # noqa: PLC0415
+
+                colsum, count = dispatch.column_scores(
+                    backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=share
+                )
+                found = torch.zeros(colsum.shape, dtype=torch.bool, device=query.device)
+                for det in plan.attention_detectors:
+                    found |= det.detect(colsum, count, pre.first_key)
+                return found
+
+        tables = R.layer_tables(
+            plan,
+            fwd,
+            layer,
+            device=query.device,
+            heads=query.shape[1],
+            k_len=key.shape[2],
+            kv_offset=mask.kv_offset,
+            head_scale=per_input_scale,
+            detect_sinks=detect,
+            first_abs=mask.first_abs,
+        )
         if self.capture is not None:
+            from attnedit.kernels import reference  # noqa: PLC0415
+
             out, weights = reference.attention(
                 query,
                 key,
@@ -342,137 +400,37 @@ class Patch:
             self.capture[layer] = {
                 "weights": weights.cpu(),
                 "first_key": mask.first_key.cpu(),
-                "q_offset": mask.q_offset,
+                "q_offset": int(mask.q_offset),
             }
             return out, None
+        from attnedit.kernels import dispatch  # noqa: PLC0415
+
         return dispatch.attention(backend, query, key, value, tables, mask, scaling=scaling, softcap=softcap), None
 
     def _backend(self, device: torch.device) -> str:
         key = str(device)
         if key not in self._backend_for:
+            from attnedit.kernels import choose  # noqa: PLC0415
+
             self._backend_for[key] = choose(self.backend, device)
         return self._backend_for[key]
 
-    def _plan_on(self, plan: T.LayerPlan, device: torch.device) -> T.LayerPlan:
-        key = (plan.layer, str(device))
-        if key not in self._device_plans:
-            mv = tuple(replace(m, keep=m.keep.to(device)) for m in plan.moves)
-            to = lambda t: None if t is None else t.to(device)  # noqa: E731
-            self._device_plans[key] = replace(
-                plan, bias=to(plan.bias), moves=mv, out_scale=to(plan.out_scale), out_shift=to(plan.out_shift)
-            )
-        return self._device_plans[key]
 
-    def _tables(
-        self, layer, plan, query, key, mask: T.MaskInfo, scaling, softcap, backend, per_input_scale, value=None
-    ) -> T.LayerTables:
-        """This forward's tables for one layer: key groups from the detections, plus the plan."""
-        B, H, Q, _ = query.shape
-        K = key.shape[2]
-        first_key = mask.first_key
-        if plan is None:
-            scale = per_input_scale.to(query.device, torch.float32) if per_input_scale is not None else None
-            return T.LayerTables(None, first_key, 1, None, (), scale, None)
-        plan = self._plan_on(plan, query.device)
-        prefill = mask.kv_offset == 0 and K == Q
-        self._absorb_pending(layer, mask, B, K, prefill)
-        flags = self._key_flags(layer, plan, mask, B, H, K, query.device)
-        if prefill and plan.attention_detectors:
-            pre = self._grouped(plan, flags, first_key, moves=False)
-            colsum, count = dispatch.column_scores(
-                backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=value
-            )
-            found = torch.zeros(B, H, K, dtype=torch.bool, device=query.device)
-            for det in plan.attention_detectors:
-                found |= det.detect(colsum, count, first_key)
-            self.state.head_flags[layer] = found
-            flags = flags | (found.to(torch.uint8) * T.ACTSINK)
-        tables = self._grouped(plan, flags, first_key, moves=True)
-        if per_input_scale is not None:
-            base = tables.out_scale if tables.out_scale is not None else torch.ones(H, device=query.device)
-            tables = replace(tables, out_scale=base.view(1, H) * per_input_scale.to(query.device, torch.float32))
-        return tables
+def _cache_extent(cache, length: int) -> tuple[int | torch.Tensor, int]:
+    """(tokens already in the cache, positions the per-input buffers must hold) for a forward of `length` tokens.
 
-    def _absorb_pending(self, layer, mask: T.MaskInfo, B, K, prefill) -> None:
-        found = self.state.pending.pop(layer, None)
-        if found is None:
-            return
-        if prefill:
-            self.state.layer_flags[layer] = found
-        else:
-            prev = _fit(self.state.layer_flags.get(layer), mask.q_offset, B, found.dtype, found.device)
-            self.state.layer_flags[layer] = torch.cat([prev, found], dim=1)
-
-    def _key_flags(self, layer, plan: T.LayerPlan, mask: T.MaskInfo, B, H, K, device) -> torch.Tensor:
-        """(B, 1|H, K) uint8 flags of the keys, at absolute positions kv_offset .. kv_offset + K."""
-        lo, hi = mask.kv_offset, mask.kv_offset + K
-        flags = torch.zeros(B, 1, K, dtype=torch.uint8, device=device)
-        used = sum(plan.flags)
-        if used & T.FIRST:
-            keys = torch.arange(K, device=device)
-            flags[:, 0] |= (keys[None, :] == mask.first_key.to(device)[:, None]).to(torch.uint8) * T.FIRST
-        if used & (T.SPAN | T.IMAGE) and self.state.input_flags is not None:
-            flags[:, 0] |= _window(self.state.input_flags, lo, hi, B) & (used & (T.SPAN | T.IMAGE))
-        if used & T.HSINK and layer in self.state.layer_flags:
-            flags[:, 0] |= _window(self.state.layer_flags[layer].to(torch.uint8), lo, hi, B) * T.HSINK
-        if used & T.ACTSINK:
-            heads = self.state.head_flags.get(layer)
-            flags = flags.expand(B, H, K).clone()
-            if heads is not None:
-                flags |= _window(heads.to(torch.uint8), lo, hi, B) * T.ACTSINK
-        return flags
-
-    def _grouped(self, plan: T.LayerPlan, flags: torch.Tensor, first_key, moves: bool) -> T.LayerTables:
-        group = None
-        if plan.flags:
-            group = torch.zeros_like(flags)
-            for k, bit in enumerate(plan.flags):
-                group |= ((flags & bit) != 0).to(torch.uint8) << k
-        mv = ()
-        if moves:
-            mv = tuple(
-                replace(
-                    m,
-                    row_start=self.state.image_end if self.state.image_end is not None else torch.zeros_like(first_key),
-                )
-                if m.after_image
-                else m
-                for m in plan.moves
-            )
-        return T.LayerTables(
-            key_group=group,
-            first_key=first_key,
-            n_groups=plan.n_groups,
-            bias=plan.bias,
-            moves=mv,
-            out_scale=plan.out_scale if moves else None,
-            out_shift=plan.out_shift if moves else None,
-        )
-
-
-def _fit(prev: torch.Tensor | None, length: int, B: int, dtype, device) -> torch.Tensor:
-    """`prev` cut or zero-padded to `length` along dim 1 (state kept from an earlier forward)."""
-    if prev is None or prev.shape[0] != B:
-        return torch.zeros(B, length, dtype=dtype, device=device)
-    if prev.shape[1] >= length:
-        return prev[:, :length]
-    pad = torch.zeros(B, length - prev.shape[1], *prev.shape[2:], dtype=prev.dtype, device=prev.device)
-    return torch.cat([prev, pad], dim=1)
-
-
-def _window(flags: torch.Tensor, lo: int, hi: int, B: int) -> torch.Tensor:
-    """Absolute-position flags (B, [H,] P) sliced to keys lo..hi, zero beyond what was recorded."""
-    if flags.shape[0] != B:
-        raise AttneditError(
-            f"per-input detections were made for a batch of {flags.shape[0]} rows but this forward has {B}; "
-            "run a fresh prefill (a forward without a cache) for the new batch"
-        )
-    P = flags.shape[-1]
-    part = flags[..., lo : min(hi, P)]
-    if part.shape[-1] < hi - lo:
-        pad = torch.zeros(*part.shape[:-1], hi - lo - part.shape[-1], dtype=part.dtype, device=part.device)
-        part = torch.cat([part, pad], dim=-1)
-    return part
+    A dynamic cache knows its length as a Python int; a static cache keeps it on the device (a tensor
+    that it advances in place) and holds `max_cache_len` positions.
+    """
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0, length
+    past = cache.get_seq_length()
+    longest = 0
+    for layer in getattr(cache, "layers", ()):
+        longest = max(longest, getattr(layer, "max_cache_len", 0) or 0)
+    if torch.is_tensor(past):
+        return past, max(longest, length)
+    return int(past), max(int(past) + length, longest)
 
 
 def patch(model: torch.nn.Module, recipe: Recipe | str | Path, backend: str | None = None, spans=None) -> Patch:

@@ -112,7 +112,8 @@ def attention(
         scaling: logit scale.
         mask: (B, 1|H, Q, K) bool, True = may attend; None = causal, last row aligned to the last key.
         softcap: optional logit soft-capping (Gemma 2).
-        q_start: absolute position of query row 0 (for rows gated by position); default K - Q.
+        q_start: absolute position of query row 0 (for rows gated by position), an int or a 0-d tensor;
+            default K - Q.
         return_weights: also return the edited map (B, H, Q, K) fp32.
         return_masses: also return the per-group masses before moves (B, H, Q, G).
     Returns:
@@ -131,7 +132,7 @@ def attention(
             if return_masses:
                 masses_out.append(m)
             if tables.moves:
-                q_pos = torch.arange(q_start + q0, q_start + q0 + nq, device=q.device)
+                q_pos = torch.arange(nq, device=q.device) + (q_start + q0)  # q_start may be a device scalar
                 c = move_coefficients(m, tables, q_pos)
                 p = p * torch.einsum("bhqg,bhkg->bhqk", c, onehot.expand(B, H, K, -1))
         elif return_masses:

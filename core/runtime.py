@@ -1,0 +1,454 @@
+"""The per-forward half of the parameter tables: per-input state in device buffers, tables for one forward.
+
+`attnedit.tables` compiles a recipe into static `LayerPlan`s once per model.
+This module turns a plan and the per-input state into the `LayerTables` of one
+forward, with the device doing all the work:
+
+- `State` keeps what a prefill found for the decoding steps (input flags such
+  as highlighted spans and image tokens, hidden-state sinks per layer,
+  attention sinks per layer and head, per-input head scales) in buffers sized
+  like the KV cache, (batch, capacity) by absolute position. A forward writes
+  its own positions in place; a decoding step reads views. Buffers are
+  allocated at a prefill and grown only when a dynamic cache outgrows them,
+  so a captured CUDA graph or a compiled step keeps reading the same memory.
+- `Forward` is what every layer of one forward shares: the absolute position
+  of the first token (a Python int when the cache knows it, else a device
+  scalar, as transformers' static cache keeps it), the positions written,
+  each row's first real token. It is built once per forward; `Forward.on`
+  moves it to another device once per forward and device (a model split
+  across devices by accelerate).
+- `layer_tables` builds one layer's tables from a plan, a `Forward` and the
+  state, on the device of that layer's query, with fixed shapes: no host
+  sync, no Python branch on tensor values, no step-dependent allocation.
+
+Nothing here depends on transformers: `attnedit.patch` is the glue that calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from . import tables as T
+
+ALIGN = 256  # buffer capacities are multiples of this (a dynamic cache grows them rarely)
+
+
+def _round_up(n: int, to: int = ALIGN) -> int:
+    return max(to, (n + to - 1) // to * to)
+
+
+def _mark_static(t: torch.Tensor) -> torch.Tensor:
+    """Tell torch.compile's CUDA graphs that this buffer keeps its address (it is written in place)."""
+    try:
+        torch._dynamo.mark_static_address(t)
+    except Exception:  # noqa: BLE001 - an old torch without the marker: graphs then copy the buffer
+        pass
+    return t
+
+
+class HeadScales(dict):
+    """layer -> (B, H) fp32 per-input output scales; setting a layer again writes into the same buffer."""
+
+    def __setitem__(self, layer: int, scale: torch.Tensor) -> None:
+        old = self.get(layer)
+        scale = scale.detach().float()
+        if old is not None and old.shape == scale.shape and old.device == scale.device:
+            old.copy_(scale)
+            return
+        super().__setitem__(layer, _mark_static(scale.clone()))
+
+    def reset(self) -> None:
+        """A new input: every scale back to 1 (buffers kept)."""
+        for t in self.values():
+            t.fill_(1.0)
+
+
+class State:
+    """Per-input state by absolute position, in device buffers of `capacity` positions.
+
+    Attributes:
+        batch: rows the buffers hold.
+        capacity: positions the buffers hold (>= the KV cache's length).
+        flags: (B, C) uint8 input flags (SPAN, IMAGE) on the input's device.
+        first: (B,) int64 absolute position of each row's first real token (set at a prefill, or from a
+            padding mask at every forward).
+        hsink: layer -> (B, C) uint8 hidden-state sinks (0/1), on that layer's device.
+        actsink: layer -> (B, H, C) uint8 attention sinks (0/1), on that layer's device.
+        head_scale: layer -> (B, H) fp32 per-input output scales (set by forward hooks).
+    """
+
+    def __init__(self) -> None:
+        self.batch = 0
+        self.capacity = 0
+        self.flags: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None
+        self.hsink: dict[int, torch.Tensor] = {}
+        self.actsink: dict[int, torch.Tensor] = {}
+        self.head_scale: HeadScales = HeadScales()
+        self.allocations = 0  # buffers (re)allocated: tests check that decoding steps allocate none
+
+    def reserve(self, batch: int, length: int, device: torch.device) -> None:
+        """Make the buffers hold `batch` rows and at least `length` positions (grown, contents kept)."""
+        if batch != self.batch:
+            self.batch, self.capacity = batch, _round_up(length)
+            self.flags = self.first = None
+            self.hsink.clear()
+            self.actsink.clear()
+        elif length > self.capacity:
+            self.capacity = _round_up(max(length, 2 * self.capacity))
+        self.flags = self._fit(self.flags, (batch,), device)
+        if self.first is None or self.first.shape != (batch,) or self.first.device != torch.device(device):
+            self.first = _mark_static(torch.zeros(batch, dtype=torch.long, device=device))
+            self.allocations += 1
+
+    def _fit(self, buf: torch.Tensor | None, lead: tuple[int, ...], device) -> torch.Tensor:
+        """`buf` with shape (*lead, capacity) on `device`: the same tensor when it fits, else a new zeroed one."""
+        device = torch.device(device)
+        if buf is not None and buf.shape == (*lead, self.capacity) and buf.device == device:
+            return buf
+        new = torch.zeros(*lead, self.capacity, dtype=torch.uint8, device=device)
+        if buf is not None and buf.shape[:-1] == lead:
+            n = min(buf.shape[-1], self.capacity)
+            new[..., :n] = buf[..., :n].to(device)
+        self.allocations += 1
+        return _mark_static(new)
+
+    def layer_buffer(self, store: dict[int, torch.Tensor], layer: int, lead: tuple[int, ...], device) -> torch.Tensor:
+        buf = self._fit(store.get(layer), lead, device)
+        store[layer] = buf
+        return buf
+
+
+@dataclass
+class View:
+    """A `Forward`'s per-input tensors on one device."""
+
+    positions: torch.Tensor  # (T,) int64 absolute positions of this forward's tokens
+    first_abs: torch.Tensor  # (B,) int64 absolute position of each row's first real token
+    pos0: int | torch.Tensor  # absolute position of the first token: int, or a 0-d int64 tensor
+    flags: torch.Tensor | None  # (B, C) uint8 input flags by absolute position
+    image_end: torch.Tensor | None  # (B,) int64 position after each row's last image token
+
+
+@dataclass
+class Forward:
+    """What every layer of one forward shares, built once per forward.
+
+    Attributes:
+        batch, length: B and T of this forward's tokens.
+        past: tokens already in the cache as a Python int, or None when only the device knows it
+            (a static cache); `pos0` then holds it as a device scalar.
+        detect: run the detections made once per input (a prefill).
+        kv_offsets: kv_length -> absolute position of key 0, recorded by the mask function.
+        causal: kv_length -> the mask function is plain causal (no window, no extra mask function).
+        padding: the (B, P) padding mask, or None.
+        left_padded: the padding mask is one block of padding then one of tokens in every row (None: not checked).
+        moves_to: devices the per-input tensors were moved to in this forward (tests count them).
+    """
+
+    batch: int
+    length: int
+    past: int | None
+    detect: bool
+    home: View
+    state: State
+    kv_offsets: dict[int, int] = field(default_factory=dict)
+    causal: dict[int, bool] = field(default_factory=dict)
+    padding: torch.Tensor | None = None
+    left_padded: bool | None = None
+    views: dict[str, View] = field(default_factory=dict)
+    moves_to: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.home.first_abs.device
+
+    def on(self, device: torch.device) -> View:
+        """This forward's per-input tensors on `device`: moved once per forward and device."""
+        device = torch.device(device)
+        if device == self.device:
+            return self.home
+        key = str(device)
+        view = self.views.get(key)
+        if view is None:
+            h = self.home
+            to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+            view = View(
+                to(h.positions),
+                to(h.first_abs),
+                to(h.pos0) if torch.is_tensor(h.pos0) else h.pos0,
+                to(h.flags),
+                to(h.image_end),
+            )
+            self.views[key] = view
+            self.moves_to.append(key)
+        return view
+
+    def padding_is_left(self, view: View) -> bool:
+        """Whether every row is padding then tokens (kernels may then skip the dense mask).
+
+        Checked once per forward, and only outside torch.compile and CUDA-graph capture (it reads
+        the mask on the host); there the answer is False and kernels read the dense mask.
+        """
+        if self.left_padded is None:
+            if self.padding is None:
+                self.left_padded = True
+            elif torch.compiler.is_compiling() or _capturing(self.padding):
+                return False
+            else:
+                pad = self.padding != 0
+                first = self.home.first_abs.to(pad.device)
+                self.left_padded = bool((pad.sum(1) == pad.shape[1] - first).all())
+        return self.left_padded
+
+    def kv_offset(self, q_len: int, k_len: int) -> int:
+        """Absolute position of key 0 of a layer whose attention sees `k_len` keys for `q_len` queries."""
+        off = self.kv_offsets.get(k_len)
+        if off is not None:
+            return off
+        if self.past is not None:  # a cache that keeps the last keys (dynamic, sliding window): they end here
+            return max(self.past + q_len - k_len, 0)
+        return 0  # a static cache: key j is position j
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _dense(attention_mask: Any) -> torch.Tensor | None:
+    """The full-attention (B, 1|H, Q, K) bool mask among what a model receives, or None."""
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 4:
+        return None
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e30
+
+
+def padding_of(attention_mask: Any, length: int) -> torch.Tensor:
+    """(B, length) bool: keys 0 .. length-1 that some query row may see in a dense mask (a prefill's real tokens)."""
+    return _dense(attention_mask)[:, 0].any(1)[:, :length]
+
+
+def first_real(attention_mask: Any, batch: int, device) -> torch.Tensor | None:
+    """(B,) int64 absolute position of each row's first real token, from the masks a model receives.
+
+    A (B, P) 0/1 padding mask gives it at every forward. A dense (B, 1, Q, K) mask, or the
+    per-layer-type masks `generate` makes for a static cache (the full-attention one is read), give
+    it at a prefill: the first key any row may see. None when neither says (a decoding step
+    without a padding mask: the prefill's answer holds).
+    """
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
+        pad = attention_mask.to(device) != 0
+    else:
+        dense = _dense(attention_mask)
+        if dense is None:
+            return None
+        pad = dense[:, 0].any(1).to(device)
+    first = pad.to(torch.uint8).argmax(1)  # the first maximum: the first real token
+    return torch.where(pad.any(1), first, torch.zeros_like(first)).long()
+
+
+def begin(
+    state: State,
+    compiled: T.CompiledRecipe,
+    *,
+    batch: int,
+    length: int,
+    device: torch.device,
+    past: int | torch.Tensor,
+    capacity: int,
+    detect: bool,
+    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    spans: torch.Tensor | None,
+) -> Forward:
+    """Prepare one forward: reserve the state, write this forward's input flags, compute what layers share.
+
+    Args:
+        state: the patch's per-input state.
+        compiled: the compiled recipe.
+        batch, length: B and T of this forward's tokens.
+        device: the input's device.
+        past: tokens already in the cache: an int, or a 0-d device tensor (a static cache).
+        capacity: positions the buffers must hold (the cache's length after this forward, or its maximum).
+        detect: this forward starts a new input (run the once-per-input detections; reset head scales).
+        attention_mask: the (B, P) padding mask, or None.
+        input_ids: (B, T) ids, for input detectors (None: inputs_embeds only).
+        spans: (B, S, 2) int64 highlighted [start, stop) ranges (PASTA), or None.
+    Returns:
+        The `Forward`.
+    """
+    state.reserve(batch, capacity, device)
+    if detect:
+        state.head_scale.reset()
+    known = not torch.is_tensor(past)
+    if known:
+        positions = torch.arange(length, device=device) + past
+        pos0: int | torch.Tensor = past
+    else:
+        pos0 = past.to(device=device, dtype=torch.long).clone()  # the cache advances its own copy in place
+        positions = torch.arange(length, device=device) + pos0
+    flags = None
+    if compiled.input_detectors or compiled.needs_spans:
+        new = torch.zeros(batch, length, dtype=torch.uint8, device=device)
+        for det in compiled.input_detectors:
+            new |= det.detect(input_ids).to(torch.uint8) * det.flag
+        if spans is not None:
+            pos = positions.view(1, length, 1)
+            inside = (pos >= spans[:, None, :, 0]) & (pos < spans[:, None, :, 1])  # (B, T, S)
+            new |= inside.any(-1).to(torch.uint8) * T.SPAN
+        state.flags.index_copy_(1, positions, new)
+        flags = state.flags
+    image_end = None
+    if any(d.flag == T.IMAGE for d in compiled.input_detectors):
+        cap = state.capacity
+        pos = torch.arange(cap, device=device)
+        seen = ((state.flags & T.IMAGE) != 0) & (pos < positions[-1] + 1).view(1, cap)
+        image_end = torch.where(seen, pos.view(1, cap), torch.full_like(pos, -1).view(1, cap)).amax(1) + 1
+    padding = attention_mask if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 else None
+    first = first_real(attention_mask, batch, device) if (detect or padding is not None) else None
+    if first is not None:
+        state.first.copy_(first)
+    home = View(positions, state.first, pos0, flags, image_end)
+    return Forward(
+        batch,
+        length,
+        past if known else None,
+        detect,
+        home,
+        state,
+        padding=padding,
+    )
+
+
+def record_layer_detection(fwd: Forward, layer: int, found: torch.Tensor) -> None:
+    """Write a layer-input detection (B, T) bool of this forward's tokens at their positions."""
+    view = fwd.on(found.device)
+    buf = fwd.state.layer_buffer(fwd.state.hsink, layer, (fwd.batch,), found.device)
+    buf.index_copy_(1, view.positions, found.to(torch.uint8))
+
+
+def plan_on(cache: dict, plan: T.LayerPlan, device: torch.device) -> T.LayerPlan:
+    """The plan's tensors on `device`, cached in `cache` (one copy per layer and device, ever)."""
+    key = (plan.layer, str(device))
+    hit = cache.get(key)
+    if hit is None:
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        moves = tuple(replace(m, keep=m.keep.to(device)) for m in plan.moves)
+        hit = replace(plan, bias=to(plan.bias), moves=moves, out_scale=to(plan.out_scale), out_shift=to(plan.out_shift))
+        cache[key] = hit
+    return hit
+
+
+def key_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, heads: int, k_len: int, kv_offset: int):
+    """(B, 1|H, K) uint8 flags of a layer's keys, which sit at absolute positions kv_offset .. kv_offset + K."""
+    B = fwd.batch
+    used = sum(plan.flags)
+    device = view.first_abs.device
+    lo, hi = kv_offset, kv_offset + k_len
+    keys = torch.arange(lo, hi, device=device)
+    flags = torch.zeros(B, 1, k_len, dtype=torch.uint8, device=device)
+    if used & T.FIRST:
+        flags |= (keys.view(1, 1, k_len) == view.first_abs.view(B, 1, 1)).to(torch.uint8) * T.FIRST
+    if used & (T.SPAN | T.IMAGE) and view.flags is not None:
+        flags |= view.flags[:, None, lo:hi] & (used & (T.SPAN | T.IMAGE))
+    if used & T.HSINK:
+        if layer in fwd.state.hsink:
+            buf = fwd.state.layer_buffer(fwd.state.hsink, layer, (B,), device)
+            flags |= buf[:, None, lo:hi] * T.HSINK
+    if used & T.ACTSINK:
+        flags = flags.expand(B, heads, k_len)
+        buf = fwd.state.actsink.get(layer)
+        if buf is not None:
+            flags = flags | buf[:, :, lo:hi].to(device) * T.ACTSINK
+        else:
+            flags = flags.clone()
+    return flags
+
+
+def group_ids(plan: T.LayerPlan, flags: torch.Tensor) -> torch.Tensor | None:
+    """Key group ids (flags packed in the plan's order), or None when the layer has one group."""
+    if not plan.flags:
+        return None
+    group = torch.zeros_like(flags)
+    for k, bit in enumerate(plan.flags):
+        group |= ((flags & bit) != 0).to(torch.uint8) << k
+    return group
+
+
+def layer_tables(
+    plan: T.LayerPlan | None,
+    fwd: Forward,
+    layer: int,
+    *,
+    device: torch.device,
+    heads: int,
+    k_len: int,
+    kv_offset: int,
+    head_scale: torch.Tensor | None = None,
+    detect_sinks: Any = None,
+    first_abs: torch.Tensor | None = None,
+) -> T.LayerTables:
+    """One layer's tables for this forward, on `device` (the device of that layer's query).
+
+    Args:
+        plan: the layer's plan (already on `device`), or None (only per-input head scales).
+        fwd: this forward.
+        layer: the layer index.
+        device: where the tables are built.
+        heads: H, the layer's query heads.
+        k_len: K, the keys the layer attends to; kv_offset: the absolute position of key 0.
+        head_scale: (B, H) per-input output scales, or None.
+        detect_sinks: for a prefill of a layer with attention detectors, a callable
+            ``(pre_tables) -> (B, H, K) bool`` (the column-score detection); it runs and its result
+            is kept for the decoding steps. At other forwards the new positions are recorded as no sink.
+        first_abs: (B,) absolute first real tokens, when the layer's mask says otherwise than the forward.
+    Returns:
+        The `LayerTables`.
+    """
+    view = fwd.on(device)
+    if first_abs is not None and first_abs is not view.first_abs:
+        view = replace(view, first_abs=first_abs)
+    first_key = view.first_abs - kv_offset
+    first_key = torch.where(first_key >= 0, first_key, torch.full_like(first_key, -1))
+    scale = head_scale.to(device, torch.float32) if head_scale is not None else None
+    if plan is None:
+        return T.LayerTables(None, first_key, 1, None, (), scale, None)
+    B = fwd.batch
+    buf = None
+    if plan.attention_detectors:
+        buf = fwd.state.layer_buffer(fwd.state.actsink, layer, (B, heads), device)
+        if detect_sinks is not None:
+            buf[:, :, kv_offset : kv_offset + k_len] = 0
+        else:  # tokens after the prefill are never sinks
+            buf.index_fill_(2, view.positions, 0)
+    flags = key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)
+    if buf is not None and detect_sinks is not None:
+        pre = T.LayerTables(group_ids(plan, flags), first_key, plan.n_groups, plan.bias, (), None, None)
+        found = detect_sinks(pre).to(torch.uint8)
+        buf[:, :, kv_offset : kv_offset + k_len] = found
+        flags = flags | found * T.ACTSINK
+    moves = tuple(
+        replace(m, row_start=view.image_end if view.image_end is not None else torch.zeros_like(first_key))
+        if m.after_image
+        else m
+        for m in plan.moves
+    )
+    out_scale = plan.out_scale
+    if scale is not None:
+        base = out_scale if out_scale is not None else torch.ones(heads, device=device)
+        out_scale = base.view(1, heads) * scale
+    return T.LayerTables(
+        key_group=group_ids(plan, flags),
+        first_key=first_key,
+        n_groups=plan.n_groups,
+        bias=plan.bias,
+        moves=moves,
+        out_scale=out_scale,
+        out_shift=plan.out_shift,
+    )

@@ -1,0 +1,187 @@
+"""The runtime without a model: state buffers, one forward's tables, per-device views of a split model."""
+
+from __future__ import annotations
+
+import models
+import torch
+
+import attnedit
+from attnedit import runtime as R
+from attnedit import tables as T
+from attnedit.kernels import dispatch
+
+
+class _Sinks:
+    """An attention detector stand-in: the tests hand its result to `layer_tables` directly."""
+
+    flag = T.ACTSINK
+    where = "attention"
+
+
+def plan(flags=(T.FIRST, T.SPAN, T.HSINK, T.ACTSINK), H: int = 2) -> T.LayerPlan:
+    G = 1 << len(flags)
+    bias = torch.arange(H * G, dtype=torch.float32).view(H, G)
+    return T.LayerPlan(0, H, tuple(flags), bias, (), None, None, detectors=(_Sinks(),))
+
+
+def forward(state, B=2, length=5, past=0, capacity=None, detect=None, mask=None, spans=None):
+    compiled = T.CompiledRecipe({}, needs_spans=spans is not None)
+    return R.begin(
+        state,
+        compiled,
+        batch=B,
+        length=length,
+        device=torch.device("cpu"),
+        past=past,
+        capacity=capacity or (past + length if isinstance(past, int) else 16),
+        detect=(past == 0) if detect is None else detect,
+        attention_mask=mask,
+        input_ids=None,
+        spans=spans,
+    )
+
+
+def test_key_groups_from_first_token_spans_and_sinks():
+    state = R.State()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    spans = torch.tensor([[[1, 3]], [[3, 4]]])
+    fwd = forward(state, mask=mask, spans=spans)
+    R.record_layer_detection(fwd, 0, torch.tensor([[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool))
+    sinks = torch.zeros(2, 2, 5, dtype=torch.bool)
+    sinks[1, 0, 3] = True
+    tables = R.layer_tables(
+        plan(), fwd, 0, device=torch.device("cpu"), heads=2, k_len=5, kv_offset=0, detect_sinks=lambda pre: sinks
+    )
+    g = tables.key_group
+    # bits: FIRST=1, SPAN=2, HSINK=4, ACTSINK=8 (the plan's flag order)
+    assert g[0, 0].tolist() == [1, 2, 2, 4, 0]
+    assert g[1, 0].tolist() == [0, 0, 1, 10, 4]
+    assert g[1, 1].tolist() == [0, 0, 1, 2, 4]
+    assert tables.first_key.tolist() == [0, 2]
+
+
+def test_decoding_steps_write_in_place_and_keep_prefill_detections():
+    state = R.State()
+    fwd = forward(state, length=5, capacity=5)
+    R.record_layer_detection(fwd, 0, torch.tensor([[0, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool))
+    sinks = torch.zeros(2, 2, 5, dtype=torch.bool)
+    sinks[0, 1, 2] = True
+    R.layer_tables(
+        plan(), fwd, 0, device=torch.device("cpu"), heads=2, k_len=5, kv_offset=0, detect_sinks=lambda pre: sinks
+    )
+    buffers = [state.flags, state.first, state.hsink[0], state.actsink[0]]
+    ptrs = [b.data_ptr() for b in buffers]
+    allocated = state.allocations
+    for step in range(3):  # decoding: one token at a time, positions 5, 6, 7
+        fwd = forward(state, length=1, past=5 + step, capacity=6 + step)
+        R.record_layer_detection(fwd, 0, torch.ones(2, 1, dtype=torch.bool))  # written at the new position
+        tables = R.layer_tables(plan(), fwd, 0, device=torch.device("cpu"), heads=2, k_len=6 + step, kv_offset=0)
+    assert state.allocations == allocated, "a decoding step within capacity allocates nothing"
+    assert [b.data_ptr() for b in [state.flags, state.first, state.hsink[0], state.actsink[0]]] == ptrs
+    g = tables.key_group
+    # the prefill's first token, hidden sinks and attention sink (head 1 of row 0), then the steps' hidden flags;
+    # decoding steps never add attention sinks
+    assert g[0, 1].tolist() == [1, 4, 8, 0, 0, 4, 4, 4]
+    assert g[0, 0].tolist() == [1, 4, 0, 0, 0, 4, 4, 4]
+    assert g[1, 0].tolist() == [1, 0, 0, 0, 4, 4, 4, 4]
+
+
+def test_new_prefill_overwrites_stale_positions_without_reallocating():
+    state = R.State()
+    fwd = forward(state, length=5, capacity=8)
+    R.layer_tables(
+        plan(),
+        fwd,
+        0,
+        device=torch.device("cpu"),
+        heads=2,
+        k_len=5,
+        kv_offset=0,
+        detect_sinks=lambda pre: torch.ones(2, 2, 5, dtype=torch.bool),
+    )
+    allocated = state.allocations
+    fwd = forward(state, length=4, capacity=8)
+    t = R.layer_tables(
+        plan(),
+        fwd,
+        0,
+        device=torch.device("cpu"),
+        heads=2,
+        k_len=4,
+        kv_offset=0,
+        detect_sinks=lambda pre: torch.zeros(2, 2, 4, dtype=torch.bool),
+    )
+    assert state.allocations == allocated
+    assert (t.key_group & 8).sum() == 0, "the old input's sinks are gone"
+
+
+def test_dynamic_cache_growth_keeps_contents():
+    state = R.State()
+    fwd = forward(state, length=R.ALIGN - 1, capacity=R.ALIGN - 1)
+    found = torch.zeros(2, R.ALIGN - 1, dtype=torch.bool)
+    found[:, 7] = True
+    R.record_layer_detection(fwd, 0, found)
+    cap = state.capacity
+    fwd = forward(state, length=2, past=R.ALIGN - 1)  # outgrows the buffers
+    R.record_layer_detection(fwd, 0, torch.zeros(2, 2, dtype=torch.bool))
+    assert state.capacity > cap
+    assert state.hsink[0][:, 7].tolist() == [1, 1] and state.hsink[0].shape[1] == state.capacity
+
+
+def test_static_cache_position_is_read_from_the_device():
+    state = R.State()
+    forward(state, length=5, capacity=16)
+    past = torch.tensor(5)
+    fwd = forward(state, length=1, past=past, capacity=16, detect=False)
+    past.add_(1)  # the cache advances its own counter during the forward: the forward keeps its copy
+    assert fwd.past is None and int(fwd.home.pos0) == 5 and fwd.home.positions.tolist() == [5]
+    assert fwd.kv_offset(1, 16) == 0
+
+
+class _Meta(torch.nn.Module):
+    """A stand-in for a layer placed on another device."""
+
+
+def test_split_model_moves_per_input_state_once_per_forward_and_device(monkeypatch):
+    """Layers on a second device (here 'meta') get tables on that device; per-input state crosses once."""
+    model = models.tiny("llama")  # 4 layers
+    ids, mask = models.batch()
+    recipe = attnedit.Recipe.from_str(
+        "interventions: [{type: zerotuning, gamma: 3.0}, {type: pasta, alpha: 0.1, heads: {1: all, 3: [0]}}]", "t.yaml"
+    )
+    seen = {}
+
+    def fake_attention(name, q, k, v, tables, mask, **kw):
+        seen[id(q)] = tables
+        return torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=q.device)
+
+    monkeypatch.setattr(dispatch, "attention", fake_attention)
+    moves = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if out.device.type == "meta" and self.device.type == "cpu":
+            moves.append(tuple(self.shape))
+        return out
+
+    layers = attnedit.modelinfo.decoder_layers(model)
+    with torch.no_grad(), attnedit.patch(model, recipe, backend="reference", spans=[[(1, 4)], [(5, 8)], [(8, 9)]]) as p:
+        B, T_ = ids.shape
+        q = torch.randn(B, 8, T_, 16, device="meta")
+        k = torch.randn(B, 2, T_, 16, device="meta")
+        counts = []
+        for n_meta in (2, 4):
+            model(ids, attention_mask=mask)  # a real forward on the CPU: this forward's shared state
+            monkeypatch.setattr(torch.Tensor, "to", counting_to)
+            moves.clear()
+            for layer in layers[:n_meta]:
+                dense = torch.ones(B, 1, T_, T_, dtype=torch.bool, device="meta")
+                p._attention(layer.self_attn, q, k, k, dense)
+            monkeypatch.setattr(torch.Tensor, "to", real_to)
+            counts.append([m for m in moves if m[0] == B or m == (T_,)])  # per-input tensors (plans move once ever)
+            for layer in layers[:n_meta]:
+                t = seen[id(q)]
+                assert t.key_group.device.type == "meta" and t.first_key.device.type == "meta"
+        assert p._fwd.moves_to == ["meta"]
+    assert counts[0] and counts[0] == counts[1], "per-input state crosses once per forward, not once per layer"
