@@ -15,7 +15,7 @@ from attnedit.errors import BackendError
 from attnedit.recipe import BACKENDS
 from attnedit.tables import LayerTables, MaskInfo
 
-from . import reference
+from . import custom_ops, reference
 
 
 def triton_status() -> str | None:
@@ -60,8 +60,13 @@ def attention(
     scaling: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Run one layer's attention with its tables. Returns (B, Q, H, D)."""
+    """Run one layer's attention with its tables. Returns (B, Q, H, D).
+
+    Under torch.compile the Triton backend runs as the ``attnedit::attention`` operator (`custom_ops`).
+    """
     if name == "triton":
+        if torch.compiler.is_compiling():
+            return custom_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
         from . import triton_ops  # noqa: PLC0415  (Triton: loaded only when the backend runs)
 
         return triton_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
@@ -87,6 +92,8 @@ def column_scores(
     for the `attention` call on the same q, k, v that follows; the reference ignores it.
     """
     if name == "triton":
+        if torch.compiler.is_compiling():
+            return custom_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap)
         from . import triton_ops  # noqa: PLC0415  (Triton: loaded only when the backend runs)
 
         return triton_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap, value=value)

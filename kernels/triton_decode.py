@@ -41,6 +41,7 @@ def _decode_kernel(
     BIAS,
     KV_START,
     DM,
+    POS,
     PO,
     PL,
     PM,
@@ -69,6 +70,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     MASK_MODE: tl.constexpr,
     HAS_KV_START: tl.constexpr,
+    POS_ON_DEVICE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     HG_PER_HEAD: tl.constexpr,
@@ -97,9 +99,10 @@ def _decode_kernel(
     n0 = split * KEYS_PER_SPLIT
     n1 = tl.minimum(NK, n0 + KEYS_PER_SPLIT)
     ks = tl.load(KV_START + b) if HAS_KV_START else b * 0
+    diag = DIAG + tl.load(POS).to(tl.int32) if POS_ON_DEVICE else DIAG + b * 0
+    n1 = tl.minimum(n1, diag + 1)  # no key after the query row (its cache slots may be unwritten)
     if MASK_MODE == 0:
         n0 = tl.maximum(n0, (ks // BLOCK_N) * BLOCK_N)
-        n1 = tl.minimum(n1, DIAG + 1)
     g_ids = tl.arange(0, NG)
     m_i = tl.zeros([BLOCK_R], tl.float32) - float("inf")
     l_g = tl.zeros([BLOCK_R, NG], tl.float32)
@@ -111,7 +114,7 @@ def _decode_kernel(
         v = tl.load(V_BASE + cols[:, None] * stride_vn + offs_d[None, :], mask=kin[:, None] & dmask, other=0.0)
         s = dot_qk(q, tl.trans(k), IEEE, EMU) * qk_scale
         if MASK_MODE == 0:
-            vis = kin & (cols >= ks) & (cols <= DIAG)
+            vis = kin & (cols >= ks) & (cols <= diag)
         else:
             vis = kin & (tl.load(DM + b.to(tl.int64) * stride_db + cols, mask=kin, other=0) != 0)
         if HAS_GROUPS:
@@ -170,6 +173,7 @@ def _combine_kernel(
     ROW_START,
     SCALE,
     SHIFT,
+    POS,
     stride_ob,
     stride_oh,
     B,
@@ -187,6 +191,7 @@ def _combine_kernel(
     SCALE_MODE: tl.constexpr,
     HAS_SHIFT: tl.constexpr,
     WRITE_MASSES: tl.constexpr,
+    POS_ON_DEVICE: tl.constexpr,
 ):
     bk = tl.program_id(0)
     b = bk // HKV
@@ -213,8 +218,9 @@ def _combine_kernel(
     L = tl.sum(l_g, 1)
     if NG > 1:
         mass = l_g / tl.where(L > 0, L, 1.0)[:, None]
+        q_pos = Q_POS + tl.load(POS) if POS_ON_DEVICE else Q_POS + b.to(tl.int64) * 0
         c = move_coefficients(
-            mass, heads, Q_POS + tl.zeros([BLOCK_R], tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, NG
+            mass, heads, q_pos + tl.zeros([BLOCK_R], tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, NG
         )
         acc = tl.sum(o_g * c[:, :, None], 1)
         if WRITE_MASSES:
@@ -259,6 +265,7 @@ def decode(
     scaling: float,
     diag: int,
     q_pos: int,
+    pos: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
     dense: torch.Tensor | None = None,
     key_group: torch.Tensor | None = None,
@@ -277,8 +284,10 @@ def decode(
 
     Args:
         q: (B, H, 1, D); k, v: (B, Hkv, K, D); last dims contiguous.
-        diag: key j is visible iff kv_start[b] <= j <= diag (causal mode).
+        diag: key j is visible iff kv_start[b] <= j <= diag (causal mode); no key after diag is read.
         q_pos: absolute position of the query row (row starts of moves).
+        pos: (1,) int64 on the device, added to both `diag` and `q_pos` when given: the query's position
+            as a static cache keeps it, read by the kernels so that a captured CUDA graph replays right.
         dense: (B, 1, 1, K) uint8 mask, or None.
         key_group, n_groups, bias (H, G) log2-domain, moves, scale, shift: as `triton_prefill.prefill`.
         per_group: keep per-group partial sums (moves or masses need them).
@@ -311,6 +320,7 @@ def decode(
         bias if bias is not None else dummy_f,
         kv_start if kv_start is not None else dummy,
         dm,
+        pos if pos is not None else dummy,
         po,
         pl,
         pm,
@@ -341,6 +351,7 @@ def decode(
         BLOCK_N=block_n,
         MASK_MODE=0 if dense is None else 1,
         HAS_KV_START=kv_start is not None,
+        POS_ON_DEVICE=pos is not None,
         HAS_BIAS=bias is not None,
         HAS_GROUPS=key_group is not None,
         HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
@@ -365,6 +376,7 @@ def decode(
         row_start,
         scale if scale is not None else dummy_f,
         shift if shift is not None else dummy_f,
+        pos if pos is not None else dummy,
         out.stride(0),
         out.stride(2),
         B,
@@ -384,6 +396,7 @@ def decode(
         SCALE_MODE=0 if scale is None else scale.dim(),
         HAS_SHIFT=shift is not None,
         WRITE_MASSES=write_masses,
+        POS_ON_DEVICE=pos is not None,
     )
     _LAUNCH_COMBINE((B * Hkv,), args, consts, 4)
     return out, masses

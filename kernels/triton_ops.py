@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import triton
 
+from attnedit.errors import AttneditError
 from attnedit.tables import LayerTables, MaskInfo
 
 from . import reference
@@ -219,27 +220,44 @@ class _Prepared:
 
 @dataclass
 class _Geometry:
-    """The mask in kernel form: causal with an offset (and left padding), or a dense uint8 mask."""
+    """The mask in kernel form: causal with an offset (and left padding), or a dense uint8 mask.
+
+    `pos` is the query position as a device scalar (a static cache's) for a decoding step: the decode
+    kernels read it, so a captured CUDA graph replays with each step's position; `diag` and `q_pos0`
+    are then relative to it.
+    """
 
     diag: int
     q_pos0: int
     kv_start: torch.Tensor | None
     dense: torch.Tensor | None
+    pos: torch.Tensor | None = None
 
     @classmethod
     def of(cls, mask: MaskInfo, q: torch.Tensor, k: torch.Tensor) -> "_Geometry":
         NQ, NK = q.shape[2], k.shape[2]
+        q_off, pos = mask.q_offset, None
+        if torch.is_tensor(q_off):
+            if NQ == 1:
+                pos, q_off = q_off.reshape(1).to(q.device, torch.int64), 0
+            else:
+                q_off = _host_position(q_off)
         if mask.dense is None:
-            return cls(NK - NQ, mask.q_offset, None, None)
+            return cls(NK - NQ, q_off, None, None, pos)
         if mask.kv_start is not None:
-            return cls(
-                mask.q_offset - mask.kv_offset,
-                mask.q_offset,
-                mask.kv_start.to(q.device, torch.int32).contiguous(),
-                None,
-            )
+            return cls(q_off - mask.kv_offset, q_off, mask.kv_start.to(q.device, torch.int32).contiguous(), None, pos)
         dense = mask.dense if mask.dense.stride(-1) == 1 else mask.dense.contiguous()
-        return cls(0, mask.q_offset, None, dense.view(torch.uint8))
+        return cls(q_off - mask.kv_offset, q_off, None, dense.view(torch.uint8), pos)
+
+
+def _host_position(q_off: torch.Tensor) -> int:
+    """A prefill's query offset kept on the device (a static cache), read once on the host."""
+    if q_off.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise AttneditError(
+            "a forward of several tokens on a static cache cannot be captured in a CUDA graph with the Triton "
+            "backend (its kernels are chosen by the query offset); capture decoding steps (one token per row) only"
+        )
+    return int(q_off)
 
 
 def _pack_moves(moves, B: int, device) -> tuple:
@@ -286,6 +304,7 @@ def _decode_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_m
         scaling=scaling,
         diag=geo.diag,
         q_pos=geo.q_pos0,
+        pos=geo.pos,
         kv_start=geo.kv_start,
         dense=geo.dense,
         key_group=t.key_group,
