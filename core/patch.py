@@ -381,7 +381,6 @@ class Patch:
             kv_offset=mask.kv_offset,
             head_scale=per_input_scale,
             detect_sinks=detect,
-            first_abs=mask.first_abs,
         )
         if self.capture is not None:
             from attnedit.kernels import reference  # noqa: PLC0415

@@ -33,6 +33,7 @@ import torch
 
 from . import tables as T
 
+PER_LAYER = T.HSINK | T.ACTSINK  # flags kept per layer (the others are per input: the same in every layer)
 ALIGN = 256  # buffer capacities are multiples of this (a dynamic cache grows them rarely)
 
 
@@ -160,6 +161,7 @@ class Forward:
     padding: torch.Tensor | None = None
     left_padded: bool | None = None
     views: dict[str, View] = field(default_factory=dict)
+    cache: dict[tuple, Any] = field(default_factory=dict)
     moves_to: list[str] = field(default_factory=list)
 
     @property
@@ -186,6 +188,13 @@ class Forward:
             self.views[key] = view
             self.moves_to.append(key)
         return view
+
+    def shared(self, key: tuple, make) -> Any:
+        """`make()`, once per forward for `key`: work every layer would otherwise repeat (first keys, key groups)."""
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = make()
+        return hit
 
     def padding_is_left(self, view: View) -> bool:
         """Whether every row is padding then tokens (kernels may then skip the dense mask).
@@ -392,7 +401,6 @@ def layer_tables(
     kv_offset: int,
     head_scale: torch.Tensor | None = None,
     detect_sinks: Any = None,
-    first_abs: torch.Tensor | None = None,
 ) -> T.LayerTables:
     """One layer's tables for this forward, on `device` (the device of that layer's query).
 
@@ -407,19 +415,19 @@ def layer_tables(
         detect_sinks: for a prefill of a layer with attention detectors, a callable
             ``(pre_tables) -> (B, H, K) bool`` (the column-score detection); it runs and its result
             is kept for the decoding steps. At other forwards the new positions are recorded as no sink.
-        first_abs: (B,) absolute first real tokens, when the layer's mask says otherwise than the forward.
     Returns:
         The `LayerTables`.
     """
     view = fwd.on(device)
-    if first_abs is not None and first_abs is not view.first_abs:
-        view = replace(view, first_abs=first_abs)
-    first_key = view.first_abs - kv_offset
-    first_key = torch.where(first_key >= 0, first_key, torch.full_like(first_key, -1))
+    first_key = fwd.shared(("first_key", kv_offset, str(device)), lambda: _first_key(view, kv_offset))
     scale = head_scale.to(device, torch.float32) if head_scale is not None else None
     if plan is None:
         return T.LayerTables(None, first_key, 1, None, (), scale, None)
     B = fwd.batch
+    if not sum(plan.flags) & PER_LAYER:  # key groups from per-input flags alone: shared by layers of equal flags
+        key = ("groups", plan.flags, k_len, kv_offset, str(device))
+        groups = fwd.shared(key, lambda: group_ids(plan, key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)))
+        return _finish(plan, view, groups, first_key, heads, device, scale)
     buf = None
     if plan.attention_detectors:
         buf = fwd.state.layer_buffer(fwd.state.actsink, layer, (B, heads), device)
@@ -433,6 +441,15 @@ def layer_tables(
         found = detect_sinks(pre).to(torch.uint8)
         buf[:, :, kv_offset : kv_offset + k_len] = found
         flags = flags | found * T.ACTSINK
+    return _finish(plan, view, group_ids(plan, flags), first_key, heads, device, scale)
+
+
+def _first_key(view: View, kv_offset: int) -> torch.Tensor:
+    first_key = view.first_abs - kv_offset
+    return torch.where(first_key >= 0, first_key, torch.full_like(first_key, -1))
+
+
+def _finish(plan, view: View, groups, first_key, heads: int, device, scale) -> T.LayerTables:
     moves = tuple(
         replace(m, row_start=view.image_end if view.image_end is not None else torch.zeros_like(first_key))
         if m.after_image
@@ -444,7 +461,7 @@ def layer_tables(
         base = out_scale if out_scale is not None else torch.ones(heads, device=device)
         out_scale = base.view(1, heads) * scale
     return T.LayerTables(
-        key_group=group_ids(plan, flags),
+        key_group=groups,
         first_key=first_key,
         n_groups=plan.n_groups,
         bias=plan.bias,

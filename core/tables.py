@@ -381,7 +381,8 @@ class MaskInfo:
 
     Attributes:
         dense: (B, 1, Q, K) bool, True = may attend; None = plain causal (no padding).
-        q_offset: absolute position of query row 0.
+        q_offset: absolute position of query row 0: an int, or a 0-d int64 device tensor (a static cache
+            keeps it there; decode kernels read it so that a captured CUDA graph replays right).
         kv_offset: absolute position of key 0 (> 0 when a sliding-window cache dropped old keys).
         kv_start: (B,) index of each row's first real key when the mask is exactly causal plus
             left padding (kernels can use it instead of reading `dense`); None otherwise.
@@ -389,7 +390,7 @@ class MaskInfo:
     """
 
     dense: torch.Tensor | None
-    q_offset: int
+    q_offset: int | torch.Tensor
     kv_offset: int
     kv_start: torch.Tensor | None
     first_abs: torch.Tensor
