@@ -24,6 +24,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from attnedit.kernels import BACKENDS, choose, dispatch, reference
+
 from . import runtime as R
 from . import tables as T
 from .errors import AttneditError, BackendError
@@ -62,8 +64,6 @@ class Patch:
         self.info = ModelInfo.from_config(model.config, name=getattr(model, "name_or_path", "") or "")
         recipe.check_model(self.info)
         self.backend = backend or recipe.backend
-        from attnedit.kernels import BACKENDS  # noqa: PLC0415
-
         if self.backend not in BACKENDS:
             raise BackendError(f"unknown backend {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         self.compiled = T.compile_recipe(recipe, self.info, model)
@@ -361,8 +361,6 @@ class Patch:
         if plan is not None and plan.attention_detectors and fwd.detect:
 
             def detect(pre: T.LayerTables) -> torch.Tensor:
-                from attnedit.kernels import dispatch  # noqa: PLC0415
-
                 colsum, count = dispatch.column_scores(
                     backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=share
                 )
@@ -383,8 +381,6 @@ class Patch:
             detect_sinks=detect,
         )
         if self.capture is not None:
-            from attnedit.kernels import reference  # noqa: PLC0415
-
             out, weights = reference.attention(
                 query,
                 key,
@@ -402,15 +398,11 @@ class Patch:
                 "q_offset": int(mask.q_offset),
             }
             return out, None
-        from attnedit.kernels import dispatch  # noqa: PLC0415
-
         return dispatch.attention(backend, query, key, value, tables, mask, scaling=scaling, softcap=softcap), None
 
     def _backend(self, device: torch.device) -> str:
         key = str(device)
         if key not in self._backend_for:
-            from attnedit.kernels import choose  # noqa: PLC0415
-
             self._backend_for[key] = choose(self.backend, device)
         return self._backend_for[key]
 
