@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import Launcher, dot_qk, emulate_bf16, key_bias, placeholders
+from .triton_common import Launcher, cdiv, dot_qk, emulate_bf16, key_bias, next_pow2, placeholders
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head_dim and element size; fp16/bf16 entries from
 # benchmarks/bench_attention.py --sweep-colsum on an H100 (0.70x of SDPA's time at 16k tokens, Llama shape).
@@ -288,7 +288,7 @@ def colsum(
     B, H, NQ, D = q.shape
     Hkv, NK = k.shape[1], k.shape[2]
     dev = q.device
-    d_pad = max(16, triton.next_power_of_2(D))
+    d_pad = max(16, next_pow2(D))
     BM, BN, warps, stages = config or CONFIGS[(64 if d_pad <= 64 else d_pad, 2 if q.element_size() <= 2 else 4)]
     out = torch.empty(B, H, NK, dtype=torch.float32, device=dev)
     dummy, dummy_f, dummy_u8 = placeholders(dev)
@@ -334,5 +334,5 @@ def colsum(
         IEEE=q.dtype == torch.float32,
         EMU=emulate_bf16(q.dtype),
     )
-    _LAUNCH((triton.cdiv(NK, BN), B * H), args, consts, warps, stages)
+    _LAUNCH((cdiv(NK, BN), B * H), args, consts, warps, stages)
     return out

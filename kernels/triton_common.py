@@ -22,6 +22,16 @@ def emulate_bf16(dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python (`triton.cdiv` is a JIT function: tens of microseconds a call on the host)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), in plain Python (see `cdiv`)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 _PLACEHOLDERS: dict = {}
 
 

@@ -20,11 +20,13 @@ import triton.language as tl
 
 from .triton_common import (
     Launcher,
+    cdiv,
     dot_pv,
     dot_qk,
     emulate_bf16,
     finish_rows,
     move_coefficients,
+    next_pow2,
     placeholders,
     sm_count,
 )
@@ -299,13 +301,13 @@ def decode(
     Hkv, NK = k.shape[1], k.shape[2]
     R = H // Hkv
     dev = q.device
-    d_pad = max(16, triton.next_power_of_2(D))
-    block_r = max(16, triton.next_power_of_2(R))
+    d_pad = max(16, next_pow2(D))
+    block_r = max(16, next_pow2(R))
     G = n_groups
-    NG = max(2, triton.next_power_of_2(G)) if per_group else 1
+    NG = max(2, next_pow2(G)) if per_group else 1
     S = splits or n_splits(NK, B * Hkv, sm_count(dev))
-    kps = triton.cdiv(triton.cdiv(NK, S), block_n) * block_n
-    S = triton.cdiv(NK, kps)
+    kps = cdiv(cdiv(NK, S), block_n) * block_n
+    S = cdiv(NK, kps)
     dummy, dummy_f, dummy_u8 = placeholders(dev)
     po = torch.empty(B, H, S, NG, d_pad, dtype=torch.float32, device=dev)
     pl = torch.empty(B, H, S, NG, dtype=torch.float32, device=dev)

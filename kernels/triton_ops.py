@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import triton
 
 from attnedit.errors import AttneditError
 from attnedit.tables import LayerTables, MaskInfo
 
 from . import reference
 from .triton_colsum import colsum as _colsum
+from .triton_common import next_pow2
 from .triton_decode import decode as _decode
 from .triton_prefill import member_tiles, pick_config
 from .triton_prefill import prefill as _prefill
@@ -194,8 +194,9 @@ class _Prepared:
         groups = tables.key_group if tables.key_group is not None and tables.n_groups > 1 else None
         bias2, has_bias = None, False
         if groups is not None and tables.bias is not None:
-            host = _host(tables.bias).float()
-            has_bias = bool((host - host[:, :1] != 0).any())
+            has_bias = _memo(
+                tables.bias, ("has_bias",), lambda b: bool((_host(b).float() - _host(b).float()[:, :1]).any())
+            )
             if has_bias:  # softmax is unchanged by a per-row constant: shift so that unflagged keys have none
                 bias2 = _memo(
                     tables.bias,
@@ -204,7 +205,7 @@ class _Prepared:
                 )
         moves = None
         if with_moves and groups is not None and tables.moves:
-            live = [m for m in tables.moves if bool((_host(m.keep) != 1).any())]
+            live = [m for m in tables.moves if _memo(m.keep, ("live",), lambda t: bool((_host(t) != 1).any()))]
             moves = _pack_moves(live, q.shape[0], dev) if live else None
         if groups is not None and not has_bias and moves is None and not keep_groups:
             groups = None
@@ -454,7 +455,7 @@ def _fallback(q, k, tables: LayerTables | None, mask: MaskInfo, softcap) -> str 
     elif mask.dense is not None and mask.kv_start is None and mask.dense.shape[1] != 1:
         why = "mask"
     elif tables is not None and tables.key_group is not None and tables.bias is not None and tables.n_groups > 1:
-        if not bool(torch.isfinite(_host(tables.bias)[:, 0]).all()):
+        if not _memo(tables.bias, ("finite",), lambda b: bool(torch.isfinite(_host(b)[:, 0]).all())):
             why = "bias"
     if why is not None:
         _warn_once(why, f"Triton backend: {FALLBACKS[why]}; this call runs the PyTorch reference")
@@ -493,4 +494,4 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _d_pad(q: torch.Tensor) -> int:
-    return max(16, triton.next_power_of_2(q.shape[-1]))
+    return max(16, next_pow2(q.shape[-1]))

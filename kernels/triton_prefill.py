@@ -39,6 +39,7 @@ from .triton_common import (
     LOG2E_F,
     Launcher,
     add_group_sums,
+    cdiv,
     dot_pv,
     dot_qk,
     emulate_bf16,
@@ -46,6 +47,7 @@ from .triton_common import (
     key_bias,
     key_coef,
     move_coefficients,
+    next_pow2,
     placeholders,
 )
 
@@ -912,7 +914,7 @@ def prefill(
     """
     B, H, NQ, D = q.shape
     Hkv, NK = k.shape[1], k.shape[2]
-    d_pad = max(16, triton.next_power_of_2(D))
+    d_pad = max(16, next_pow2(D))
     BM, BN, warps, stages = config or pick_config(d_pad, q.element_size())
     dev = q.device
     dummy, dummy_f, dummy_u8 = placeholders(dev)
@@ -920,7 +922,7 @@ def prefill(
         out = torch.empty(B, NQ, H, D, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, NQ, dtype=torch.float32, device=dev) if (write_lse or lse_only) else None
     G = n_groups
-    GP = max(2, triton.next_power_of_2(G))
+    GP = max(2, next_pow2(G))
     masses = torch.empty(B, H, NQ, G, dtype=torch.float32, device=dev) if write_masses else None
     flags = torch.empty(B, H, NQ, dtype=torch.int8, device=dev) if bulk is not None else only_flagged
     kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
@@ -929,7 +931,7 @@ def prefill(
     mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
     nm = mv_i.shape[0] if moves else 0
     dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
-    grid = (triton.cdiv(NQ, BM), B * H)
+    grid = (cdiv(NQ, BM), B * H)
     if bulk is not None:
         stages = 1  # the bulk epilogue has no main loop to pipeline (and Triton 3.6 fails to pipeline its member loops)
     args = (
@@ -1061,7 +1063,7 @@ def member_tiles(key_group: torch.Tensor, block_n: int) -> tuple[torch.Tensor, t
         (list (B, Hg, nT + 1) int32, padded with SENTINEL; count (B, Hg) int32), on the device, one launch.
     """
     B, Hg, K = key_group.shape
-    nT = triton.cdiv(K, block_n)
+    nT = cdiv(K, block_n)
     lst = torch.empty(B, Hg, nT + 1, dtype=torch.int32, device=key_group.device)
     count = torch.empty(B, Hg, dtype=torch.int32, device=key_group.device)
     args = (key_group, lst, count, key_group.stride(0), key_group.stride(1), Hg, K, nT, nT + 1)

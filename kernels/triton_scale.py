@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import Launcher, placeholders
+from .triton_common import Launcher, cdiv, next_pow2, placeholders
 
 BLOCK_ROWS = 64
 
@@ -67,7 +67,7 @@ def scale_heads(
     if heads.numel() == 0:
         return out
     dummy = placeholders(out.device)[1]
-    grid = (triton.cdiv(B * NQ, BLOCK_ROWS), heads.numel())
+    grid = (cdiv(B * NQ, BLOCK_ROWS), heads.numel())
     args = (
         out,
         heads,
@@ -82,7 +82,7 @@ def scale_heads(
     )
     consts = dict(
         HEAD_DIM=D,
-        D_PAD=max(16, triton.next_power_of_2(D)),
+        D_PAD=max(16, next_pow2(D)),
         BLOCK_ROWS=BLOCK_ROWS,
         SCALE_MODE=0 if scale is None else scale.dim(),
         HAS_SHIFT=shift is not None,

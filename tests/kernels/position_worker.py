@@ -1,8 +1,8 @@
 """A decoding step whose query position lives on the device (a static cache), under Triton's CPU interpreter.
 
 Started by test_device_position.py with TRITON_INTERPRET=1; prints one JSON line of max errors against the
-reference: the position as an int, as a device tensor, through the ``attnedit::attention`` operator, and
-through that operator inside torch.compile(fullgraph=True).
+reference: the position as an int, as a device tensor, through the ``attnedit::attention`` operator, through
+that operator inside torch.compile(fullgraph=True), and through `dispatch.attention` compiled (which picks it).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from attnedit.kernels import custom_ops, reference
+from attnedit.kernels import custom_ops, dispatch, reference
 from attnedit.kernels import triton_ops as ops
 from attnedit.tables import LayerTables, MaskInfo, Move
 
@@ -43,6 +43,11 @@ def main() -> None:
         fullgraph=True,
         backend="aot_eager",
     )
+    dispatched = torch.compile(
+        lambda q, k, v, p: dispatch.attention("triton", q, k, v, tables, mask(p), scaling=0.25),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     print(
         json.dumps(
             {
@@ -50,6 +55,7 @@ def main() -> None:
                 "tensor": err(ops.attention(q, k, v, tables, mask(torch.tensor(pos)), scaling=0.25)),
                 "operator": err(custom_ops.attention(q, k, v, tables, mask(torch.tensor(pos)), scaling=0.25)),
                 "compiled": err(compiled(q, k, v, torch.tensor(pos))),
+                "dispatched": err(dispatched(q, k, v, torch.tensor(pos))),
             }
         )
     )

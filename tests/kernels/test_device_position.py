@@ -19,5 +19,5 @@ def test_decode_reads_the_query_position_from_the_device():
     done = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     err = json.loads(done.stdout.strip().splitlines()[-1])
-    for how in ("int", "tensor", "operator", "compiled"):
+    for how in ("int", "tensor", "operator", "compiled", "dispatched"):
         assert err[how] < 1e-5, f"{how}: {err[how]}"
