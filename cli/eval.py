@@ -131,7 +131,7 @@ def run(
         command=" ".join(["attnedit", "eval", *map(shlex.quote, sys.argv[2:])]) if len(sys.argv) > 2 else None,
         model=name,
         model_hash=settings.identity["model_hash"],
-        recipe_name=rec.name,
+        recipe_name=rec.name or recipe,  # an unnamed recipe: as the user named it
         recipe=rec.to_dict(),
         recipe_hash=rec.hash(),
         backend=_backend(rec, backend, m),

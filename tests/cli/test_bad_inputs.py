@@ -179,6 +179,8 @@ def test_bad_input(work, tiny_with_tokenizer, monkeypatch, name, args, message, 
     assert _tree(work) == before, "a failed command left files behind"
     if cheap:
         assert not loads, "the model was loaded before a cheap check failed"
+    else:
+        assert loads, "the spy sees the loader (so its silence above means something)"
 
 
 def test_offline_hub_id_fails_at_once(monkeypatch, work):
