@@ -238,6 +238,13 @@ class Patch:
                 log.warning("the recipe highlights spans (PASTA) but no spans were given: every key gets the bias")
             if self.spans is not None and len(self.spans) != B:
                 raise AttneditError(f"spans were given for {len(self.spans)} rows but the batch has {B}")
+        if self.compiled.forward_hooks and detect and (torch.compiler.is_compiling() or R.capturing(ref)):
+            names = ", ".join(sorted({type(h).__name__ for h in self.compiled.forward_hooks}))
+            raise AttneditError(
+                f"the recipe chooses per input at the prefill ({names}: a forward of its own, read on the host), "
+                "which torch.compile and CUDA graphs cannot record; run the prefill eagerly and compile or capture "
+                "the decoding steps only (generate(cache_implementation='static') does)"
+            )
         # forward hooks first: they may run forwards of their own (VHR's text-only prefill)
         hook_past = past if isinstance(past, int) else (0 if detect else 1)
         if self.compiled.forward_hooks:

@@ -205,7 +205,7 @@ class Forward:
         if self.left_padded is None:
             if self.padding is None:
                 self.left_padded = True
-            elif torch.compiler.is_compiling() or _capturing(self.padding):
+            elif torch.compiler.is_compiling() or capturing(self.padding):
                 return False
             else:
                 pad = self.padding != 0
@@ -223,7 +223,8 @@ class Forward:
         return 0  # a static cache: key j is position j
 
 
-def _capturing(t: torch.Tensor) -> bool:
+def capturing(t: torch.Tensor) -> bool:
+    """Whether CUDA-graph capture is under way on `t`'s device (always False on the CPU)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 

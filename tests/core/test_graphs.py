@@ -98,3 +98,15 @@ def test_patched_decoding_step_compiles_fullgraph(arch):
         plain = _decode_steps(model, model, ids, mask)
     assert (eager - plain).abs().max() > 1e-3, "the recipe must change the logits"
     torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_compiling_a_prefill_that_chooses_heads_per_input_is_a_clear_error():
+    """VHR's online head choice runs a forward of its own at prefill: compiling it says so in one message."""
+    torch._dynamo.reset()
+    model, proc = vlm.tiny("llava")
+    batch = vlm.inputs(proc, ["<image>\nwhat is this ?"], "llava")
+    r = attnedit.Recipe.from_dict({"interventions": [VLM_RECIPES["vhr"]]})
+    with torch.no_grad(), attnedit.patch(model, r, backend="reference"):
+        with pytest.raises(Exception, match="run the prefill eagerly and compile or capture the decoding steps"):
+            torch.compile(model, fullgraph=True, backend="eager")(**batch)
+        model(**batch)  # eager still works
