@@ -1,5 +1,13 @@
-"""The built-in methods: importing this module registers each of them (`registry.register`)."""
+"""The built-in methods: importing this module imports every module of `attnedit.interventions`.
 
-from . import act, head_prune, pasta, var, vhr, zerotuning
+Each method's module registers itself (`registry.register`) when imported, so a new method is one
+new module here and no line anywhere else. The `attnedit` package imports this module.
+"""
 
-METHODS = (act.METHOD, head_prune.METHOD, pasta.METHOD, var.METHOD, vhr.METHOD, zerotuning.METHOD)
+import importlib
+import pkgutil
+from pathlib import Path
+
+for _module in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])):
+    if _module != "builtin":
+        importlib.import_module(f"{__package__}.{_module}")

@@ -1,11 +1,11 @@
-"""What target finders share: the calibration context, the candidate loop, the resolved recipe.
+"""What searches share: the calibration context, the candidate loop, the resolved recipe.
 
-A finder (`registry.finder(name)`) gets the spec to resolve and a `Calibration`
-and returns a `Found`. It never reads a data set itself: it calls
+A method's search (`registry.Search.find`) gets the spec to resolve and a
+`Calibration` and returns a `Found`. It never reads a data set itself: it calls
 ``cal.score(recipe)`` (higher is better, on the calibration examples only) or
 reads ``cal.examples`` when its statistic needs the inputs (PH3's conflicts,
-mean ablation). So finders run the same on a real task and on a tiny synthetic
-scorer in tests.
+given by `Search.reads`; mean ablation). So searches run the same on a real
+task and on a tiny synthetic scorer in tests.
 """
 
 from __future__ import annotations
