@@ -160,7 +160,7 @@ class Forward:
     causal: dict[int, bool] = field(default_factory=dict)
     padding: torch.Tensor | None = None
     left_padded: bool | None = None
-    views: dict[str, View] = field(default_factory=dict)
+    views: dict[torch.device, View] = field(default_factory=dict)
     cache: dict[tuple, Any] = field(default_factory=dict)
     moves_to: list[str] = field(default_factory=list)
 
@@ -170,23 +170,18 @@ class Forward:
 
     def on(self, device: torch.device) -> View:
         """This forward's per-input tensors on `device`: moved once per forward and device."""
-        device = torch.device(device)
-        if device == self.device:
-            return self.home
-        key = str(device)
-        view = self.views.get(key)
-        if view is None:
-            h = self.home
+        view = self.views.get(device)
+        if view is not None:
+            return view
+        h = self.home
+        if torch.device(device) == h.first_abs.device:
+            view = h
+        else:
             to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-            view = View(
-                to(h.positions),
-                to(h.first_abs),
-                to(h.pos0) if torch.is_tensor(h.pos0) else h.pos0,
-                to(h.flags),
-                to(h.image_end),
-            )
-            self.views[key] = view
-            self.moves_to.append(key)
+            pos0 = to(h.pos0) if torch.is_tensor(h.pos0) else h.pos0
+            view = View(to(h.positions), to(h.first_abs), pos0, to(h.flags), to(h.image_end))
+            self.moves_to.append(str(device))
+        self.views[device] = view
         return view
 
     def shared(self, key: tuple, make) -> Any:
@@ -345,7 +340,7 @@ def record_layer_detection(fwd: Forward, layer: int, found: torch.Tensor) -> Non
 
 def plan_on(cache: dict, plan: T.LayerPlan, device: torch.device) -> T.LayerPlan:
     """The plan's tensors on `device`, cached in `cache` (one copy per layer and device, ever)."""
-    key = (plan.layer, str(device))
+    key = (plan.layer, device)
     hit = cache.get(key)
     if hit is None:
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -420,13 +415,13 @@ def layer_tables(
         The `LayerTables`.
     """
     view = fwd.on(device)
-    first_key = fwd.shared(("first_key", kv_offset, str(device)), lambda: _first_key(view, kv_offset))
+    first_key = fwd.shared(("first_key", kv_offset, device), lambda: _first_key(view, kv_offset))
     scale = head_scale.to(device, torch.float32) if head_scale is not None else None
     if plan is None:
         return T.LayerTables(None, first_key, 1, None, (), scale, None)
     B = fwd.batch
     if not sum(plan.flags) & PER_LAYER:  # key groups from per-input flags alone: shared by layers of equal flags
-        key = ("groups", plan.flags, k_len, kv_offset, str(device))
+        key = ("groups", plan.flags, k_len, kv_offset, device)
         groups = fwd.shared(key, lambda: group_ids(plan, key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)))
         return _finish(plan, view, groups, first_key, heads, device, scale)
     buf = None
