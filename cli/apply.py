@@ -134,10 +134,9 @@ def generate_both(model, tokenizer, recipe, prompts, max_new_tokens, batch_size,
 def _encode(tok, recipe, texts, special: bool):
     """Tokenize a batch; with a span-highlighting method, strip the markers and return the spans."""
     spans = None
-    if any(getattr(_method(spec), "needs_spans", False) for spec in recipe.interventions):
-        from attnedit.interventions import pasta  # noqa: PLC0415
-
-        enc, spans = pasta.prepare(tok, texts, recipe, add_special_tokens=special)
+    encode = next((m.spans for m in map(_method, recipe.interventions) if m.spans is not None), None)
+    if encode is not None:
+        enc, spans = encode(tok, texts, recipe, add_special_tokens=special)
     else:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special)
     return dict(enc), spans

@@ -53,18 +53,6 @@ def compile(spec: PastaSpec, info, model=None) -> list:
     return [Bias(layer, tuple(heads), KeySet(off=SPAN), bias) for layer, heads in spec.targets(info).items()]
 
 
-METHOD = register(
-    Method(
-        name="pasta",
-        schema=PastaSpec,
-        compile=compile,
-        summary="PASTA: log(alpha) logit bias on prompt keys outside highlighted spans",
-        emits=(Bias,),
-        needs_spans=True,
-    )
-)
-
-
 # --------------------------------------------------------------------------- prompts with highlighted spans
 
 
@@ -210,3 +198,15 @@ def _check_ranges(text: str, ranges, row: int) -> list[tuple[int, int]]:
             raise AttneditError(f"prompt {row}: character range {tuple(r)} is not inside the text (length {len(text)})")
         out.append((lo, hi))
     return out
+
+
+METHOD = register(
+    Method(
+        name="pasta",
+        schema=PastaSpec,
+        compile=compile,
+        summary="PASTA: log(alpha) logit bias on prompt keys outside highlighted spans",
+        emits=(Bias,),
+        spans=prepare,  # prompts with spans marked in the text
+    )
+)

@@ -14,7 +14,7 @@ A method module ends with one declaration::
     )
 
 Everything else reads these declarations: recipe parsing (`schema`), compiling
-(`compile`, checked against `emits`), the patch (`needs_spans`), export
+(`compile`, checked against `emits`), the patch and `attnedit apply` (`spans`), export
 (`fold`, `reads_weights`, `resolve`), `attnedit calibrate` (`search`: which
 task kinds, which `--param`s with their types and ranges), the lm-eval
 harness (`per_input`) and `attnedit ls`. Nothing outside `attnedit.interventions`
@@ -171,7 +171,9 @@ class Method:
         search: its target search, or None (targets are given, or chosen per input).
         per_input: it detects something in each input at prefill (attention sinks), so padding
             that enters the detection changes its result (lm-eval batches are padded without a mask).
-        needs_spans: it reads highlighted spans given with the input (PASTA).
+        spans: for a method that reads highlighted spans given with the input (PASTA):
+            ``spans(tokenizer, texts, recipe, add_special_tokens=...) -> (encoding, spans)``, which
+            encodes prompts with their spans marked; None for the others.
         fold: how its output scales fold into the weights on export, in words; None when it always
             stays dynamic. An intervention folds only when its method folds and every effect it
             compiled to is a `Scale`.
@@ -188,10 +190,14 @@ class Method:
     emits: tuple[type, ...]
     search: Search | None = None
     per_input: bool = False
-    needs_spans: bool = False
+    spans: Callable[..., tuple] | None = None
     fold: str | None = None
     reads_weights: Callable[[Any], bool] = _never
     resolve: Callable[[Any, list], Any] | None = None
+
+    @property
+    def needs_spans(self) -> bool:
+        return self.spans is not None
 
     def __post_init__(self):
         if isinstance(self.reads_weights, bool):

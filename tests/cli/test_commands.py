@@ -122,3 +122,16 @@ def test_inspect_writes_png_and_json(tiny_dir, tmp_path):
     assert len(report["unpatched"]) == 4 and len(report["patched"]) == 4
     head = report["unpatched"][2]["heads"][0]
     assert 0 <= head["first_mass"] <= 1 and 0 <= head["sink_mass"] <= 1
+
+
+def test_apply_reads_spans_for_a_method_that_declares_them(tiny_dir, tmp_path):
+    """PASTA declares how prompts with spans are encoded: the markers are stripped, a bad span is one error."""
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("interventions:\n  - {type: pasta, alpha: 0.01, heads: {1: all}}\n")
+    args = ["apply", str(recipe), "--model", str(tiny_dir), "--max-new-tokens", "3", "--json", "--no-chat"]
+    result = runner.invoke(app, [*args, "--prompt", "hello <<a longer>> prompt"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)["generations"]
+    assert row["prompt"] == "hello <<a longer>> prompt"
+    result = runner.invoke(app, [*args, "--prompt", "hello <<never closed"])
+    assert result.exit_code == 2 and "is never closed" in result.output
