@@ -7,6 +7,12 @@ detection finds sinks as it would on a real model. Times are medians of
 `triton.testing.do_bench`; peak memory is `torch.cuda.max_memory_allocated`
 during one call, over what the inputs already hold.
 
+Each method's tables come from a real recipe (`RECIPES`, YAML text) compiled by `attnedit.patch` for a
+one-layer model of the attention shape and built for one forward by attnedit's runtime, as the patch
+builds them for a layer: nothing here writes a key group, a bias or a move by hand. The timed call is
+the kernel on those tables (ACT "+detection": the runtime's table building with the column scores and
+the detection inside, as at a prefill).
+
     python benchmarks/bench_attention.py --out benchmarks/results          # the full table
     python benchmarks/bench_attention.py --sweep                            # tile shapes of the fused kernel
     python benchmarks/bench_attention.py --e2e --out benchmarks/results     # 8k prefill of a Llama-3.1-8B-shaped model
@@ -15,20 +21,26 @@ during one call, over what the inputs already hold.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
 import platform
+import pstats
 import sys
 import time
 from pathlib import Path
 
 import torch
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers import AutoConfig, AutoModelForCausalLM
 from triton.testing import do_bench
 
-from attnedit.interventions.act import ActSinks
-from attnedit.kernels import reference, triton_ops
-from attnedit.tables import LayerTables, MaskInfo, Move
+import attnedit
+from attnedit import runtime
+from attnedit.kernels import reference, triton_colsum, triton_decode, triton_ops, triton_prefill
+from attnedit.tables import MaskInfo
 
 SHAPES = {"llama3.1-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
 LOG = math.log
@@ -70,66 +82,127 @@ def causal(N: int, Q: int | None = None) -> MaskInfo:
     return MaskInfo(None, N - Q, 0, None, torch.zeros(1, dtype=torch.long, device="cuda"))
 
 
-# --------------------------------------------------------------------------- tables as the patch builds them
+# --------------------------------------------------------------------------- tables from recipes
+
+# Each method's recipe, with the settings this benchmark has always measured.
+RECIPES = {
+    "zerotuning": "name: bench-zerotuning\ninterventions: [{type: zerotuning, gamma: 3.5}]\n",
+    "pasta": "name: bench-pasta\ninterventions: [{type: pasta, alpha: 0.01}]\n",
+    "head_prune": "name: bench-head-prune\ninterventions: [{type: head_prune, heads: {0: [0, 5, 7, 8]}}]\n",
+    "act": "name: bench-act\ninterventions: [{type: act, beta: 0.4, tau: 0.1, layers: all}]\n",
+    # VAR's defaults (p 0.6, rho 0.5, image mass floor 0.2); its sinks are given below, not searched
+    "var": "name: bench-var\ninterventions: [{type: var, layers: all, p: 0.6, rho: 0.5, min_image_mass: 0.2, "
+    "sink_dims: [0]}]\n",
+}
+IMAGE_ID = 15  # the image token of the one-layer stand-in model
 
 
-def zerotuning(H, N, gamma=3.5):
-    g = torch.zeros(1, 1, N, dtype=torch.uint8, device="cuda")
-    g[:, :, 0] = 1
-    bias = torch.zeros(H, 2, device="cuda")
-    bias[:, 1] = LOG(gamma)
-    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 2, bias, (), None, None)
-
-
-def pasta(H, N, span=(None, 96), alpha=0.01):
-    lo = N // 4 if span[0] is None else span[0]
-    g = torch.zeros(1, 1, N, dtype=torch.uint8, device="cuda")
-    g[:, :, lo : lo + span[1]] = 1
-    bias = torch.zeros(H, 2, device="cuda")
-    bias[:, 0] = LOG(alpha)  # every prompt key outside the span
-    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 2, bias, (), None, None)
-
-
-def prune(H, heads=(0, 5, 7, 8)):
-    scale = torch.ones(H, device="cuda")
-    scale[list(h for h in heads if h < H)] = 0.0
-    return LayerTables(None, torch.zeros(1, dtype=torch.long, device="cuda"), 1, None, (), scale, None)
-
-
-def act_pre(H, N):
-    g = torch.zeros(1, H, N, dtype=torch.uint8, device="cuda")
-    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (), None, None)
-
-
-_KEEP: dict = {}
-
-
-def act_tables(found: torch.Tensor, H, beta=0.4):
-    keep = _KEEP.setdefault((H, beta), torch.full((H,), beta, device="cuda"))  # a plan tensor: made once, as in a patch
-    return LayerTables(
-        found.to(torch.uint8), torch.zeros(1, dtype=torch.long, device="cuda"), 2, None, (Move(1, 2, keep),), None, None
+def one_layer(H: int, Hkv: int, D: int):
+    """A one-layer Llama model of the attention shape on the meta device (no memory): what a patch compiles for."""
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=H * D,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=H,
+        num_key_value_heads=Hkv,
+        head_dim=D,
+        vocab_size=IMAGE_ID + 1,
     )
+    cfg.image_token_id = IMAGE_ID  # VAR needs an image token
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
 
 
-def var(H, N, img=(35, 576), p=0.6):
-    """Groups over flags (IMAGE, HSINK): 0 text, 1 image, 2 text sink, 3 image sink; VAR's gated move after the image."""
-    lo, n = img
-    lo, n = min(lo, N // 8), min(n, N // 2)
-    g = torch.zeros(1, 1, N, dtype=torch.uint8, device="cuda")
-    g[:, :, lo : lo + n] = 1
-    g[:, :, 0] = 2
-    g[:, :, [lo + 3, lo + 100 % n, lo + n // 2]] = 3
-    keep = torch.full((H,), p, device="cuda")
-    rs = torch.full((1,), lo + n, dtype=torch.long, device="cuda")
-    mv = Move(src=0b1100, dst=0b0010, keep=keep, gate=(0b1000, 0b1010, 0.5, 0.2), after_image=True, row_start=rs)
-    return LayerTables(g, torch.zeros(1, dtype=torch.long, device="cuda"), 4, None, (mv,), None, None)
+class Method:
+    """One method's recipe, compiled by `attnedit.patch` for a one-layer model of the attention shape.
+
+    `begin` and `tables` build one forward's tables through attnedit's runtime, as the patch does for
+    a layer: at a prefill of N tokens, or at a decoding step over N keys after a prefill of N - 1.
+    Per-input inputs are the ones earlier versions of this benchmark wrote by hand: PASTA's span
+    (96 tokens from N/4), VAR's image (576 tokens from position 35, at most N/2) with a text sink at
+    key 0 and three image sinks, ACT's detected sinks (or sink_keys(N)[1:] for a decoding step).
+    """
+
+    def __init__(self, shape: str, method: str, device="cuda"):
+        H, Hkv, D = SHAPES[shape]
+        self.H, self.device = H, torch.device(device)
+        recipe = attnedit.Recipe.from_str(RECIPES[method], f"bench-{method}.yaml")
+        self.patch = attnedit.patch(one_layer(H, Hkv, D), recipe, backend="triton")
+        self.plan = runtime.plan_on({}, self.patch.compiled.layers[0], self.device)
+        self.method = method
+
+    def image(self, N: int) -> tuple[int, int]:
+        return min(35, N // 8), min(576, N // 2)
+
+    def begin(self, N: int, Q: int, total: int | None = None):
+        """The runtime's `Forward` of Q tokens ending at N (Q == N: a prefill) of an input of `total` tokens."""
+        past, ids, spans = N - Q, None, None
+        lo, n = self.image(total or N)
+        if self.method == "var":
+            ids = torch.zeros(1, N, dtype=torch.long, device=self.device)
+            ids[:, lo : lo + n] = IMAGE_ID
+            ids = ids[:, past:]
+        if self.method == "pasta":
+            spans = torch.tensor([[[N // 4, N // 4 + 96]]], device=self.device)
+        fwd = runtime.begin(
+            self.patch.state,
+            self.patch.compiled,
+            batch=1,
+            length=Q,
+            device=self.device,
+            past=past,
+            capacity=N,
+            detect=past == 0,
+            attention_mask=None,
+            input_ids=ids,
+            spans=spans,
+        )
+        if self.method == "var":  # the hidden-state sinks a layer pre-hook would have found
+            found = torch.zeros(1, N, dtype=torch.bool, device=self.device)
+            found[:, [0, lo + 3, lo + 100 % n, lo + n // 2]] = past == 0
+            runtime.record_layer_detection(fwd, 0, found[:, past:])
+        return fwd
+
+    def tables(self, fwd, N: int, detect=None):
+        """One layer's tables over N keys; `detect(pre_tables) -> (1, H, N) bool` at a prefill with ACT."""
+        return runtime.layer_tables(
+            self.plan, fwd, 0, device=self.device, heads=self.H, k_len=N, kv_offset=0, detect_sinks=detect
+        )
+
+    def prefill(self, N: int, detect=None):
+        return self.tables(self.begin(N, N), N, detect)
+
+    def decode(self, N: int):
+        """Tables of a decoding step over N keys, after a prefill of N - 1 tokens (ACT: sinks at sink_keys)."""
+        sinks = torch.zeros(1, self.H, N - 1, dtype=torch.bool, device=self.device)
+        sinks[:, :, sink_keys(N)[1:]] = True
+        self.tables(self.begin(N - 1, N - 1, N), N - 1, (lambda pre: sinks) if self.method == "act" else None)
+        return self.tables(self.begin(N, 1), N)
+
+    def detector(self, q, k, v, mask, scaling, keep: dict | None = None):
+        """ACT's detection as the patch runs it at a prefill: column scores, then the compiled detectors."""
+
+        def detect(pre):
+            if keep is not None:
+                keep["pre"] = pre
+            colsum, count = triton_ops.column_scores(q, k, pre, mask, scaling=scaling, value=v)
+            found = torch.zeros(colsum.shape, dtype=torch.bool, device=colsum.device)
+            for det in self.plan.attention_detectors:
+                found |= det.detect(colsum, count, pre.first_key)
+            return found
+
+        return detect
 
 
-def act_full(q, k, v, mask, scaling, detector, H, N):
+def methods(shape: str) -> dict[str, Method]:
+    return {name: Method(shape, name) for name in RECIPES}
+
+
+def act_full(m: Method, fwd, q, k, v, mask, scaling, N):
     """ACT as the patch runs it at prefill: column scores, detection, then attention with the sinks."""
-    colsum, count = triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=scaling, value=v)
-    found = detector.detect(colsum, count, mask.first_key)
-    return triton_ops.attention(q, k, v, act_tables(found, H), mask, scaling=scaling)
+    tables = m.tables(fwd, N, m.detector(q, k, v, mask, scaling))
+    return triton_ops.attention(q, k, v, tables, mask, scaling=scaling)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -137,8 +210,6 @@ def act_full(q, k, v, mask, scaling, detector, H, N):
 
 def flex_fns(H, Hkv, N, Q):
     """FlexAttention with the ZeroTuning (key-0) and PASTA (span) score_mods, compiled once per shape."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     flex = torch.compile(flex_attention, dynamic=False)
     off = N - Q
     block = create_block_mask(lambda b, h, qi, ki: ki <= qi + off, 1, 1, Q, N, device="cuda")
@@ -230,11 +301,11 @@ def prefill_row(shape: str, N: int, args) -> list[dict]:
     H, Hkv, D = SHAPES[shape]
     q, k, v = inputs(H, Hkv, D, N)
     mask, sc = causal(N), D**-0.5
-    det = ActSinks(torch.full((H,), 0.1, device="cuda"))
-    zt, pa, pr, vr = zerotuning(H, N), pasta(H, N), prune(H), var(H, N)
-    act_known = act_tables(
-        det.detect(*triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc), mask.first_key), H
-    )
+    m = methods(shape)
+    zt, pa, pr, vr = (m[x].prefill(N) for x in ("zerotuning", "pasta", "head_prune", "var"))
+    act_fwd, kept = m["act"].begin(N, N), {}
+    act_known = m["act"].tables(act_fwd, N, m["act"].detector(q, k, v, mask, sc, kept))
+    act_pre = kept["pre"]
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)  # noqa: E731
     fns = {"sdpa": sdpa}
     if not args.no_flex and N in [int(x) for x in args.flex.split(",") if x]:
@@ -249,8 +320,8 @@ def prefill_row(shape: str, N: int, args) -> list[dict]:
             "attnedit zerotuning (fused)": lambda: triton_ops.attention(q, k, v, zt, mask, scaling=sc, path="fused"),
             "attnedit pasta": lambda: triton_ops.attention(q, k, v, pa, mask, scaling=sc),
             "attnedit head prune": lambda: triton_ops.attention(q, k, v, pr, mask, scaling=sc),
-            "attnedit act (+detection)": lambda: act_full(q, k, v, mask, sc, det, H, N),
-            "  act: column scores alone": lambda: triton_ops.column_scores(q, k, act_pre(H, N), mask, scaling=sc),
+            "attnedit act (+detection)": lambda: act_full(m["act"], act_fwd, q, k, v, mask, sc, N),
+            "  act: column scores alone": lambda: triton_ops.column_scores(q, k, act_pre, mask, scaling=sc),
             "  act: attention, sinks known": lambda: triton_ops.attention(q, k, v, act_known, mask, scaling=sc),
             "attnedit var": lambda: triton_ops.attention(q, k, v, vr, mask, scaling=sc),
             "attnedit plain (fused)": lambda: triton_ops.attention(q, k, v, None, mask, scaling=sc, path="fused"),
@@ -263,10 +334,8 @@ def decode_row(shape: str, N: int, args) -> list[dict]:
     H, Hkv, D = SHAPES[shape]
     q, k, v = inputs(H, Hkv, D, N, Q=1)
     mask, sc = causal(N, 1), D**-0.5
-    zt, pr, vr = zerotuning(H, N), prune(H), var(H, N)
-    sinks = torch.zeros(1, H, N, dtype=torch.bool, device="cuda")
-    sinks[:, :, sink_keys(N)[1:]] = True
-    ac = act_tables(sinks, H)
+    m = methods(shape)
+    zt, pr, ac, vr = (m[x].decode(N) for x in ("zerotuning", "head_prune", "act", "var"))
     fns = {
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=sc, enable_gqa=True),
         "attnedit plain": lambda: triton_ops.attention(q, k, v, None, mask, scaling=sc),
@@ -304,7 +373,8 @@ def run_all(fns: dict, shape: str, N: int, kind: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| shape | kind | tokens | variant | device ms (graph) | x SDPA | eager ms | x SDPA | host us/call | peak MiB | x SDPA mem |",
+        "| shape | kind | tokens | variant | device ms (graph) | x SDPA | eager ms | x SDPA | host us/call | peak MiB "
+        "| x SDPA mem |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda x, p: "—" if x is None else f"{x:.{p}f}"  # noqa: E731
@@ -332,7 +402,7 @@ def sweep(args) -> None:
         for N in (4096, 16384):
             q, k, v = inputs(H, Hkv, D, N)
             mask, sc = causal(N), D**-0.5
-            zt, vr = zerotuning(H, N), var(H, N)
+            zt, vr = Method(shape, "zerotuning").prefill(N), Method(shape, "var").prefill(N)
             base = do_bench(
                 lambda: torch.nn.functional.scaled_dot_product_attention(
                     q, k, v, is_causal=True, scale=sc, enable_gqa=True
@@ -360,8 +430,6 @@ def sweep(args) -> None:
 
 def sweep_colsum() -> None:
     """Tile shapes of the column-sum kernel (ACT's sink scores) against SDPA."""
-    from attnedit.kernels import triton_colsum
-
     cfgs = {
         128: [(64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3)],
         64: [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -402,8 +470,6 @@ def sweep_colsum() -> None:
 
 def sweep_decode() -> None:
     """Key splits, tile width and pipelining of the decode kernel against SDPA (graph replay)."""
-    from attnedit.kernels import triton_decode
-
     for shape in SHAPES:
         H, Hkv, D = SHAPES[shape]
         for N in (4096, 32768):
@@ -427,8 +493,6 @@ def sweep_decode() -> None:
 
 def backends(args) -> None:
     """Which SDPA kernel runs by default, and the private flash ops that also return the log-sum-exp."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     for shape in SHAPES:
         H, Hkv, D = SHAPES[shape]
         for N in (4096, 16384):
@@ -468,16 +532,13 @@ def backends(args) -> None:
 
 def profile(args) -> None:
     """Host time per call of each path (no device sync inside), and where it goes (cProfile)."""
-    import cProfile
-    import pstats
-
     H, Hkv, D = SHAPES["llama3.1-8b"]
     N = 4096
     q, k, v = inputs(H, Hkv, D, N)
     qd, kd, vd = inputs(H, Hkv, D, N, Q=1)
     sc = D**-0.5
-    det = ActSinks(torch.full((H,), 0.1, device="cuda"))
-    zt, pr = zerotuning(H, N), prune(H)
+    zt, pr = Method("llama3.1-8b", "zerotuning").prefill(N), Method("llama3.1-8b", "head_prune").prefill(N)
+    ztd = Method("llama3.1-8b", "zerotuning").decode(N)
     fns = {
         "sdpa prefill": lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=sc, enable_gqa=True
@@ -486,7 +547,7 @@ def profile(args) -> None:
         "head prune prefill": lambda: triton_ops.attention(q, k, v, pr, causal(N), scaling=sc),
         "sdpa decode": lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, scale=sc, enable_gqa=True),
         "plain decode": lambda: triton_ops.attention(qd, kd, vd, None, causal(N, 1), scaling=sc),
-        "zerotuning decode": lambda: triton_ops.attention(qd, kd, vd, zt, causal(N, 1), scaling=sc),
+        "zerotuning decode": lambda: triton_ops.attention(qd, kd, vd, ztd, causal(N, 1), scaling=sc),
     }
     for name, fn in fns.items():
         for _ in range(3):
@@ -498,8 +559,6 @@ def profile(args) -> None:
         host = (time.perf_counter() - t) / 20
         torch.cuda.synchronize()
         print(f"{name:22s} host {host * 1e6:8.1f} us/call", flush=True)
-    from attnedit.kernels import triton_colsum, triton_decode, triton_prefill
-
     for mod, attr in ((triton_prefill, "_LAUNCH"), (triton_decode, "_LAUNCH_DECODE"), (triton_colsum, "_LAUNCH")):
         ln = getattr(mod, attr)
         print(f"{mod.__name__}.{attr}: {ln.fast} fast launches, {len(ln.cache)} compiled variants", flush=True)
@@ -516,10 +575,6 @@ def profile(args) -> None:
 
 def e2e(args) -> list[dict]:
     """8k-token prefill of a random Llama-3.1-8B-shaped model: unpatched SDPA against patched recipes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import attnedit
-
     cfg = AutoConfig.for_model(
         "llama",
         hidden_size=4096,
@@ -540,7 +595,8 @@ def e2e(args) -> list[dict]:
     ids = torch.randint(0, cfg.vocab_size, (1, args.e2e_tokens), device="cuda")
     recipes = {
         "zerotuning (all heads)": "interventions: [{type: zerotuning, gamma: 3.5, layers: all}]",
-        "head prune (8 heads)": "interventions: [{type: head_prune, heads: {3: [0, 1], 10: [4], 17: [2, 30], 22: [9], 28: [5, 6]}}]",
+        "head prune (8 heads)": "interventions: [{type: head_prune, "
+        "heads: {3: [0, 1], 10: [4], 17: [2, 30], 22: [9], 28: [5, 6]}}]",
         "act (layers 2..30)": "interventions: [{type: act, beta: 0.4, tau: 0.1}]",
         "pasta (layers 8..15)": "interventions: [{type: pasta, alpha: 0.01, layers: '8:16'}]",
     }
@@ -607,9 +663,11 @@ def main() -> None:
         e2e_rows = e2e(args)
     text = table(rows) if rows else ""
     if e2e_rows:
-        text += "\n\n| end to end, 8k prefill | ms | tokens/s | x unpatched throughput | peak MiB |\n|---|---|---|---|---|\n"
+        text += "\n\n| end to end, 8k prefill | ms | tokens/s | x unpatched throughput | peak MiB |\n"
+        text += "|---|---|---|---|---|\n"
         text += "\n".join(
-            f"| {r['variant']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['throughput_ratio']:.3f} | {r['peak_mib']:.0f} |"
+            f"| {r['variant']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['throughput_ratio']:.3f} | "
+            f"{r['peak_mib']:.0f} |"
             for r in e2e_rows
         )
     print(text)
