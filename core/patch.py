@@ -315,10 +315,16 @@ class Patch:
     def _mask(self, *args, **kwargs):
         """transformers mask function: SDPA's boolean mask; records the key offset this mask size has.
 
-        A static cache gives its query offset as a device tensor: the mask is then always
-        materialised (SDPA's causal shortcut would align it wrongly against the cache's full length).
+        The mask is materialised whenever the keys reach past the last query: a static cache's
+        decoding steps (their query offset is a device tensor) and its prefill (keys up to the
+        cache's full length). transformers leaves such a prefill's mask out because SDPA's
+        `is_causal` aligns queries with the first keys; the patch's kernels align a missing mask
+        with the last keys, as a dynamic cache has them.
         """
-        if torch.is_tensor(kwargs.get("q_offset")):
+        q_offset, q_length, kv_length = kwargs.get("q_offset"), kwargs.get("q_length"), kwargs.get("kv_length")
+        if torch.is_tensor(q_offset) or (
+            isinstance(q_length, int) and isinstance(kv_length, int) and kv_length != (q_offset or 0) + q_length
+        ):
             kwargs["allow_is_causal_skip"] = False
         mask = sdpa_mask(*args, **kwargs)
         fwd = self._fwd
