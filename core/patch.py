@@ -365,10 +365,6 @@ class Patch:
         softcap = kwargs.get("softcap")
         backend = self._backend(query.device)
         fwd = self._forward_for(query, key)
-        if attention_mask is None and fwd.past is not None and key.shape[2] > fwd.past + query.shape[2]:
-            # a static cache's prefill without padding: transformers passes no mask, and the cache's slots
-            # after this forward's tokens are empty; attend to the written keys only, as a dynamic cache does
-            key, value = key[:, :, : fwd.past + query.shape[2]], value[:, :, : fwd.past + query.shape[2]]
         view = fwd.on(query.device)
         mask = self._mask_info(fwd, view, attention_mask, query, key, backend)
         share = value if self.capture is None else None  # lets ACT's column scores and attention share one flash pass
