@@ -26,15 +26,16 @@ __all__ = ["builtin_recipes", "load_recipe", "recipe_path", "write_atomic"]  # s
 console = Console(soft_wrap=not sys.stdout.isatty())
 err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help="Alias (smollm2-135m-instruct), hub id, local model folder or .gguf file "
-        "(default: the recipe's `model`, else smollm2-135m-instruct).",
-    ),
-]
+MODEL_HELP = "Alias (smollm2-135m-instruct), hub id, local model folder or .gguf file"
+
+
+def model_option(default: str = "the recipe's `model`, else smollm2-135m-instruct", purpose: str = ""):
+    """The --model/-m option of every command that takes a model; `purpose` and `default` say, in words,
+    what the command does with it and what it uses without it (validate: the recipe's model, else none)."""
+    return Annotated[str | None, typer.Option("--model", "-m", help=f"{purpose}{MODEL_HELP} (default: {default}).")]
+
+
+ModelOpt = model_option()
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")]
 BackendOpt = Annotated[

@@ -13,6 +13,7 @@ from .common import (
     CacheOpt,
     DeviceOpt,
     DtypeOpt,
+    ModelOpt,
     UsageError,
     check_device,
     check_writable,
@@ -30,9 +31,7 @@ ORDER = 26
 
 def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to inspect.")],
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Alias, hub id, local folder or .gguf file.")
-    ] = "smollm2-135m-instruct",
+    model: ModelOpt = None,
     recipe: Annotated[str | None, typer.Option(help="Also inspect the model patched with this recipe.")] = None,
     tau: Annotated[float, typer.Option(min=0.0, max=1.0, help="Column-score threshold for sinks (ACT's rule).")] = 0.1,
     chat: Annotated[
@@ -51,6 +50,7 @@ def run(
     import torch  # noqa: PLC0415
 
     import attnedit  # noqa: PLC0415
+    from attnedit.loading import DEFAULT_MODEL  # noqa: PLC0415
     from attnedit.prompting import render  # noqa: PLC0415
     from attnedit.recipe import Recipe  # noqa: PLC0415
 
@@ -59,6 +59,7 @@ def run(
     check_writable(png, force, "--png")
     check_device(device)
     rec = load_recipe(recipe) if recipe else None
+    model = model or (rec.model if rec is not None else None) or DEFAULT_MODEL
     m, tok = load_model(model, dtype, device, cache_dir)
     text = render(tok, prompt, chat)
     inner = getattr(tok, "tokenizer", tok)

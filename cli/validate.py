@@ -10,20 +10,23 @@ from rich.table import Table
 
 from attnedit.errors import AttneditError, RecipeError
 
-from .common import CacheOpt, err_console, load_recipe, show
+from .common import CacheOpt, err_console, load_recipe, model_option, show
 
 COMMAND = "validate"
 ORDER = 20
 
+ModelCheckOpt = model_option(
+    "the recipe's `model`, else none: the recipe is checked alone",
+    purpose="Also check layer/head indices against this model's config (no weights loaded). ",
+)
+
 
 def run(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or built-in recipe name.")],
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Also check layer/head indices against this model's config.")
-    ] = None,
+    model: ModelCheckOpt = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Validate a recipe: fields, types, ranges, and (with --model) the model's layers and heads.
+    """Validate a recipe: fields, types, ranges, and (with --model or the recipe's `model`) its layers and heads.
 
     Every problem is reported at once, those of the fields and those against the model together;
     what is valid but likely not meant (no interventions, a step still to run) is a warning."""

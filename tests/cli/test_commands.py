@@ -124,6 +124,34 @@ def test_inspect_writes_png_and_json(tiny_dir, tmp_path):
     assert 0 <= head["first_mass"] <= 1 and 0 <= head["sink_mass"] <= 1
 
 
+def test_inspect_without_model_uses_the_recipes(tiny_dir, tmp_path):
+    """inspect's --model is the shared option: without it, the recipe's `model` is loaded (as apply does)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_dir}\ninterventions:\n  - {{type: zerotuning, gamma: 2.0}}\n")
+    args = ["inspect", "-p", "some words", "--recipe", str(recipe), "--png", str(tmp_path / "m.png"), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == str(tiny_dir)
+
+
+def test_every_model_option_is_the_shared_one():
+    """Each command that takes --model declares it through `cli.common.model_option` (one text, one default)."""
+    import typer.main
+
+    from attnedit.cli.common import MODEL_HELP
+
+    group = typer.main.get_command(app)
+    found = {}
+    for name, command in group.commands.items():
+        for param in command.params:
+            if "--model" in getattr(param, "opts", ()):
+                found[name] = param
+    assert {"apply", "calibrate", "eval", "export", "inspect", "validate"} <= set(found)
+    for name, param in found.items():
+        assert sorted(param.opts) == ["--model", "-m"] and param.default is None, name
+        assert MODEL_HELP in param.help and "(default: the recipe's `model`, else " in param.help, name
+
+
 def test_apply_reads_spans_for_a_method_that_declares_them(tiny_dir, tmp_path):
     """PASTA declares how prompts with spans are encoded: the markers are stripped, a bad span is one error."""
     recipe = tmp_path / "p.yaml"
