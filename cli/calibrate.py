@@ -116,7 +116,7 @@ def run(
     types = [s.type for s in rec.interventions]
     options = registry.check_params(types, raw)
     if task is None:
-        registry.check_task(types, None, None)  # before any model loads
+        registry.check_task(rec.interventions, None, None)  # before any model loads
     check_writable(out, force)
     name = model or rec.model or DEFAULT_MODEL
     info = ModelInfo.from_config(load_config(name, cache_dir), name=name)
@@ -211,14 +211,13 @@ def _task(task, data_dir, limit, seed, rec):
     from attnedit.interventions import calibration as C  # noqa: PLC0415
     from attnedit.interventions import registry  # noqa: PLC0415
 
-    types = [s.type for s in rec.interventions]
     if task is None:
-        registry.check_task(types, None, None)
+        registry.check_task(rec.interventions, None, None)
         return None, []
     from attnedit.evals import load_task  # noqa: PLC0415
 
     the_task = load_task(task, data_dir=data_dir)
-    registry.check_task(types, task, the_task.kind)
+    registry.check_task(rec.interventions, task, the_task.kind)
     return the_task, C.calibration_examples(the_task, limit, seed)
 
 

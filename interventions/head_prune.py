@@ -292,6 +292,14 @@ def find(spec: HeadPruneSpec, cal: Calibration) -> Found:
     return Found([spec_for(heads)], records, chosen, baseline, notes, score=rate(notes["memory_rate_after"]))
 
 
+def _kinds_for(spec: HeadPruneSpec) -> tuple[tuple[str, ...], str] | None:
+    """Zero ablation has only PH3's search, on knowledge conflicts; mean ablation also takes a scored task
+    (the given heads' means over its prompts)."""
+    if spec.ablation == "zero":
+        return ("knowledge_conflict",), "ablation: zero (PH3's search on knowledge conflicts)"
+    return None
+
+
 METHOD = register(
     Method(
         name="head_prune",
@@ -306,6 +314,7 @@ METHOD = register(
             "on another task with ablation: mean, the given heads' means",
             scores_on=SCORED_TASKS,
             reads={"knowledge_conflict": conflict_prompts},
+            kinds_for=_kinds_for,
             params=(
                 Param("prune", str, "which heads to prune", "memory", choices=("memory", "context")),
                 Param("k", int, "how many heads to prune", 5, ge=1),

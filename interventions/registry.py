@@ -128,6 +128,11 @@ class Search:
         reads: {task kind: ``inputs(task, examples, tokenizer) -> list``}: task kinds whose examples the
             search reads itself, turned into what `find` gets as ``cal.examples`` (PH3's conflict prompts).
         params: the ``--param`` options it takes.
+        kinds_for: ``kinds_for(spec) -> (task kinds, why) | None``: for a spec whose fields narrow the
+            task kinds its search runs on, those kinds (some of `task_kinds`) and the fields that narrow
+            them, in words (PH3's ``ablation: zero`` searches on knowledge conflicts only); None from it,
+            or no `kinds_for`, allows every one of `task_kinds`. Checked by `check_task` before any
+            model loads.
     A search with neither `scores_on` nor `reads` needs no task: it reads the model only (VAR's sink dimensions).
     """
 
@@ -136,6 +141,7 @@ class Search:
     scores_on: tuple[str, ...] = ()
     reads: Mapping[str, Callable[..., list]] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
+    kinds_for: Callable[[Any], tuple[tuple[str, ...], str] | None] | None = None
 
     @property
     def task_kinds(self) -> tuple[str, ...]:
@@ -282,22 +288,33 @@ def check_params(types: Sequence[str], options: Mapping[str, Any]) -> dict:
     return out
 
 
-def check_task(types: Sequence[str], task: str | None, kind: str | None) -> None:
+def check_task(specs: Sequence[Any], task: str | None, kind: str | None) -> None:
     """Check that each search of a recipe can run on a task (None: no --task given).
 
+    Args:
+        specs: the recipe's interventions (in recipe order); an intervention type (a str) is checked
+            against its method's task kinds only, a spec also against its search's `kinds_for`.
+        task, kind: the task's name and kind, or None and None.
     Raises:
-        AttneditError: a search needs a task and none is given, or the task's kind is not one it calibrates on.
+        AttneditError: one line per problem: a search needs a task and none is given, or the task's
+            kind is not one it (or, narrowed by its fields, this spec's search) calibrates on.
     """
     problems = []
-    for t, s in searched(types).items():
-        if not s.needs_task:
+    for item in specs:
+        t = item if isinstance(item, str) else item.type
+        s = get(t).search
+        if s is None or not s.needs_task:
             continue
         if task is None:
             problems.append(f"calibrating {t} needs --task: a {_or(s.task_kinds)} task")
         elif kind not in s.task_kinds:
             problems.append(f"{t}'s search calibrates on a {_or(s.task_kinds)} task; {task!r} is {kind}")
+        elif not isinstance(item, str) and s.kinds_for is not None and (narrowed := s.kinds_for(item)) is not None:
+            kinds, why = narrowed
+            if kind not in kinds:
+                problems.append(f"{t} with {why} calibrates on a {_or(kinds)} task only; {task!r} is {kind}")
     if problems:
-        raise AttneditError("\n".join(problems))
+        raise AttneditError("\n".join(dict.fromkeys(problems)))
 
 
 def _or(kinds: Sequence[str]) -> str:

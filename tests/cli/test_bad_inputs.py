@@ -22,6 +22,7 @@ def work(tmp_path, monkeypatch, tiny_with_tokenizer):
     """A folder with the bad files the cases name, as the current folder."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "zt.yaml").write_text(ZT)
+    (tmp_path / "ph3.yaml").write_text("interventions:\n  - {type: head_prune, ablation: zero}\n")
     (tmp_path / "empty.gguf").write_bytes(b"")
     (tmp_path / "b100.gguf").write_bytes(os.urandom(100))
     (tmp_path / "random.gguf").write_bytes(os.urandom(200_000))
@@ -43,6 +44,13 @@ def work(tmp_path, monkeypatch, tiny_with_tokenizer):
         "local: {format: jsonl, test: rows.jsonl, carve: {train: 2}}\n"
     )
     (tmp_path / "rows.jsonl").write_text("".join('{"text": null, "label": "a"}\n' for _ in range(6)))
+    (tmp_path / "cls.yaml").write_text(
+        "name: cls\nkind: classification\nlabels: {a: good, b: bad}\ntemplate: '{text}'\n"
+        "local: {format: jsonl, test: cls.jsonl, carve: {train: 32}}\n"
+    )
+    (tmp_path / "cls.jsonl").write_text(
+        "".join(f'{{"text": "row {i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(48))
+    )
     return tmp_path
 
 
@@ -137,6 +145,13 @@ CASES = [
         "calibrate zerotuning on facts-conflict",
         ["calibrate", "zt.yaml", "--model", T, "-t", "facts-conflict"],
         "'facts-conflict' is knowledge_conflict",
+        True,
+    ),
+    (
+        "calibrate head_prune zero ablation on a classification task",
+        ["calibrate", "ph3.yaml", "--model", T, "-t", "cls.yaml"],
+        "head_prune with ablation: zero (PH3's search on knowledge conflicts) calibrates on a knowledge_conflict "
+        "task only; 'cls.yaml' is classification",
         True,
     ),
     ("validate --model a folder without config", ["validate", "zt.yaml", "--model", "a-folder"], "config.json", True),

@@ -116,6 +116,22 @@ def test_task_kinds_are_checked_from_the_declarations():
         registry.check_task(["zerotuning"], "facts-conflict", "knowledge_conflict")
 
 
+def test_a_search_narrows_its_task_kinds_per_spec():
+    """PH3's zero ablation searches on knowledge conflicts only; mean ablation also takes a scored task."""
+    zero, mean = Recipe.from_str(
+        "interventions: [{type: head_prune, heads: {1: [0]}}, {type: head_prune, ablation: mean, heads: {1: [0]}}]"
+    ).interventions
+    registry.check_task([zero, mean], "lama-conflict", "knowledge_conflict")
+    registry.check_task([mean], "sst2", "classification")
+    registry.check_task(["head_prune"], "sst2", "classification")  # a type alone: the method's kinds
+    message = (
+        r"^head_prune with ablation: zero \(PH3's search on knowledge conflicts\) calibrates on a "
+        r"knowledge_conflict task only; 'sst2' is classification$"
+    )
+    with pytest.raises(AttneditError, match=message):
+        registry.check_task([mean, zero, zero], "sst2", "classification")  # once, though two specs fail
+
+
 def test_a_method_without_effect_kinds_or_twice_is_refused():
     zt = registry.get("zerotuning")
     with pytest.raises(ValueError, match="declares no effect kind"):
