@@ -14,8 +14,8 @@ the prompt after each), so a multi-token task costs about what a one-token task
 does. A choice is scored as the model would generate it: under a patch, what it
 detects at the prompt (ACT's sinks, VHR's sink tokens) holds for the answer's
 tokens, as for generated tokens. Under a patch that reads the input ids or hooks
-the whole forward (spans, image tokens, per-input head scales), or that runs the
-Triton kernels, each choice is scored as a full forward of prompt + choice instead.
+the whole forward (spans, image tokens, per-input head scales), each choice is
+scored as a full forward of prompt + choice instead.
 """
 
 from __future__ import annotations
@@ -99,19 +99,14 @@ def choice_scores(
 def _reads_input(model) -> bool:
     """Whether an active attnedit patch rules out the cached path for multi-token choices.
 
-    It does when the patch reads the input ids or hooks the whole forward, and when it runs the
-    Triton kernels: their prefill kernel has faulted ("illegal memory access", H200) on a chunk of
-    queries that follows a KV cache, so under Triton each choice is a full prompt + choice forward.
+    It does when the patch reads the input ids or hooks the whole forward (spans, image tokens,
+    per-input head scales): those see the whole input at once.
     """
     P = importlib.import_module("attnedit.patch")  # the module (`attnedit.patch` is also the function)
     active = P.active_patch(model) if hasattr(P, "active_patch") else getattr(P, "_ACTIVE", {}).get(model)
     if active is None:
         return False
-    if active.compiled.input_detectors or active.compiled.forward_hooks:
-        return True
-    from attnedit.kernels import choose  # noqa: PLC0415  (the kernels load torch; recipes are read without them)
-
-    return choose(active.backend, _device(model)) != "reference"
+    return bool(active.compiled.input_detectors or active.compiled.forward_hooks)
 
 
 def _cache_arg(model) -> str:

@@ -72,13 +72,16 @@ def pick_config(d_pad: int, elem: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _visible(rows, cols, ks, NK, DIAG, DM_ROW0, stride_dq, MASK_MODE: tl.constexpr):
+def _visible(rows, cols, ks, NK, DIAG, DM_ROW0, stride_dq, NQ, MASK_MODE: tl.constexpr):
     """(ROWS, N) bool: which keys each row may see."""
     ok = (cols < NK)[None, :]
     if MASK_MODE == 0:
         ok = ok & (cols >= ks)[None, :] & (cols[None, :] <= rows[:, None] + DIAG)
     else:
-        dm = tl.load(DM_ROW0 + rows[:, None] * stride_dq + cols[None, :], mask=ok, other=0)
+        # rows past the last query (a block's tail) read nothing: the mask has only NQ rows
+        dm = tl.load(
+            DM_ROW0 + rows[:, None].to(tl.int64) * stride_dq + cols[None, :], mask=ok & (rows < NQ)[:, None], other=0
+        )
         ok = ok & (dm != 0)
     return ok
 
@@ -108,6 +111,7 @@ def _main(
     stride_kn,
     stride_vn,
     stride_dq,
+    NQ,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -133,7 +137,7 @@ def _main(
             k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :], mask=dmask, other=0.0)
         qk = dot_qk(q, tl.trans(k), IEEE, EMU)
         if MASKED:
-            qk = tl.where(_visible(offs_m, cols, ks, NK, DIAG, DM_ROW0, stride_dq, MASK_MODE), qk, float("-inf"))
+            qk = tl.where(_visible(offs_m, cols, ks, NK, DIAG, DM_ROW0, stride_dq, NQ, MASK_MODE), qk, float("-inf"))
         if MEMBERS:
             if nm == n:  # this tile holds members: they are added by the member passes
                 kg = tl.load(KG_ROW + cols, mask=cols < NK, other=0)
@@ -176,6 +180,7 @@ def _member_logits(
     qk_scale,
     stride_kn,
     stride_dq,
+    NQ,
     HEAD_DIM: tl.constexpr,
     MASK_MODE: tl.constexpr,
     IEEE: tl.constexpr,
@@ -189,7 +194,7 @@ def _member_logits(
         other=0.0,
     )
     kg = tl.load(KG_ROW + cols, mask=cols < NK, other=0).to(tl.int32)
-    own = _visible(offs_m, cols, ks, NK, DIAG, DM_ROW0, stride_dq, MASK_MODE) & (kg != 0)[None, :]
+    own = _visible(offs_m, cols, ks, NK, DIAG, DM_ROW0, stride_dq, NQ, MASK_MODE) & (kg != 0)[None, :]
     return tl.where(own, dot_qk(q, tl.trans(k), IEEE, EMU) * qk_scale, float("-inf")), kg
 
 
@@ -240,6 +245,7 @@ def _fused_members(
     stride_kn,
     stride_vn,
     stride_dq,
+    NQ,
     MV_I,
     MV_F,
     KEEP,
@@ -283,6 +289,7 @@ def _fused_members(
                 qk_scale,
                 stride_kn,
                 stride_dq,
+                NQ,
                 HEAD_DIM,
                 MASK_MODE,
                 IEEE,
@@ -331,6 +338,7 @@ def _fused_members(
                     qk_scale,
                     stride_kn,
                     stride_dq,
+                    NQ,
                     HEAD_DIM,
                     MASK_MODE,
                     IEEE,
@@ -371,6 +379,7 @@ def _bulk_members(
     stride_kn,
     stride_vn,
     stride_dq,
+    NQ,
     MV_I,
     MV_F,
     KEEP,
@@ -414,6 +423,7 @@ def _bulk_members(
                 qk_scale,
                 stride_kn,
                 stride_dq,
+                NQ,
                 HEAD_DIM,
                 MASK_MODE,
                 IEEE,
@@ -451,6 +461,7 @@ def _bulk_members(
                     qk_scale,
                     stride_kn,
                     stride_dq,
+                    NQ,
                     HEAD_DIM,
                     MASK_MODE,
                     IEEE,
@@ -612,6 +623,7 @@ def _prefill_kernel(
             stride_kn,
             stride_vn,
             stride_dq,
+            NQ,
             MV_I,
             MV_F,
             KEEP,
@@ -671,6 +683,7 @@ def _prefill_kernel(
                 stride_kn,
                 stride_vn,
                 stride_dq,
+                NQ,
                 HEAD_DIM,
                 D_PAD,
                 BLOCK_N,
@@ -705,6 +718,7 @@ def _prefill_kernel(
                 stride_kn,
                 stride_vn,
                 stride_dq,
+                NQ,
                 HEAD_DIM,
                 D_PAD,
                 BLOCK_N,
@@ -739,6 +753,7 @@ def _prefill_kernel(
                 stride_kn,
                 stride_vn,
                 stride_dq,
+                NQ,
                 HEAD_DIM,
                 D_PAD,
                 BLOCK_N,
@@ -774,6 +789,7 @@ def _prefill_kernel(
                 stride_kn,
                 stride_vn,
                 stride_dq,
+                NQ,
                 HEAD_DIM,
                 D_PAD,
                 BLOCK_N,
@@ -812,6 +828,7 @@ def _prefill_kernel(
                 stride_kn,
                 stride_vn,
                 stride_dq,
+                NQ,
                 MV_I,
                 MV_F,
                 KEEP,

@@ -15,13 +15,54 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for kernel_cases
 
+import bounds  # noqa: E402
 import kernel_cases as kc  # noqa: E402
 import torch  # noqa: E402
+
+# recipes whose choices are scored over the prompt's KV cache: a chunk of queries after cached keys
+CACHED = {
+    "zerotuning": "interventions: [{type: zerotuning, gamma: 3.0, layers: [0, 1]}]",
+    "head_prune": "interventions: [{type: head_prune, heads: {0: [1], 1: [0, 3]}}]",
+    "act": "interventions: [{type: act, layers: '1:', beta: 0.3, tau: 0.05}]",
+}
+
+
+def check_cached_choices(name: str) -> dict:
+    """Multi-token choices scored over the prompt's cache on a tiny Llama: Triton kernels against the reference."""
+    from models import tiny
+
+    import attnedit
+    from attnedit.evals.prompts import Encoded
+    from attnedit.evals.scoring import choice_scores
+
+    model = tiny("llama")
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist()
+
+    items = [
+        Encoded(i, f"p{i}", ids(5 + 3 * i % 11), [ids(1 + (i + j) % 4) for j in range(2 + i % 3)]) for i in range(6)
+    ]
+    rec = attnedit.Recipe.from_str(CACHED[name])
+    got = {}
+    for backend in ("reference", "triton"):
+        with attnedit.patch(model, rec, backend=backend):
+            got[backend], _ = choice_scores(model, items, 0, chunk=4, cached=True)
+    with torch.no_grad():
+        plain, _ = choice_scores(model, items, 0, chunk=4, cached=True)
+    pairs = [(a, b, c) for x, y, z in zip(got["reference"], got["triton"], plain) for a, b, c in zip(x, y, z)]
+    return dict(
+        err=max(abs(a - b) for a, b, _ in pairs),
+        effect=max(abs(a - c) for a, _, c in pairs),
+        multi=sum(len(c) > 1 for it in items for c in it.choice_ids),
+    )
 
 
 def main(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     torch.set_num_threads(1)
+    bounds.install()
     from attnedit.kernels import triton_ops as ops
     from attnedit.kernels import triton_prefill
 
@@ -39,12 +80,16 @@ def main(out_path: str) -> None:
     jobs["member_list"] = lambda: kc.check_member_list(triton_prefill)
     jobs["inert"] = lambda: kc.check_inert(ops)
     jobs["fallback"] = lambda: kc.check_fallback(ops)
+    for name in CACHED:
+        jobs[f"cached_choices/{name}"] = lambda n=name: check_cached_choices(n)
     results = {}
     for name, job in jobs.items():
+        bounds.take()
         try:
             results[name] = job()
         except Exception:  # reported by the test that owns this job
             results[name] = {"error": traceback.format_exc()}
+        results[name]["out_of_bounds"] = bounds.take()  # accesses outside the kernels' tensors
         print(name, results[name], flush=True)
     Path(out_path).write_text(json.dumps(results, indent=1))
 

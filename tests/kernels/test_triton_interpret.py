@@ -42,6 +42,7 @@ def results(tmp_path_factory):
 
 
 def _get(results, name):
+    assert name in results, f"the worker ran no job {name}"
     r = results[name]
     assert "error" not in r, r["error"]
     return r
@@ -91,3 +92,17 @@ def test_inert_tables_give_plain_attention(results):
 def test_fallback_runs_reference_and_logs(results):
     r = _get(results, "fallback")
     assert r["equal"] and r["logged"]
+
+
+@pytest.mark.parametrize("recipe", ["zerotuning", "head_prune", "act"])
+def test_cached_choice_scoring_matches_reference(results, recipe):
+    """Answers scored over the prompt's KV cache: a chunk of queries after the cached keys, dense padding mask."""
+    r = _get(results, f"cached_choices/{recipe}")
+    assert r["multi"] > 5
+    assert r["err"] < 1e-4 and r["effect"] > 1e-2
+
+
+def test_no_kernel_reads_or_writes_outside_its_tensors(results):
+    """Every launch above stays inside its tensors' storages (on a GPU a stray read faults only sometimes)."""
+    found = {name: r["out_of_bounds"] for name, r in results.items() if r.get("out_of_bounds")}
+    assert not found, found
