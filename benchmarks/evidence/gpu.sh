@@ -56,9 +56,11 @@ ev() {  # ev NAME RUN TASKS: evaluate recipe NAME on TASKS into $R/RUN (nothing 
   step "$R/$run/results.json" attnedit eval "$file" --tasks "$tasks" $EV --out "$R/$run"
 }
 
-lane_act() {  # ACT's per-head search: heads screened alone on 256 examples, combined greedily on all 1024
-  cal "act-$1" act-paper "$1" "$BIG" --param screen=256 --param combine=24
-  ev "act-$1" "act-$1" "$1"
+lane_act() {  # act TASK [LIMIT [SCREEN]]: ACT's per-head search, heads screened alone on SCREEN (256) examples,
+  # combined greedily on all the searched ones (LIMIT drawn, default $BIG; 20% held out)
+  local task=$1 limit=${2:-$BIG} screen=${3:-256}
+  cal "act-$task" act-paper "$task" "$limit" --param screen="$screen" --param combine=24
+  ev "act-$task" "act-$task" "$task"
 }
 
 lane_zt() {  # ZeroTuning supervised (accuracy), then unsupervised (entropy) unless UNSUP=0
