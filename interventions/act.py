@@ -53,10 +53,19 @@ class ActSinks:
         """(B, H, K) colsum, (B, 1|H, K) count, (B,) first key -> (B, H, K) bool sinks."""
         B, H, K = colsum.shape
         score = colsum / count.clamp_min(1.0)
-        tau = self.tau.to(colsum.device).view(1, H, 1)
+        tau = self._tau_on(colsum.device).view(1, H, 1)
         sink = (score > tau) & (count > 0)  # NaN tau compares False
         keys = torch.arange(K, device=colsum.device).view(1, 1, K)
         return sink & (keys != first_key.view(B, 1, 1))
+
+    def _tau_on(self, device) -> torch.Tensor:
+        """`tau` on `device`, copied there once (a copy at every prefill would block CUDA-graph capture)."""
+        if self.tau.device == device:
+            return self.tau
+        on = self.__dict__.setdefault("_on", {})  # frozen dataclass: a per-instance cache beside the fields
+        if device not in on:
+            on[device] = self.tau.to(device)
+        return on[device]
 
     def merge(self, other: "ActSinks") -> "ActSinks":
         tau = torch.where(torch.isnan(other.tau), self.tau, other.tau)

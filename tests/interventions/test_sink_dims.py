@@ -64,3 +64,15 @@ def test_smollm2_sink_dimension_flags_mostly_first_tokens(smollm2):
     first = flagged[:, is_first].float().mean()
     others = flagged[:, mask & ~is_first].float().mean()
     assert first > 0.5 and others < 0.05, (first, others)
+
+
+def test_act_threshold_is_copied_to_a_device_once():
+    """A prefill on another device reuses one copy of tau (a copy per prefill would block CUDA-graph capture)."""
+    from attnedit.interventions.act import ActSinks
+
+    det = ActSinks(torch.tensor([0.1, float("nan")]))
+    meta = torch.device("meta")
+    first = det._tau_on(meta)
+    assert first.device == meta and first.shape == (2,)
+    assert det._tau_on(meta) is first
+    assert det._tau_on(torch.device("cpu")) is det.tau
