@@ -10,6 +10,11 @@ per-group work costs no time.
 `_combine_kernel`: one program per (batch row, KV head) merges the splits by
 log-sum-exp, forms the group masses, applies the moves
 (o = sum_g c_g O_g / sum_g l_g), the output scale and shift.
+
+With one split (short caches: `n_splits` asks for at least 512 keys a split)
+the decode kernel finishes its rows itself (``FINISH``): one launch instead of
+two and no partial-sum buffers. The merge of a single split multiplies by
+exp2(0) = 1, so both ways give the same bits.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ def _decode_kernel(
     PO,
     PL,
     PM,
+    OUT,
+    MASSES,
+    MV_I,
+    MV_F,
+    KEEP,
+    ROW_START,
+    SCALE,
+    SHIFT,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -58,11 +71,15 @@ def _decode_kernel(
     stride_gb,
     stride_gh,
     stride_db,
+    stride_ob,
+    stride_oh,
+    B,
     H,
     HKV,
     R,
     NK,
     DIAG,
+    Q_POS,
     KEYS_PER_SPLIT,
     S,
     qk_scale,
@@ -80,6 +97,11 @@ def _decode_kernel(
     NG: tl.constexpr,
     IEEE: tl.constexpr,
     EMU: tl.constexpr,
+    FINISH: tl.constexpr,
+    NM: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    WRITE_MASSES: tl.constexpr,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
@@ -151,14 +173,108 @@ def _decode_kernel(
         acc = acc * alpha_g[:, None]
         acc = dot_pv(pg, v, acc, IEEE, EMU)
         m_i = m_new
-    part = ((b * H + heads) * S + split).to(tl.int64)  # (BLOCK_R,) index of this (row, split)
-    tl.store(PM + part, m_i, mask=rmask)
-    tl.store(PL + part[:, None] * NG + g_ids[None, :], l_g, mask=rmask[:, None])
     o3 = tl.reshape(acc, (BLOCK_R, NG, D_PAD))
+    if FINISH:  # the only split: no merge
+        _epilogue(
+            o3,
+            l_g,
+            b,
+            heads,
+            rmask,
+            OUT,
+            MASSES,
+            MV_I,
+            MV_F,
+            KEEP,
+            ROW_START,
+            SCALE,
+            SHIFT,
+            POS,
+            stride_ob,
+            stride_oh,
+            B,
+            H,
+            Q_POS,
+            HEAD_DIM,
+            D_PAD,
+            NG,
+            G,
+            NM,
+            SCALE_MODE,
+            HAS_SHIFT,
+            WRITE_MASSES,
+            POS_ON_DEVICE,
+        )
+    else:
+        part = ((b * H + heads) * S + split).to(tl.int64)  # (BLOCK_R,) index of this (row, split)
+        tl.store(PM + part, m_i, mask=rmask)
+        tl.store(PL + part[:, None] * NG + g_ids[None, :], l_g, mask=rmask[:, None])
+        tl.store(
+            PO + (part[:, None, None] * NG + g_ids[None, :, None]) * D_PAD + offs_d[None, None, :],
+            o3,
+            mask=rmask[:, None, None],
+        )
+
+
+@triton.jit
+def _epilogue(
+    o_g,
+    l_g,
+    b,
+    heads,
+    rmask,
+    OUT,
+    MASSES,
+    MV_I,
+    MV_F,
+    KEEP,
+    ROW_START,
+    SCALE,
+    SHIFT,
+    POS,
+    stride_ob,
+    stride_oh,
+    B,
+    H,
+    Q_POS,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    NM: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    WRITE_MASSES: tl.constexpr,
+    POS_ON_DEVICE: tl.constexpr,
+):
+    """Rows' group sums l_g (BLOCK_R, NG) and outputs o_g (BLOCK_R, NG, D_PAD) -> masses, moves, scale, shift, OUT."""
+    g_ids = tl.arange(0, NG)
+    offs_d = tl.arange(0, D_PAD)
+    L = tl.sum(l_g, 1)
+    if NG > 1:
+        mass = l_g / tl.where(L > 0, L, 1.0)[:, None]
+        q_pos = Q_POS + tl.load(POS) if POS_ON_DEVICE else Q_POS + b.to(tl.int64) * 0
+        c = move_coefficients(
+            mass, heads, q_pos + tl.zeros(L.shape, tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, NG
+        )
+        acc = tl.sum(o_g * c[:, :, None], 1)
+        if WRITE_MASSES:
+            tl.store(
+                MASSES + (b * H + heads)[:, None] * G + g_ids[None, :], mass, mask=rmask[:, None] & (g_ids < G)[None, :]
+            )
+    else:
+        acc = tl.sum(o_g, 1)
+        if WRITE_MASSES:
+            tl.store(
+                MASSES + (b * H + heads)[:, None] * G + g_ids[None, :],
+                tl.where(L > 0, 1.0, 0.0)[:, None] + tl.zeros(l_g.shape, tl.float32),
+                mask=rmask[:, None] & (g_ids < G)[None, :],
+            )
+    o = finish_rows(acc, L, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM, SCALE_MODE, HAS_SHIFT)
     tl.store(
-        PO + (part[:, None, None] * NG + g_ids[None, :, None]) * D_PAD + offs_d[None, None, :],
-        o3,
-        mask=rmask[:, None, None],
+        OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        o.to(OUT.dtype.element_ty),
+        mask=rmask[:, None] & (offs_d < HEAD_DIM)[None, :],
     )
 
 
@@ -217,31 +333,35 @@ def _combine_kernel(
         o_g += a[:, None, None] * tl.load(
             PO + (part[:, None, None] * NG + g_ids[None, :, None]) * D_PAD + offs_d[None, None, :]
         )
-    L = tl.sum(l_g, 1)
-    if NG > 1:
-        mass = l_g / tl.where(L > 0, L, 1.0)[:, None]
-        q_pos = Q_POS + tl.load(POS) if POS_ON_DEVICE else Q_POS + b.to(tl.int64) * 0
-        c = move_coefficients(
-            mass, heads, q_pos + tl.zeros([BLOCK_R], tl.int64), b, MV_I, MV_F, KEEP, ROW_START, H, B, NM, NG
-        )
-        acc = tl.sum(o_g * c[:, :, None], 1)
-        if WRITE_MASSES:
-            tl.store(
-                MASSES + (b * H + heads)[:, None] * G + g_ids[None, :], mass, mask=rmask[:, None] & (g_ids < G)[None, :]
-            )
-    else:
-        acc = tl.sum(o_g, 1)
-        if WRITE_MASSES:
-            tl.store(
-                MASSES + (b * H + heads)[:, None] * G + g_ids[None, :],
-                tl.where(L > 0, 1.0, 0.0)[:, None] + tl.zeros([BLOCK_R, NG], tl.float32),
-                mask=rmask[:, None] & (g_ids < G)[None, :],
-            )
-    o = finish_rows(acc, L, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM, SCALE_MODE, HAS_SHIFT)
-    tl.store(
-        OUT + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-        o.to(OUT.dtype.element_ty),
-        mask=rmask[:, None] & (offs_d < HEAD_DIM)[None, :],
+    _epilogue(
+        o_g,
+        l_g,
+        b,
+        heads,
+        rmask,
+        OUT,
+        MASSES,
+        MV_I,
+        MV_F,
+        KEEP,
+        ROW_START,
+        SCALE,
+        SHIFT,
+        POS,
+        stride_ob,
+        stride_oh,
+        B,
+        H,
+        Q_POS,
+        HEAD_DIM,
+        D_PAD,
+        NG,
+        G,
+        NM,
+        SCALE_MODE,
+        HAS_SHIFT,
+        WRITE_MASSES,
+        POS_ON_DEVICE,
     )
 
 
@@ -308,12 +428,29 @@ def decode(
     S = splits or n_splits(NK, B * Hkv, sm_count(dev))
     kps = cdiv(cdiv(NK, S), block_n) * block_n
     S = cdiv(NK, kps)
+    finish = S == 1  # one launch: the decode kernel finishes its rows itself
     dummy, dummy_f, dummy_u8 = placeholders(dev)
-    po = torch.empty(B, H, S, NG, d_pad, dtype=torch.float32, device=dev)
-    pl = torch.empty(B, H, S, NG, dtype=torch.float32, device=dev)
-    pm = torch.empty(B, H, S, dtype=torch.float32, device=dev)
+    out = torch.empty(B, 1, H, D, dtype=q.dtype, device=dev)
+    masses = torch.empty(B, H, 1, G, dtype=torch.float32, device=dev) if write_masses else None
+    if finish:
+        po = pl = pm = dummy_f
+    else:
+        po = torch.empty(B, H, S, NG, d_pad, dtype=torch.float32, device=dev)
+        pl = torch.empty(B, H, S, NG, dtype=torch.float32, device=dev)
+        pm = torch.empty(B, H, S, dtype=torch.float32, device=dev)
     kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
     dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
+    mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
+    masses_arg = masses if masses is not None else dummy_f
+    scale_arg = scale if scale is not None else dummy_f
+    shift_arg = shift if shift is not None else dummy_f
+    pos_arg = pos if pos is not None else dummy
+    finish_consts = dict(
+        NM=mv_i.shape[0] if moves else 0,
+        SCALE_MODE=0 if scale is None else scale.dim(),
+        HAS_SHIFT=shift is not None,
+        WRITE_MASSES=write_masses,
+    )
     args = (
         q,
         k,
@@ -322,10 +459,18 @@ def decode(
         bias if bias is not None else dummy_f,
         kv_start if kv_start is not None else dummy,
         dm,
-        pos if pos is not None else dummy,
+        pos_arg,
         po,
         pl,
         pm,
+        out,
+        masses_arg,
+        mv_i,
+        mv_f,
+        keep,
+        row_start,
+        scale_arg,
+        shift_arg,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -337,11 +482,15 @@ def decode(
         kg.stride(0),
         kg.stride(1),
         dm.stride(0),
+        out.stride(0),
+        out.stride(2),
+        B,
         H,
         Hkv,
         R,
         NK,
         diag,
+        q_pos,
         kps,
         S,
         scaling * 1.4426950408889634,
@@ -361,24 +510,25 @@ def decode(
         NG=NG,
         IEEE=q.dtype == torch.float32,
         EMU=emulate_bf16(q.dtype),
+        FINISH=finish,
+        **finish_consts,
     )
     _LAUNCH_DECODE((S, B * Hkv), args, consts, 4, num_stages)
-    out = torch.empty(B, 1, H, D, dtype=q.dtype, device=dev)
-    masses = torch.empty(B, H, 1, G, dtype=torch.float32, device=dev) if write_masses else None
-    mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
+    if finish:
+        return out, masses
     args = (
         po,
         pl,
         pm,
         out,
-        masses if masses is not None else dummy_f,
+        masses_arg,
         mv_i,
         mv_f,
         keep,
         row_start,
-        scale if scale is not None else dummy_f,
-        shift if shift is not None else dummy_f,
-        pos if pos is not None else dummy,
+        scale_arg,
+        shift_arg,
+        pos_arg,
         out.stride(0),
         out.stride(2),
         B,
@@ -394,11 +544,8 @@ def decode(
         BLOCK_R=block_r,
         NG=NG,
         G=G,
-        NM=mv_i.shape[0] if moves else 0,
-        SCALE_MODE=0 if scale is None else scale.dim(),
-        HAS_SHIFT=shift is not None,
-        WRITE_MASSES=write_masses,
         POS_ON_DEVICE=pos is not None,
+        **finish_consts,
     )
     _LAUNCH_COMBINE((B * Hkv,), args, consts, 4)
     return out, masses

@@ -392,3 +392,4 @@ BULK_CASES = [
     ),
 ]
 MASS_CASES = [CASES[4], CASES[7], CASES[12]]
+DECODE_CASES = [c for c in CASES if c.Q == 1 and c.K > 1]

@@ -59,6 +59,25 @@ def check_cached_choices(name: str) -> dict:
     )
 
 
+def check_decode_splits(ops, spec, splits: int) -> dict:
+    """A decoding step with a forced split count: output and masses against the reference, and its launches."""
+    from attnedit.kernels import triton_common
+
+    launches = []
+    real = triton_common.Launcher.__call__
+
+    def counting(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    triton_common.Launcher.__call__ = counting
+    try:
+        r = kc.check_masses(ops, spec, seed=13, splits=splits)
+    finally:
+        triton_common.Launcher.__call__ = real
+    return dict(r, launches=launches)
+
+
 def main(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     torch.set_num_threads(1)
@@ -73,6 +92,9 @@ def main(out_path: str) -> None:
         )
     for spec in kc.MASS_CASES:
         jobs[f"masses/{spec.name}"] = lambda s=spec: kc.check_masses(ops, s, seed=3, config=kc.tiles(s), splits=2)
+    for spec in kc.DECODE_CASES:
+        for splits in (1, 3):
+            jobs[f"decode/{spec.name}/{splits}"] = lambda s=spec, n=splits: check_decode_splits(ops, s, n)
     for spec in kc.COLSUM_CASES:
         jobs[f"colsum/{spec.name}"] = lambda s=spec: kc.check_colsum(ops, s, seed=5, config=kc.tiles(s))
     for spec in kc.BULK_CASES:

@@ -64,6 +64,16 @@ def test_group_masses_match_reference(results, spec):
     assert r["shape"] and r["mass_err"] < 1e-3 and r["err"] < kc.TOL[spec.dtype]
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("spec", kc.DECODE_CASES, ids=lambda s: s.name)
+def test_decode_one_split_is_one_launch(results, spec, splits):
+    """One key split: the decode kernel finishes the rows itself (moves, masses, scale, shift) in one launch."""
+    r = _get(results, f"decode/{spec.name}/{splits}")
+    assert r["shape"] and r["mass_err"] < 1e-3 and r["err"] < kc.TOL[spec.dtype]
+    one = splits == 1 or spec.K <= 64  # 64 keys a tile: three splits of so few keys are one
+    assert r["launches"] == (["_decode_kernel"] if one else ["_decode_kernel", "_combine_kernel"])
+
+
 @pytest.mark.parametrize("spec", kc.COLSUM_CASES, ids=lambda s: s.name)
 def test_column_scores_match_reference(results, spec):
     r = _get(results, f"colsum/{spec.name}")
