@@ -6,11 +6,12 @@ forward, with the device doing all the work:
 
 - `State` keeps what a prefill found for the decoding steps (input flags such
   as highlighted spans and image tokens, hidden-state sinks per layer,
-  attention sinks per layer and head, per-input head scales) in buffers sized
-  like the KV cache, (batch, capacity) by absolute position. A forward writes
-  its own positions in place; a decoding step reads views. Buffers are
-  allocated at a prefill and grown only when a dynamic cache outgrows them,
-  so a captured CUDA graph or a compiled step keeps reading the same memory.
+  per-input head scales, and the key-group ids of layers whose groups differ
+  by layer, attention sinks included) in buffers sized like the KV cache,
+  (batch, capacity) by absolute position. A forward writes its own positions
+  in place; a decoding step reads views. Buffers are allocated at a prefill
+  and grown only when a dynamic cache outgrows them, so a captured CUDA graph
+  or a compiled step keeps reading the same memory.
 - `Forward` is what every layer of one forward shares: the absolute position
   of the first token (a Python int when the cache knows it, else a device
   scalar, as transformers' static cache keeps it), the positions written,
@@ -77,7 +78,12 @@ class State:
         first: (B,) int64 absolute position of each row's first real token (set at a prefill, or from a
             padding mask at every forward).
         hsink: layer -> (B, C) uint8 hidden-state sinks (0/1), on that layer's device.
-        actsink: layer -> (B, H, C) uint8 attention sinks (0/1), on that layer's device.
+        groups: layer -> (B, 1|H, C) uint8 key-group ids of a layer whose plan has per-layer flags (hidden
+            or attention sinks), on that layer's device, packed as `group_ids` packs them but without the
+            FIRST bit (added when read: the first real token is known anew at every forward). A prefill
+            writes every key it attends to (attention sinks found then included); a later forward writes
+            only its own positions (never attention sinks), so a decoding step reads a view of it instead
+            of rebuilding every key's flags in every layer.
         head_scale: layer -> (B, H) fp32 per-input output scales (set by forward hooks).
     """
 
@@ -87,7 +93,7 @@ class State:
         self.flags: torch.Tensor | None = None
         self.first: torch.Tensor | None = None
         self.hsink: dict[int, torch.Tensor] = {}
-        self.actsink: dict[int, torch.Tensor] = {}
+        self.groups: dict[int, torch.Tensor] = {}
         self.head_scale: HeadScales = HeadScales()
         self.allocations = 0  # buffers (re)allocated: tests check that decoding steps allocate none
 
@@ -97,7 +103,7 @@ class State:
             self.batch, self.capacity = batch, _round_up(length)
             self.flags = self.first = None
             self.hsink.clear()
-            self.actsink.clear()
+            self.groups.clear()
         elif length > self.capacity:
             self.capacity = _round_up(max(length, 2 * self.capacity))
         self.flags = self._fit(self.flags, (batch,), device)
@@ -185,9 +191,13 @@ class Forward:
         return view
 
     def shared(self, key: tuple, make) -> Any:
-        """`make()`, once per forward for `key`: work every layer would otherwise repeat (first keys, key groups)."""
-        hit = self.cache.get(key)
-        if hit is None:
+        """`make()`, once per forward for `key`: work every layer would otherwise repeat (first keys, key groups).
+
+        Safe to share: a `Forward` lives for one forward, and `key` names everything `make` reads
+        besides this forward's per-input tensors (a result of None is kept too).
+        """
+        hit = self.cache.get(key, _MISSING)
+        if hit is _MISSING:
             hit = self.cache[key] = make()
         return hit
 
@@ -216,6 +226,9 @@ class Forward:
         if self.past is not None:  # a cache that keeps the last keys (dynamic, sliding window): they end here
             return max(self.past + q_len - k_len, 0)
         return 0  # a static cache: key j is position j
+
+
+_MISSING = object()
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -351,14 +364,17 @@ def plan_on(cache: dict, plan: T.LayerPlan, device: torch.device) -> T.LayerPlan
 
 
 def key_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, heads: int, k_len: int, kv_offset: int):
-    """(B, 1|H, K) uint8 flags of a layer's keys, which sit at absolute positions kv_offset .. kv_offset + K."""
+    """(B, 1|H, K) uint8 flags of a layer's keys, which sit at absolute positions kv_offset .. kv_offset + K.
+
+    No key is an attention sink here: a prefill's detection adds them (`layer_tables`).
+    """
     B = fwd.batch
     used = sum(plan.flags)
     device = view.first_abs.device
     lo, hi = kv_offset, kv_offset + k_len
-    keys = torch.arange(lo, hi, device=device)
     flags = torch.zeros(B, 1, k_len, dtype=torch.uint8, device=device)
     if used & T.FIRST:
+        keys = torch.arange(lo, hi, device=device)
         flags |= (keys.view(1, 1, k_len) == view.first_abs.view(B, 1, 1)).to(torch.uint8) * T.FIRST
     if used & (T.SPAN | T.IMAGE) and view.flags is not None:
         flags |= view.flags[:, None, lo:hi] & (used & (T.SPAN | T.IMAGE))
@@ -367,13 +383,28 @@ def key_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, heads: in
             buf = fwd.state.layer_buffer(fwd.state.hsink, layer, (B,), device)
             flags |= buf[:, None, lo:hi] * T.HSINK
     if used & T.ACTSINK:
-        flags = flags.expand(B, heads, k_len)
-        buf = fwd.state.actsink.get(layer)
-        if buf is not None:
-            flags = flags | buf[:, :, lo:hi].to(device) * T.ACTSINK
-        else:
-            flags = flags.clone()
+        flags = flags.expand(B, heads, k_len).clone()
     return flags
+
+
+def _token_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int) -> torch.Tensor:
+    """(B, 1, T) uint8 flags of this forward's tokens, FIRST left out; no token after a prefill is an attention sink."""
+    used = sum(plan.flags)
+    device = view.first_abs.device
+    flags = torch.zeros(fwd.batch, 1, fwd.length, dtype=torch.uint8, device=device)
+    if used & (T.SPAN | T.IMAGE) and view.flags is not None:
+        flags |= view.flags.index_select(1, view.positions)[:, None] & (used & (T.SPAN | T.IMAGE))
+    if used & T.HSINK and layer in fwd.state.hsink:
+        buf = fwd.state.layer_buffer(fwd.state.hsink, layer, (fwd.batch,), device)
+        flags |= buf.index_select(1, view.positions)[:, None] * T.HSINK
+    return flags
+
+
+def _first_bits(plan: T.LayerPlan, view: View, k_len: int, kv_offset: int) -> torch.Tensor:
+    """(B, 1, K) uint8: the FIRST flag's group bit on each row's first real token among the keys, else 0."""
+    keys = torch.arange(kv_offset, kv_offset + k_len, device=view.first_abs.device)
+    first = keys.view(1, 1, k_len) == view.first_abs.view(-1, 1, 1)
+    return first.to(torch.uint8) << plan.flags.index(T.FIRST)
 
 
 def group_ids(plan: T.LayerPlan, flags: torch.Tensor) -> torch.Tensor | None:
@@ -419,25 +450,38 @@ def layer_tables(
     scale = head_scale.to(device, torch.float32) if head_scale is not None else None
     if plan is None:
         return T.LayerTables(None, first_key, 1, None, (), scale, None)
-    B = fwd.batch
-    if not sum(plan.flags) & PER_LAYER:  # key groups from per-input flags alone: shared by layers of equal flags
+    if not plan.flags:  # one group
+        return _finish(plan, fwd, view, None, first_key, heads, device, scale)
+    used = sum(plan.flags)
+    if not used & PER_LAYER:  # key groups from per-input flags alone: shared by layers of equal flags
         key = ("groups", plan.flags, k_len, kv_offset, device)
         groups = fwd.shared(key, lambda: group_ids(plan, key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)))
-        return _finish(plan, view, groups, first_key, heads, device, scale)
-    buf = None
-    if plan.attention_detectors:
-        buf = fwd.state.layer_buffer(fwd.state.actsink, layer, (B, heads), device)
+        return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
+    B, lo, hi = fwd.batch, kv_offset, kv_offset + k_len
+    buf = fwd.state.layer_buffer(fwd.state.groups, layer, (B, heads if used & T.ACTSINK else 1), device)
+    if fwd.detect:  # a prefill: every key the layer sees, with the attention sinks found now
+        flags = key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)
         if detect_sinks is not None:
-            buf[:, :, kv_offset : kv_offset + k_len] = 0
-        else:  # tokens after the prefill are never sinks
-            buf.index_fill_(2, view.positions, 0)
-    flags = key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)
-    if buf is not None and detect_sinks is not None:
-        pre = T.LayerTables(group_ids(plan, flags), first_key, plan.n_groups, plan.bias, (), None, None)
-        found = detect_sinks(pre).to(torch.uint8)
-        buf[:, :, kv_offset : kv_offset + k_len] = found
-        flags = flags | found * T.ACTSINK
-    return _finish(plan, view, group_ids(plan, flags), first_key, heads, device, scale)
+            pre = T.LayerTables(group_ids(plan, flags), first_key, plan.n_groups, plan.bias, (), None, None)
+            flags = flags | detect_sinks(pre).to(torch.uint8) * T.ACTSINK
+        groups = group_ids(plan, flags)
+        buf[:, :, lo:hi] = group_ids(plan, flags & (0xFF ^ T.FIRST)) if used & T.FIRST else groups
+        return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
+    # a later forward (decoding): write this forward's positions, read the layer's keys as a view
+    if used & T.HSINK:
+        new = group_ids(plan, _token_flags(plan, fwd, view, layer))
+    else:  # the same in every layer of equal flags
+        new = fwd.shared(
+            ("new_groups", plan.flags, device), lambda: group_ids(plan, _token_flags(plan, fwd, view, layer))
+        )
+    buf.index_copy_(2, view.positions, new.expand(B, buf.shape[1], fwd.length))
+    groups = buf[:, :, lo:hi]
+    if used & T.FIRST:
+        groups = groups | fwd.shared(
+            ("first_bits", plan.flags.index(T.FIRST), k_len, kv_offset, device),
+            lambda: _first_bits(plan, view, k_len, kv_offset),
+        )
+    return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
 
 
 def _first_key(view: View, kv_offset: int) -> torch.Tensor:
@@ -445,13 +489,13 @@ def _first_key(view: View, kv_offset: int) -> torch.Tensor:
     return torch.where(first_key >= 0, first_key, torch.full_like(first_key, -1))
 
 
-def _finish(plan, view: View, groups, first_key, heads: int, device, scale) -> T.LayerTables:
-    moves = tuple(
-        replace(m, row_start=view.image_end if view.image_end is not None else torch.zeros_like(first_key))
-        if m.after_image
-        else m
-        for m in plan.moves
-    )
+def _finish(plan, fwd: Forward, view: View, groups, first_key, heads: int, device, scale) -> T.LayerTables:
+    moves = plan.moves
+    if any(m.after_image for m in moves):  # per-input row starts; the plan's own tuple otherwise (kernels memoise it)
+        starts = view.image_end
+        if starts is None:
+            starts = fwd.shared(("no_image", device), lambda: torch.zeros_like(first_key))
+        moves = tuple(replace(m, row_start=starts) if m.after_image else m for m in moves)
     out_scale = plan.out_scale
     if scale is not None:
         base = out_scale if out_scale is not None else torch.ones(heads, device=device)

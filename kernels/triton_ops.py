@@ -205,8 +205,7 @@ class _Prepared:
                 )
         moves = None
         if with_moves and groups is not None and tables.moves:
-            live = [m for m in tables.moves if _memo(m.keep, ("live",), lambda t: bool((_host(t) != 1).any()))]
-            moves = _pack_moves(live, q.shape[0], dev) if live else None
+            moves = _live_moves(tables.moves, q.shape[0], dev)
         if groups is not None and not has_bias and moves is None and not keep_groups:
             groups = None
         if groups is not None and groups.stride(-1) != 1:
@@ -259,6 +258,29 @@ def _host_position(q_off: torch.Tensor) -> int:
             "backend (its kernels are chosen by the query offset); capture decoding steps (one token per row) only"
         )
     return int(q_off)
+
+
+def _live_moves(moves: tuple, B: int, device):
+    """The moves that change something (keep != 1 somewhere), packed by `_pack_moves`; None when none does.
+
+    Without per-input row starts the moves are a plan's own tuple, the same object at every forward:
+    the result is kept per tuple, batch size and device (the entry holds the tuple, so its id is not
+    reused, and the keep tensors' versions are checked). With row starts it is packed at each call.
+    """
+    if any(m.row_start is not None for m in moves):
+        live = [m for m in moves if _memo(m.keep, ("live",), lambda t: bool((_host(t) != 1).any()))]
+        return _pack_moves(live, B, device) if live else None
+    key = ("live_moves", id(moves), B, device)
+    versions = tuple(m.keep._version for m in moves)
+    hit = _memo_cache.get(key)
+    if hit is not None and hit[0] is moves and hit[1] == versions:
+        return hit[2]
+    live = [m for m in moves if bool((_host(m.keep) != 1).any())]
+    packed = _pack_moves(live, B, device) if live else None
+    if len(_memo_cache) > 4096:
+        _memo_cache.clear()
+    _memo_cache[key] = (moves, versions, packed)
+    return packed
 
 
 def _pack_moves(moves, B: int, device) -> tuple:

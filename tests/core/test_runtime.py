@@ -69,7 +69,7 @@ def test_decoding_steps_write_in_place_and_keep_prefill_detections():
     R.layer_tables(
         plan(), fwd, 0, device=torch.device("cpu"), heads=2, k_len=5, kv_offset=0, detect_sinks=lambda pre: sinks
     )
-    buffers = [state.flags, state.first, state.hsink[0], state.actsink[0]]
+    buffers = [state.flags, state.first, state.hsink[0], state.groups[0]]
     ptrs = [b.data_ptr() for b in buffers]
     allocated = state.allocations
     for step in range(3):  # decoding: one token at a time, positions 5, 6, 7
@@ -77,13 +77,48 @@ def test_decoding_steps_write_in_place_and_keep_prefill_detections():
         R.record_layer_detection(fwd, 0, torch.ones(2, 1, dtype=torch.bool))  # written at the new position
         tables = R.layer_tables(plan(), fwd, 0, device=torch.device("cpu"), heads=2, k_len=6 + step, kv_offset=0)
     assert state.allocations == allocated, "a decoding step within capacity allocates nothing"
-    assert [b.data_ptr() for b in [state.flags, state.first, state.hsink[0], state.actsink[0]]] == ptrs
+    assert [b.data_ptr() for b in [state.flags, state.first, state.hsink[0], state.groups[0]]] == ptrs
     g = tables.key_group
     # the prefill's first token, hidden sinks and attention sink (head 1 of row 0), then the steps' hidden flags;
     # decoding steps never add attention sinks
     assert g[0, 1].tolist() == [1, 4, 8, 0, 0, 4, 4, 4]
     assert g[0, 0].tolist() == [1, 4, 0, 0, 0, 4, 4, 4]
     assert g[1, 0].tolist() == [1, 0, 0, 0, 4, 4, 4, 4]
+
+
+def test_decoding_reads_the_same_groups_as_a_rebuild_and_a_new_input_replaces_them():
+    """Decoding steps read the layer's kept group ids: equal to rebuilding every key's flags, also for a
+    second input with other spans, sinks and padding in the same buffers, and a first token that moves."""
+    state = R.State()
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+
+    def rebuilt(fwd, k_len, sinks):
+        flags = R.key_flags(plan(), fwd, fwd.on(cpu), 0, 2, k_len, 0)
+        sinks = torch.nn.functional.pad(sinks, (0, k_len - sinks.shape[-1])).to(torch.uint8)
+        return R.group_ids(plan(), flags | sinks * T.ACTSINK)
+
+    inputs = [  # (prompt length, padding mask, spans, decoding steps)
+        (6, torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]), torch.tensor([[[1, 3]], [[4, 6]]]), 4),
+        (4, torch.tensor([[0, 1, 1, 1], [1] * 4]), torch.tensor([[[0, 1]], [[2, 3]]]), 3),
+    ]
+    checked = 0
+    for n, pad, spans, steps in inputs:
+        sinks = torch.rand(2, 2, n, generator=gen) < 0.4
+        fwd = forward(state, length=n, capacity=16, mask=pad, spans=spans)
+        R.record_layer_detection(fwd, 0, torch.rand(2, n, generator=gen) < 0.3)
+        t = R.layer_tables(plan(), fwd, 0, device=cpu, heads=2, k_len=n, kv_offset=0, detect_sinks=lambda pre: sinks)
+        assert torch.equal(t.key_group, rebuilt(fwd, n, sinks))
+        for step in range(steps):
+            pad = torch.cat([pad, torch.ones(2, 1, dtype=pad.dtype)], 1)
+            if step == 2:  # the padding mask now starts row 1 one token later: its first real token moves
+                pad[1, : int(pad[1].argmax()) + 1] = 0
+            fwd = forward(state, length=1, past=n + step, capacity=16, mask=pad, spans=spans)
+            R.record_layer_detection(fwd, 0, torch.rand(2, 1, generator=gen) < 0.5)
+            t = R.layer_tables(plan(), fwd, 0, device=cpu, heads=2, k_len=n + step + 1, kv_offset=0)
+            assert torch.equal(t.key_group, rebuilt(fwd, n + step + 1, sinks)), (n, step)
+            checked += 1
+    assert checked == 7 and state.groups[0].shape == (2, 2, state.capacity)
 
 
 def test_new_prefill_overwrites_stale_positions_without_reallocating():
