@@ -78,7 +78,7 @@ class Patch:
         self._saved: Any = None
         self._layer_of: dict[int, int] = {}
         self._device_plans: dict[tuple[int, str], T.LayerPlan] = {}
-        self._backend_for: dict[str, str] = {}
+        self._backend_for: dict[torch.device, str] = {}
         if spans is not None:
             self.set_spans(spans)
 
@@ -339,9 +339,12 @@ class Patch:
 
     def _mask_info(self, fwd: R.Forward, view: R.View, attention_mask, query, key, backend: str) -> T.MaskInfo:
         Q, K = query.shape[2], key.shape[2]
+        if attention_mask is None:  # the same for every layer of this forward with these shapes on this device
+            return fwd.shared(
+                ("mask", Q, K, query.device),
+                lambda: T.MaskInfo(None, view.pos0, fwd.kv_offset(Q, K), None, view.first_abs),
+            )
         kv_offset = fwd.kv_offset(Q, K)
-        if attention_mask is None:
-            return T.MaskInfo(None, view.pos0, kv_offset, None, view.first_abs)
         dense = attention_mask
         if dense.dtype != torch.bool:
             dense = dense > torch.finfo(dense.dtype).min / 2
@@ -371,7 +374,7 @@ class Patch:
         if plan is not None:
             plan = R.plan_on(self._device_plans, plan, query.device)
         detect = None
-        if plan is not None and plan.attention_detectors and fwd.detect:
+        if fwd.detect and plan is not None and plan.attention_detectors:
 
             def detect(pre: T.LayerTables) -> torch.Tensor:
                 colsum, count = dispatch.column_scores(
@@ -414,10 +417,10 @@ class Patch:
         return dispatch.attention(backend, query, key, value, tables, mask, scaling=scaling, softcap=softcap), None
 
     def _backend(self, device: torch.device) -> str:
-        key = str(device)
-        if key not in self._backend_for:
-            self._backend_for[key] = choose(self.backend, device)
-        return self._backend_for[key]
+        hit = self._backend_for.get(device)
+        if hit is None:
+            hit = self._backend_for[device] = choose(self.backend, device)
+        return hit
 
 
 def _cache_extent(cache, length: int) -> tuple[int | torch.Tensor, int]:

@@ -455,7 +455,12 @@ def layer_tables(
     used = sum(plan.flags)
     if not used & PER_LAYER:  # key groups from per-input flags alone: shared by layers of equal flags
         key = ("groups", plan.flags, k_len, kv_offset, device)
-        groups = fwd.shared(key, lambda: group_ids(plan, key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)))
+        if plan.flags == (T.FIRST,):  # the first real token alone (ZeroTuning): its group bit is the group id
+            groups = fwd.shared(key, lambda: _first_bits(plan, view, k_len, kv_offset))
+        else:
+            groups = fwd.shared(
+                key, lambda: group_ids(plan, key_flags(plan, fwd, view, layer, heads, k_len, kv_offset))
+            )
         return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
     B, lo, hi = fwd.batch, kv_offset, kv_offset + k_len
     buf = fwd.state.layer_buffer(fwd.state.groups, layer, (B, heads if used & T.ACTSINK else 1), device)
@@ -485,8 +490,7 @@ def layer_tables(
 
 
 def _first_key(view: View, kv_offset: int) -> torch.Tensor:
-    first_key = view.first_abs - kv_offset
-    return torch.where(first_key >= 0, first_key, torch.full_like(first_key, -1))
+    return (view.first_abs - kv_offset).clamp_min(-1)  # -1: the first real token is not among the keys
 
 
 def _finish(plan, fwd: Forward, view: View, groups, first_key, heads: int, device, scale) -> T.LayerTables:

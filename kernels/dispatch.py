@@ -27,6 +27,18 @@ def triton_status() -> str | None:
     return None
 
 
+_TRITON: list = []
+
+
+def _triton():
+    """The Triton backend's module, imported at its first call (Triton is optional) and kept."""
+    if not _TRITON:
+        from . import triton_ops  # noqa: PLC0415  (Triton: loaded only when the backend runs)
+
+        _TRITON.append(triton_ops)
+    return _TRITON[0]
+
+
 def choose(backend: str, device: torch.device) -> str:
     """Resolve a requested backend for tensors on `device`; raise BackendError if it cannot run."""
     if backend not in BACKENDS:
@@ -67,9 +79,7 @@ def attention(
     if name == "triton":
         if torch.compiler.is_compiling():
             return custom_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
-        from . import triton_ops  # noqa: PLC0415  (Triton: loaded only when the backend runs)
-
-        return triton_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
+        return _triton().attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
     return reference.attention(
         q, k, v, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset
     )
@@ -94,7 +104,5 @@ def column_scores(
     if name == "triton":
         if torch.compiler.is_compiling():
             return custom_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap)
-        from . import triton_ops  # noqa: PLC0415  (Triton: loaded only when the backend runs)
-
-        return triton_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap, value=value)
+        return _triton().column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap, value=value)
     return reference.column_scores(q, k, tables, scaling=scaling, mask=mask.dense, softcap=softcap)

@@ -33,18 +33,31 @@ def next_pow2(n: int) -> int:
 
 
 _PLACEHOLDERS: dict = {}
+_Tensor = torch.Tensor
 
 
 def _spec_key(args: tuple) -> tuple:
-    """What Triton specialises a compiled kernel on, for every argument (one expression: this runs per launch)."""
-    return tuple(
-        (a.dtype, a.data_ptr() & 15 == 0)
-        if hasattr(a, "data_ptr")
-        else (a == 1, a & 15 == 0, -2147483648 <= a < 2147483648)
-        if type(a) is int
-        else type(a)
-        for a in args
-    )
+    """What Triton specialises a compiled kernel on, for every argument (this runs per launch).
+
+    An int gives 1 (equal to 1), 16 (a multiple of 16) or 0 within 32 bits, else (64, multiple of 16);
+    a tensor gives its dtype then whether its pointer is 16-byte aligned (a dtype always starts a
+    tensor's pair, so the flat tuple reads back one way); anything else gives its type.
+    """
+    key = []
+    add = key.append
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            if -2147483648 <= a < 2147483648:
+                add(1 if a == 1 else 0 if a & 15 else 16)
+            else:
+                add((64, not a & 15))
+        elif kind is _Tensor or hasattr(a, "data_ptr"):
+            add(a.dtype)
+            add(not a.data_ptr() & 15)
+        else:
+            add(kind)
+    return tuple(key)
 
 
 class Launcher:
@@ -61,11 +74,14 @@ class Launcher:
     def __init__(self, fn):
         self.fn = fn
         self.cache: dict = {}
+        self.names: dict = {}  # number of positional arguments -> names of the constexprs after them
         self.fast = 0  # launches that skipped Triton's generic path (benchmarks report it)
 
     def __call__(self, grid, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 1) -> None:
-        names = self.fn.arg_names[len(args) :]
-        consts = tuple(constexprs[n] for n in names)
+        names = self.names.get(len(args))
+        if names is None:
+            names = self.names[len(args)] = self.fn.arg_names[len(args) :]
+        consts = tuple(map(constexprs.__getitem__, names))
         key = (consts, num_warps, num_stages, _spec_key(args))
         kernel = self.cache.get(key)
         if kernel is not None:
@@ -79,7 +95,7 @@ class Launcher:
 
 def placeholders(device):
     """(int32, fp32, uint8) 8-element tensors for pointer arguments a kernel variant never reads, one set per device."""
-    key = str(device)
+    key = torch.device(device)
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = tuple(
             torch.zeros(8, dtype=d, device=device) for d in (torch.int32, torch.float32, torch.uint8)
@@ -89,7 +105,7 @@ def placeholders(device):
 
 def sm_count(device) -> int:
     """Multiprocessors of a CUDA device (4 elsewhere: the interpreter), cached."""
-    key = ("sm", str(device))
+    key = ("sm", torch.device(device))
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4

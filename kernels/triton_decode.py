@@ -425,7 +425,7 @@ def decode(
     block_r = max(16, next_pow2(R))
     G = n_groups
     NG = max(2, next_pow2(G)) if per_group else 1
-    S = splits or n_splits(NK, B * Hkv, sm_count(dev))
+    S = splits or (1 if NK < 1024 else n_splits(NK, B * Hkv, sm_count(dev)))  # n_splits gives 1 below 1024 keys
     kps = cdiv(cdiv(NK, S), block_n) * block_n
     S = cdiv(NK, kps)
     finish = S == 1  # one launch: the decode kernel finishes its rows itself
@@ -441,6 +441,7 @@ def decode(
     kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
     dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
     mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
+    q_st, k_st, v_st, kg_st, dm_st, out_st = (t.stride() for t in (q, k, v, kg, dm, out))
     masses_arg = masses if masses is not None else dummy_f
     scale_arg = scale if scale is not None else dummy_f
     shift_arg = shift if shift is not None else dummy_f
@@ -471,19 +472,19 @@ def decode(
         row_start,
         scale_arg,
         shift_arg,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        kg.stride(0),
-        kg.stride(1),
-        dm.stride(0),
-        out.stride(0),
-        out.stride(2),
+        q_st[0],
+        q_st[1],
+        k_st[0],
+        k_st[1],
+        k_st[2],
+        v_st[0],
+        v_st[1],
+        v_st[2],
+        kg_st[0],
+        kg_st[1],
+        dm_st[0],
+        out_st[0],
+        out_st[2],
         B,
         H,
         Hkv,
@@ -529,8 +530,8 @@ def decode(
         scale_arg,
         shift_arg,
         pos_arg,
-        out.stride(0),
-        out.stride(2),
+        out_st[0],
+        out_st[2],
         B,
         H,
         Hkv,

@@ -200,7 +200,7 @@ class _Prepared:
             if has_bias:  # softmax is unchanged by a per-row constant: shift so that unflagged keys have none
                 bias2 = _memo(
                     tables.bias,
-                    ("bias2", str(dev)),
+                    ("bias2", dev),
                     lambda b: ((b.float() - b.float()[:, :1]) * LOG2E).to(dev).contiguous(),
                 )
         moves = None
