@@ -59,6 +59,33 @@ def check_cached_choices(name: str) -> dict:
     )
 
 
+def check_step_launches(name: str) -> dict:
+    """Kernel launches of one decoding step of a patched tiny Llama over a short dynamic cache."""
+    from models import tiny
+
+    import attnedit
+    from attnedit.kernels import triton_common
+
+    model = tiny("llama")
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    launches = []
+    real = triton_common.Launcher.__call__
+
+    def counting(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    with attnedit.patch(model, attnedit.Recipe.from_str(CACHED[name]), backend="triton") as p, torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        triton_common.Launcher.__call__ = counting
+        try:
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+        finally:
+            triton_common.Launcher.__call__ = real
+        layers = len(p.compiled.layers)
+    return dict(launches=launches, layers=layers)
+
+
 def check_decode_splits(ops, spec, splits: int) -> dict:
     """A decoding step with a forced split count: output and masses against the reference, and its launches."""
     from attnedit.kernels import triton_common
@@ -104,6 +131,7 @@ def main(out_path: str) -> None:
     jobs["fallback"] = lambda: kc.check_fallback(ops)
     for name in CACHED:
         jobs[f"cached_choices/{name}"] = lambda n=name: check_cached_choices(n)
+        jobs[f"step_launches/{name}"] = lambda n=name: check_step_launches(n)
     results = {}
     for name, job in jobs.items():
         bounds.take()

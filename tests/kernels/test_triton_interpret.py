@@ -112,6 +112,14 @@ def test_cached_choice_scoring_matches_reference(results, recipe):
     assert r["err"] < 1e-4 and r["effect"] > 1e-2
 
 
+@pytest.mark.parametrize("recipe", ["zerotuning", "head_prune", "act"])
+def test_decoding_step_is_one_launch_per_patched_layer(results, recipe):
+    """A decoding step over a short cache launches the decode kernel once per patched layer, nothing else."""
+    r = _get(results, f"step_launches/{recipe}")
+    assert r["layers"] > 0
+    assert r["launches"] == ["_decode_kernel"] * r["layers"]
+
+
 def test_no_kernel_reads_or_writes_outside_its_tensors(results):
     """Every launch above stays inside its tensors' storages (on a GPU a stray read faults only sometimes)."""
     found = {name: r["out_of_bounds"] for name, r in results.items() if r.get("out_of_bounds")}
