@@ -217,7 +217,7 @@ def _task(task, data_dir, limit, seed, rec):
     from attnedit.evals import load_task  # noqa: PLC0415
 
     the_task = load_task(task, data_dir=data_dir)
-    registry.check_task(rec.interventions, task, the_task.kind)
+    registry.check_task(rec.interventions, task, the_task.kind, the_task.spec.states_context)
     return the_task, C.calibration_examples(the_task, limit, seed)
 
 

@@ -155,10 +155,15 @@ class TaskSpec(_Frozen):
         return self
 
     @property
+    def states_context(self) -> bool:
+        """Whether a knowledge_conflict task's prompts state a context (False for its recall form)."""
+        return not (self.kind == "knowledge_conflict" and self.local is not None and not self.local.context)
+
+    @property
     def primary_metric(self) -> str:
         if self.metric:
             return self.metric
-        if self.kind == "knowledge_conflict" and self.local is not None and not self.local.context:
+        if not self.states_context:
             return "memory_rate"
         return DEFAULT_METRIC[self.kind]
 

@@ -315,6 +315,7 @@ METHOD = register(
             scores_on=SCORED_TASKS,
             reads={"knowledge_conflict": conflict_prompts},
             kinds_for=_kinds_for,
+            needs_context=True,
             params=(
                 Param("prune", str, "which heads to prune", "memory", choices=("memory", "context")),
                 Param("k", int, "how many heads to prune", 5, ge=1),

@@ -133,6 +133,8 @@ class Search:
             them, in words (PH3's ``ablation: zero`` searches on knowledge conflicts only); None from it,
             or no `kinds_for`, allows every one of `task_kinds`. Checked by `check_task` before any
             model loads.
+        needs_context: on a knowledge_conflict task, the search needs prompts that state a context
+            (PH3 scores memory against context); the task's recall form (no context) is refused.
     A search with neither `scores_on` nor `reads` needs no task: it reads the model only (VAR's sink dimensions).
     """
 
@@ -142,6 +144,7 @@ class Search:
     reads: Mapping[str, Callable[..., list]] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
     kinds_for: Callable[[Any], tuple[tuple[str, ...], str] | None] | None = None
+    needs_context: bool = False
 
     @property
     def task_kinds(self) -> tuple[str, ...]:
@@ -288,13 +291,14 @@ def check_params(types: Sequence[str], options: Mapping[str, Any]) -> dict:
     return out
 
 
-def check_task(specs: Sequence[Any], task: str | None, kind: str | None) -> None:
+def check_task(specs: Sequence[Any], task: str | None, kind: str | None, context: bool = True) -> None:
     """Check that each search of a recipe can run on a task (None: no --task given).
 
     Args:
         specs: the recipe's interventions (in recipe order); an intervention type (a str) is checked
             against its method's task kinds only, a spec also against its search's `kinds_for`.
         task, kind: the task's name and kind, or None and None.
+        context: whether a knowledge_conflict task's prompts state a context (False: its recall form).
     Raises:
         AttneditError: one line per problem: a search needs a task and none is given, or the task's
             kind is not one it (or, narrowed by its fields, this spec's search) calibrates on.
@@ -313,6 +317,11 @@ def check_task(specs: Sequence[Any], task: str | None, kind: str | None) -> None
             kinds, why = narrowed
             if kind not in kinds:
                 problems.append(f"{t} with {why} calibrates on a {_or(kinds)} task only; {task!r} is {kind}")
+        if s.needs_context and kind == "knowledge_conflict" and not context:
+            problems.append(
+                f"{t}'s search needs knowledge conflicts whose prompts state a context; {task!r} is the recall "
+                "form (no context): use its conflict task (e.g. lama-conflict, facts-conflict)"
+            )
     if problems:
         raise AttneditError("\n".join(dict.fromkeys(problems)))
 

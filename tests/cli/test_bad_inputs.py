@@ -154,6 +154,12 @@ CASES = [
         "task only; 'cls.yaml' is classification",
         True,
     ),
+    (
+        "calibrate PH3 on the recall form of a knowledge-conflict task",
+        ["calibrate", "ph3.yaml", "--model", T, "-t", "facts-recall"],
+        "head_prune's search needs knowledge conflicts whose prompts state a context; 'facts-recall' is the recall",
+        True,
+    ),
     ("validate --model a folder without config", ["validate", "zt.yaml", "--model", "a-folder"], "config.json", True),
 ]
 if not torch.cuda.is_available():

@@ -132,6 +132,15 @@ def test_a_search_narrows_its_task_kinds_per_spec():
         registry.check_task([mean, zero, zero], "sst2", "classification")  # once, though two specs fail
 
 
+def test_ph3_needs_conflicts_that_state_a_context():
+    """A knowledge-conflict task's recall form (no context) is refused before any model loads."""
+    (zero,) = Recipe.from_str("interventions: [{type: head_prune, heads: {1: [0]}}]").interventions
+    registry.check_task([zero], "facts-conflict", "knowledge_conflict", context=True)
+    with pytest.raises(AttneditError, match=r"^head_prune's search needs knowledge conflicts whose prompts state a"):
+        registry.check_task([zero, "head_prune"], "facts-recall", "knowledge_conflict", context=False)
+    registry.check_task(["act"], "sst2", "classification", context=False)  # other searches do not care
+
+
 def test_a_method_without_effect_kinds_or_twice_is_refused():
     zt = registry.get("zerotuning")
     with pytest.raises(ValueError, match="declares no effect kind"):
