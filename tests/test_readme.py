@@ -108,3 +108,20 @@ def test_main_job_gives_the_figures_the_readme_reports(tmp_path, smollm2):
     for (base, patched), task in ((conflict.groups(), "facts-conflict"), (recall.groups(), "facts-recall")):
         got = tasks[task]
         assert f"{got['baseline']['value']:.3f}" == base and f"{got['patched']['value']:.3f}" == patched, task
+
+
+def test_results_table_is_the_one_the_results_files_give():
+    """The README's results table is `benchmarks/evidence/table.py`'s output for the committed runs."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "evidence" / "table.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    generated = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Results on SmolLM2-135M-Instruct", 1)[1].split("\n## ", 1)[0]
+    shown = [line for line in section.splitlines() if line.startswith("|")]
+    assert len(generated) > 10 and shown == generated
