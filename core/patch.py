@@ -414,6 +414,20 @@ class Patch:
                 "q_offset": int(mask.q_offset),
             }
             return out, None
+        if query.shape[2] == 1:  # a decoding step: the backend keeps its set-up per layer until the next input
+            out = dispatch.decode_step(
+                backend,
+                self.state.decode_plans,
+                layer,
+                query,
+                key,
+                value,
+                tables,
+                mask,
+                scaling=scaling,
+                softcap=softcap,
+            )
+            return out, None
         return dispatch.attention(backend, query, key, value, tables, mask, scaling=scaling, softcap=softcap), None
 
     def _backend(self, device: torch.device) -> str:

@@ -85,6 +85,10 @@ class State:
             only its own positions (never attention sinks), so a decoding step reads a view of it instead
             of rebuilding every key's flags in every layer.
         head_scale: layer -> (B, H) fp32 per-input output scales (set by forward hooks).
+        decode_plans: layer -> the attention backend's set-up of that layer's decoding steps
+            (`attnedit.kernels.dispatch.decode_step`), kept from an input's first decoding step to the
+            next input: cleared by every prefill (`begin` with detect) and whenever the batch size
+            changes. The backend rebuilds an entry itself when what it was made from changes.
     """
 
     def __init__(self) -> None:
@@ -95,6 +99,7 @@ class State:
         self.hsink: dict[int, torch.Tensor] = {}
         self.groups: dict[int, torch.Tensor] = {}
         self.head_scale: HeadScales = HeadScales()
+        self.decode_plans: dict[int, Any] = {}
         self.allocations = 0  # buffers (re)allocated: tests check that decoding steps allocate none
 
     def reserve(self, batch: int, length: int, device: torch.device) -> None:
@@ -104,6 +109,7 @@ class State:
             self.flags = self.first = None
             self.hsink.clear()
             self.groups.clear()
+            self.decode_plans.clear()
         elif length > self.capacity:
             self.capacity = _round_up(max(length, 2 * self.capacity))
         self.flags = self._fit(self.flags, (batch,), device)
@@ -304,6 +310,7 @@ def begin(
     state.reserve(batch, capacity, device)
     if detect:
         state.head_scale.reset()
+        state.decode_plans.clear()
     known = not torch.is_tensor(past)
     if known:
         positions = torch.arange(length, device=device) + past

@@ -85,6 +85,30 @@ def attention(
     )
 
 
+def decode_step(
+    name: str,
+    plans: dict,
+    slot,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: LayerTables | None,
+    mask: MaskInfo,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`attention` for a decoding step (one query row), keeping the backend's fixed set-up in ``plans[slot]``.
+
+    The caller owns `plans` and clears it when a new input starts; the Triton backend keeps a
+    `triton_ops.DecodePlan` there (and rebuilds it when anything it was made from changed). Under
+    torch.compile, and for the reference, this is `attention`.
+    """
+    if name == "triton" and not torch.compiler.is_compiling():
+        return _triton().decode_step(plans, slot, q, k, v, tables, mask, scaling=scaling, softcap=softcap)
+    return attention(name, q, k, v, tables, mask, scaling=scaling, softcap=softcap)
+
+
 def column_scores(
     name: str,
     q: torch.Tensor,

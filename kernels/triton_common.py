@@ -82,7 +82,12 @@ class Launcher:
         if names is None:
             names = self.names[len(args)] = self.fn.arg_names[len(args) :]
         consts = tuple(map(constexprs.__getitem__, names))
-        key = (consts, num_warps, num_stages, _spec_key(args))
+        self.launch(
+            (consts, num_warps, num_stages, _spec_key(args)), grid, args, consts, constexprs, num_warps, num_stages
+        )
+
+    def launch(self, key, grid, args, consts: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+        """Every launch ends here: the compiled kernel kept for `key`, else Triton's generic path (which compiles)."""
         kernel = self.cache.get(key)
         if kernel is not None:
             kernel[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts)
@@ -91,6 +96,38 @@ class Launcher:
         kernel = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         if kernel is not None and hasattr(kernel, "function"):  # compiled (not the CPU interpreter)
             self.cache[key] = kernel
+
+
+class Template:
+    """One kernel variant's launches with the arguments that never change between them bound once.
+
+    A decoding step launches the same kernel variant at every step of an input with mostly the
+    same arguments (plan tensors, placeholders, sizes); only a few change (the query, the cache's
+    keys and values, the output, key counts). `args` holds every positional argument, those at the
+    positions in `free` being replaced at each call by `values` (in that order). The fixed
+    arguments' part of the launch key (`_spec_key`) and the constexprs are computed once here, so a
+    launch only keys its free arguments. The template holds its fixed arguments, so their memory
+    (and its alignment, part of the key) stays theirs.
+    """
+
+    def __init__(
+        self, launcher: "Launcher", args: tuple, free: tuple[int, ...], constexprs: dict, num_warps: int, num_stages=1
+    ):
+        self.launcher = launcher
+        self.args = list(args)
+        self.free = free
+        self.constexprs = constexprs
+        self.num_warps, self.num_stages = num_warps, num_stages
+        fixed = tuple(a for i, a in enumerate(args) if i not in set(free))
+        self.consts = tuple(map(constexprs.__getitem__, launcher.fn.arg_names[len(args) :]))
+        self.key = ("template", free, self.consts, num_warps, num_stages, _spec_key(fixed))
+
+    def __call__(self, grid: tuple, values: tuple) -> None:
+        args = self.args.copy()
+        for i, a in zip(self.free, values):
+            args[i] = a
+        key = (self.key, _spec_key(values))
+        self.launcher.launch(key, grid, args, self.consts, self.constexprs, self.num_warps, self.num_stages)
 
 
 def placeholders(device):

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .triton_common import (
     Launcher,
+    Template,
     cdiv,
     dot_pv,
     dot_qk,
@@ -379,6 +380,207 @@ def n_splits(n_keys: int, n_programs: int, n_sm: int) -> int:
     return max(1, min(want, n_keys // 512))
 
 
+class Decoder:
+    """The launches of decoding steps of one configuration, with everything fixed set up once.
+
+    What a step's launch derives from sizes, dtypes and the layer's plan tensors (the constexprs,
+    the placeholders standing for absent tensors, the bias, packed moves, the launch arguments
+    that never change and their part of the launch key) is computed here, once; a call passes only
+    what may change from one step to the next: q, k, v, key groups, the masks, the query position,
+    the output scale and shift. Key splits are chosen per call (they depend on the key count), and
+    each split mode gets its launch templates at its first use.
+
+    Args (fixed for the decoder's life):
+        q, k: a step's query (B, H, 1, D) and keys (B, Hkv, K, D): only their sizes, dtype and device are kept.
+        scaling: logit scale.
+        n_groups, per_group, bias, moves, write_masses, splits, block_n, num_stages: as `decode`.
+        has_groups, groups_per_head: whether calls pass key groups, and whether those have one row per head.
+        has_kv_start, dense, pos_on_device: which of `decode`'s kv_start, dense and pos calls pass.
+        scale_dim: 0 without an output scale, else its number of dimensions (1: (H,), 2: (B, H)).
+        has_shift: whether calls pass an output shift.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        scaling: float,
+        n_groups: int = 1,
+        per_group: bool = False,
+        bias: torch.Tensor | None = None,
+        moves: tuple | None = None,
+        has_groups: bool = False,
+        groups_per_head: bool = False,
+        has_kv_start: bool = False,
+        dense: bool = False,
+        pos_on_device: bool = False,
+        scale_dim: int = 0,
+        has_shift: bool = False,
+        write_masses: bool = False,
+        splits: int | None = None,
+        block_n: int = BLOCK_N,
+        num_stages: int = 3,
+    ):
+        B, H, _, D = q.shape
+        self.B, self.H, self.D, self.Hkv = B, H, D, k.shape[1]
+        self.dtype, self.device = q.dtype, q.device
+        self.R = H // self.Hkv
+        self.d_pad = max(16, next_pow2(D))
+        self.block_r = max(16, next_pow2(self.R))
+        self.G = n_groups
+        self.NG = max(2, next_pow2(n_groups)) if per_group else 1
+        self.splits, self.block_n, self.num_stages = splits, block_n, num_stages
+        self.qk_scale = scaling * 1.4426950408889634
+        self.bias, self.moves = bias, moves
+        self.has_groups, self.has_kv_start, self.dense, self.pos_on_device = (
+            has_groups,
+            has_kv_start,
+            dense,
+            pos_on_device,
+        )
+        self.scale_dim, self.has_shift, self.write_masses = scale_dim, has_shift, write_masses
+        self.finish_consts = dict(
+            NM=moves[0].shape[0] if moves else 0,
+            SCALE_MODE=scale_dim,
+            HAS_SHIFT=has_shift,
+            WRITE_MASSES=write_masses,
+        )
+        self.consts = dict(
+            HEAD_DIM=D,
+            D_PAD=self.d_pad,
+            BLOCK_R=self.block_r,
+            BLOCK_N=block_n,
+            MASK_MODE=1 if dense else 0,
+            HAS_KV_START=has_kv_start,
+            POS_ON_DEVICE=pos_on_device,
+            HAS_BIAS=bias is not None,
+            HAS_GROUPS=has_groups,
+            HG_PER_HEAD=has_groups and groups_per_head,
+            G=n_groups,
+            NG=self.NG,
+            IEEE=q.dtype == torch.float32,
+            EMU=emulate_bf16(q.dtype),
+            **self.finish_consts,
+        )
+        self._templates: dict[bool, tuple] = {}
+
+    def _fixed(self, finish: bool) -> tuple:
+        """(decode template, combine template or None) for one split mode: every argument a step does not change."""
+        hit = self._templates.get(finish)
+        if hit is not None:
+            return hit
+        dummy, dummy_f, dummy_u8 = placeholders(self.device)
+        B, H, D = self.B, self.H, self.D
+        out_st = (H * D, H * D, D, 1)  # the (B, 1, H, D) contiguous output each step allocates
+        mv_i, mv_f, keep, row_start = self.moves if self.moves else (dummy, dummy_f, dummy_f, dummy)
+        named = dict(
+            Q=None, K=None, V=None,
+            KG=dummy_u8, BIAS=self.bias if self.bias is not None else dummy_f, KV_START=dummy, DM=dummy_u8,
+            POS=dummy, PO=dummy_f, PL=dummy_f, PM=dummy_f, OUT=None, MASSES=dummy_f,
+            MV_I=mv_i, MV_F=mv_f, KEEP=keep, ROW_START=row_start, SCALE=dummy_f, SHIFT=dummy_f,
+            stride_qb=0, stride_qh=0, stride_kb=0, stride_kh=0, stride_kn=0, stride_vb=0, stride_vh=0, stride_vn=0,
+            stride_gb=8, stride_gh=8, stride_db=8, stride_ob=out_st[0], stride_oh=out_st[2],
+            B=B, H=H, HKV=self.Hkv, R=self.R, NK=0, DIAG=0, Q_POS=0, KEYS_PER_SPLIT=0, S=1, qk_scale=self.qk_scale,
+        )  # fmt: skip
+        free = ["Q", "K", "V", "OUT", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kn"]
+        free += ["stride_vb", "stride_vh", "stride_vn", "NK", "DIAG", "Q_POS", "KEYS_PER_SPLIT"]
+        free += ["KG", "stride_gb", "stride_gh"] if self.has_groups else []
+        free += ["KV_START"] if self.has_kv_start else []
+        free += ["DM", "stride_db"] if self.dense else []
+        free += ["POS"] if self.pos_on_device else []
+        free += [] if finish else ["PO", "PL", "PM", "S"]
+        free += ["MASSES"] if self.write_masses else []
+        free += ["SCALE"] if self.scale_dim else []
+        free += ["SHIFT"] if self.has_shift else []
+        dec = _template(_LAUNCH_DECODE, named, free, dict(self.consts, FINISH=finish), self.num_stages)
+        comb = None
+        if not finish:
+            named = dict(
+                PO=None, PL=None, PM=None, OUT=None, MASSES=dummy_f, MV_I=mv_i, MV_F=mv_f, KEEP=keep,
+                ROW_START=row_start, SCALE=dummy_f, SHIFT=dummy_f, POS=dummy, stride_ob=out_st[0],
+                stride_oh=out_st[2], B=B, H=H, HKV=self.Hkv, R=self.R, S=0, Q_POS=0,
+            )  # fmt: skip
+            free = ["PO", "PL", "PM", "OUT", "S", "Q_POS"]
+            free += ["MASSES"] if self.write_masses else []
+            free += ["SCALE"] if self.scale_dim else []
+            free += ["SHIFT"] if self.has_shift else []
+            free += ["POS"] if self.pos_on_device else []
+            consts = dict(
+                HEAD_DIM=D,
+                D_PAD=self.d_pad,
+                BLOCK_R=self.block_r,
+                NG=self.NG,
+                G=self.G,
+                POS_ON_DEVICE=self.pos_on_device,
+                **self.finish_consts,
+            )
+            comb = _template(_LAUNCH_COMBINE, named, free, consts, 1)
+        hit = self._templates[finish] = (dec, comb)
+        return hit
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        diag: int,
+        q_pos: int,
+        pos: torch.Tensor | None = None,
+        kv_start: torch.Tensor | None = None,
+        dense: torch.Tensor | None = None,
+        key_group: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ):
+        """Launch one step; the arguments mean what they mean for `decode`. Returns (out, masses)."""
+        B, H, D, Hkv = self.B, self.H, self.D, self.Hkv
+        NK = k.shape[2]
+        dev = self.device
+        block_n = self.block_n
+        S = self.splits or (1 if NK < 1024 else n_splits(NK, B * Hkv, sm_count(dev)))  # 1 below 1024 keys anyway
+        kps = cdiv(cdiv(NK, S), block_n) * block_n
+        S = cdiv(NK, kps)
+        finish = S == 1  # one launch: the decode kernel finishes its rows itself
+        dec, comb = self._fixed(finish)
+        out = torch.empty(B, 1, H, D, dtype=self.dtype, device=dev)
+        masses = torch.empty(B, H, 1, self.G, dtype=torch.float32, device=dev) if self.write_masses else None
+        q_st, k_st, v_st = q.stride(), k.stride(), v.stride()
+        values = [q, k, v, out, q_st[0], q_st[1], k_st[0], k_st[1], k_st[2], v_st[0], v_st[1], v_st[2]]
+        values += [NK, diag, q_pos, kps]
+        if self.has_groups:
+            kg_st = key_group.stride()
+            values += [key_group, kg_st[0], kg_st[1]]
+        if self.has_kv_start:
+            values.append(kv_start)
+        if self.dense:
+            values += [dense, dense.stride(0)]
+        if self.pos_on_device:
+            values.append(pos)
+        if not finish:
+            NG, d_pad = self.NG, self.d_pad
+            po = torch.empty(B, H, S, NG, d_pad, dtype=torch.float32, device=dev)
+            pl = torch.empty(B, H, S, NG, dtype=torch.float32, device=dev)
+            pm = torch.empty(B, H, S, dtype=torch.float32, device=dev)
+            values += [po, pl, pm, S]
+        tail = [masses] if self.write_masses else []
+        tail += [scale] if self.scale_dim else []
+        tail += [shift] if self.has_shift else []
+        dec((S, B * Hkv), tuple(values + tail))
+        if not finish:
+            comb((B * Hkv,), (po, pl, pm, out, S, q_pos, *tail, *([pos] if self.pos_on_device else [])))
+        return out, masses
+
+
+def _template(launcher: Launcher, named: dict, free: list[str], consts: dict, num_stages: int) -> Template:
+    """A launch template of `launcher`'s kernel from its arguments by name, those named in `free` given per call."""
+    names = launcher.fn.arg_names[: len(named)]
+    assert tuple(named) == tuple(names), "arguments out of the kernel's order"
+    order = {n: i for i, n in enumerate(names)}
+    return Template(launcher, tuple(named.values()), tuple(order[n] for n in free), consts, 4, num_stages)
+
+
 def decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -402,7 +604,7 @@ def decode(
     block_n: int = BLOCK_N,
     num_stages: int = 3,
 ):
-    """Launch decode + combine for one query row.
+    """Launch decode + combine for one query row (a `Decoder` made for this call alone).
 
     Args:
         q: (B, H, 1, D); k, v: (B, Hkv, K, D); last dims contiguous.
@@ -417,136 +619,27 @@ def decode(
     Returns:
         (out (B, 1, H, D), masses (B, H, 1, G) or None).
     """
-    B, H, _, D = q.shape
-    Hkv, NK = k.shape[1], k.shape[2]
-    R = H // Hkv
-    dev = q.device
-    d_pad = max(16, next_pow2(D))
-    block_r = max(16, next_pow2(R))
-    G = n_groups
-    NG = max(2, next_pow2(G)) if per_group else 1
-    S = splits or (1 if NK < 1024 else n_splits(NK, B * Hkv, sm_count(dev)))  # n_splits gives 1 below 1024 keys
-    kps = cdiv(cdiv(NK, S), block_n) * block_n
-    S = cdiv(NK, kps)
-    finish = S == 1  # one launch: the decode kernel finishes its rows itself
-    dummy, dummy_f, dummy_u8 = placeholders(dev)
-    out = torch.empty(B, 1, H, D, dtype=q.dtype, device=dev)
-    masses = torch.empty(B, H, 1, G, dtype=torch.float32, device=dev) if write_masses else None
-    if finish:
-        po = pl = pm = dummy_f
-    else:
-        po = torch.empty(B, H, S, NG, d_pad, dtype=torch.float32, device=dev)
-        pl = torch.empty(B, H, S, NG, dtype=torch.float32, device=dev)
-        pm = torch.empty(B, H, S, dtype=torch.float32, device=dev)
-    kg = key_group if key_group is not None else dummy_u8.view(1, 1, 8)
-    dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
-    mv_i, mv_f, keep, row_start = moves if moves else (dummy, dummy_f, dummy_f, dummy)
-    q_st, k_st, v_st, kg_st, dm_st, out_st = (t.stride() for t in (q, k, v, kg, dm, out))
-    masses_arg = masses if masses is not None else dummy_f
-    scale_arg = scale if scale is not None else dummy_f
-    shift_arg = shift if shift is not None else dummy_f
-    pos_arg = pos if pos is not None else dummy
-    finish_consts = dict(
-        NM=mv_i.shape[0] if moves else 0,
-        SCALE_MODE=0 if scale is None else scale.dim(),
-        HAS_SHIFT=shift is not None,
-        WRITE_MASSES=write_masses,
-    )
-    args = (
+    dec = Decoder(
         q,
         k,
-        v,
-        kg,
-        bias if bias is not None else dummy_f,
-        kv_start if kv_start is not None else dummy,
-        dm,
-        pos_arg,
-        po,
-        pl,
-        pm,
-        out,
-        masses_arg,
-        mv_i,
-        mv_f,
-        keep,
-        row_start,
-        scale_arg,
-        shift_arg,
-        q_st[0],
-        q_st[1],
-        k_st[0],
-        k_st[1],
-        k_st[2],
-        v_st[0],
-        v_st[1],
-        v_st[2],
-        kg_st[0],
-        kg_st[1],
-        dm_st[0],
-        out_st[0],
-        out_st[2],
-        B,
-        H,
-        Hkv,
-        R,
-        NK,
-        diag,
-        q_pos,
-        kps,
-        S,
-        scaling * 1.4426950408889634,
+        scaling=scaling,
+        n_groups=n_groups,
+        per_group=per_group,
+        bias=bias,
+        moves=moves,
+        has_groups=key_group is not None,
+        groups_per_head=key_group is not None and key_group.shape[1] > 1,
+        has_kv_start=kv_start is not None,
+        dense=dense is not None,
+        pos_on_device=pos is not None,
+        scale_dim=0 if scale is None else scale.dim(),
+        has_shift=shift is not None,
+        write_masses=write_masses,
+        splits=splits,
+        block_n=block_n,
+        num_stages=num_stages,
     )
-    consts = dict(
-        HEAD_DIM=D,
-        D_PAD=d_pad,
-        BLOCK_R=block_r,
-        BLOCK_N=block_n,
-        MASK_MODE=0 if dense is None else 1,
-        HAS_KV_START=kv_start is not None,
-        POS_ON_DEVICE=pos is not None,
-        HAS_BIAS=bias is not None,
-        HAS_GROUPS=key_group is not None,
-        HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
-        G=G,
-        NG=NG,
-        IEEE=q.dtype == torch.float32,
-        EMU=emulate_bf16(q.dtype),
-        FINISH=finish,
-        **finish_consts,
-    )
-    _LAUNCH_DECODE((S, B * Hkv), args, consts, 4, num_stages)
-    if finish:
-        return out, masses
-    args = (
-        po,
-        pl,
-        pm,
-        out,
-        masses_arg,
-        mv_i,
-        mv_f,
-        keep,
-        row_start,
-        scale_arg,
-        shift_arg,
-        pos_arg,
-        out_st[0],
-        out_st[2],
-        B,
-        H,
-        Hkv,
-        R,
-        S,
-        q_pos,
-    )
-    consts = dict(
-        HEAD_DIM=D,
-        D_PAD=d_pad,
-        BLOCK_R=block_r,
-        NG=NG,
-        G=G,
-        POS_ON_DEVICE=pos is not None,
-        **finish_consts,
-    )
-    _LAUNCH_COMBINE((B * Hkv,), args, consts, 4)
-    return out, masses
+    return dec(
+        q, k, v, diag=diag, q_pos=q_pos, pos=pos, kv_start=kv_start, dense=dense, key_group=key_group, scale=scale,
+        shift=shift,
+    )  # fmt: skip

@@ -41,6 +41,7 @@ from attnedit.tables import LayerTables, MaskInfo
 from . import reference
 from .triton_colsum import colsum as _colsum
 from .triton_common import next_pow2
+from .triton_decode import Decoder as _Decoder
 from .triton_decode import decode as _decode
 from .triton_prefill import member_tiles, pick_config
 from .triton_prefill import prefill as _prefill
@@ -167,6 +168,124 @@ def column_scores(
         )
     cs = _colsum(q, k, lse, key_group=t.key_group, n_groups=t.n_groups, bias=bias, config=config, **kw)
     return cs, _counts(mask, geo, q.shape[0], q.shape[2], k.shape[2], q.device)
+
+
+def decode_step(
+    plans: dict,
+    slot,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: LayerTables | None,
+    mask: MaskInfo,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`attention` for one query row (a decoding step), with its fixed set-up kept in ``plans[slot]``.
+
+    The caller owns `plans` and says how long its entries live (a patch keeps one per layer and
+    clears them when a new input starts); an entry is also rebuilt whenever `DecodePlan.fits` says
+    that what it was built from changed. Returns (B, 1, H, D) in q's dtype.
+    """
+    plan = plans.get(slot)
+    if plan is None or not plan.fits(q, k, tables, mask, scaling, softcap):
+        plan = plans[slot] = DecodePlan(q, k, tables, mask, scaling, softcap)
+    return plan(q, k, v, tables, mask)
+
+
+class DecodePlan:
+    """One layer's decoding steps, with what every step of an input shares worked out once.
+
+    Kept: whether the kernels run at all (the reference fallback's reasons), the layer's tables in
+    kernel form as far as they come from the plan (the log2-domain bias, whether the key groups
+    change anything, the packed moves) and a `triton_decode.Decoder` (constexprs, placeholders, the
+    fixed launch arguments and their part of the launch key). A step passes only what may change
+    at every step: q, k, v, the key groups, the mask's geometry (key count, diagonal, positions),
+    the output scale and shift (a per-input head scale is a new tensor at each forward).
+
+    Safe to keep while `fits` holds: it compares everything the kept parts were derived from, the
+    sizes and dtypes of q and k (batch size included), the device, the scaling and soft-cap, the
+    table tensors by identity and version (bias, the moves tuple and its keep tensors: a plan's
+    own objects, the same at every forward), which optional tables and mask forms are present.
+    Moves with per-input row starts (after the image tokens) are packed at every step, as by
+    `attention`, and nothing per input is kept.
+    """
+
+    def __init__(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap):
+        self.signature = self._signature(q, k, tables, mask, scaling, softcap)
+        self.tables = tables  # holds the table tensors compared by identity, so their ids are not reused
+        self.scaling, self.softcap = scaling, softcap
+        self.decoder = None
+        if _fallback(q, k, tables, mask, softcap) is not None:
+            return  # every step runs `attention`, which runs the reference
+        if tables is not None and tables.moves and any(m.row_start is not None for m in tables.moves):
+            return  # per-input row starts: `attention` packs them at every step
+        t = _Prepared.of(tables, q)
+        self.use_groups = t.key_group is not None
+        self.decoder = _Decoder(
+            q,
+            k,
+            scaling=scaling,
+            n_groups=t.n_groups,
+            per_group=self.use_groups and t.moves is not None,
+            bias=t.bias2 if t.has_bias else None,
+            moves=t.moves,
+            has_groups=self.use_groups,
+            groups_per_head=self.use_groups and t.key_group.shape[1] > 1,
+            has_kv_start=mask.dense is not None and mask.kv_start is not None,
+            dense=mask.dense is not None and mask.kv_start is None,
+            pos_on_device=torch.is_tensor(mask.q_offset),
+            scale_dim=0 if t.scale is None else t.scale.dim(),
+            has_shift=t.shift is not None,
+        )
+
+    @staticmethod
+    def _signature(q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap) -> tuple:
+        """Everything a plan is derived from, compared at each step (identities and versions of table tensors)."""
+        sig = (q.shape, q.dtype, q.device, k.shape[1], k.shape[3], k.dtype, scaling, softcap)
+        sig += (mask.dense is None, mask.kv_start is None, torch.is_tensor(mask.q_offset))
+        if mask.dense is not None:
+            sig += (mask.dense.shape[1],)
+        if tables is None:
+            return sig
+        groups, bias, moves = tables.key_group, tables.bias, tables.moves
+        sig += (tables.n_groups, groups is None, None if groups is None else groups.shape[1])
+        sig += (id(bias), None if bias is None else bias._version, id(moves))
+        sig += tuple(m.keep._version for m in moves)
+        sig += (tables.out_scale is None, None if tables.out_scale is None else tables.out_scale.dim())
+        return sig + (tables.out_shift is None,)
+
+    def fits(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap) -> bool:
+        return self._signature(q, k, tables, mask, scaling, softcap) == self.signature
+
+    def __call__(self, q, k, v, tables: LayerTables | None, mask: MaskInfo) -> torch.Tensor:
+        if self.decoder is None:
+            return attention(q, k, v, tables, mask, scaling=self.scaling, softcap=self.softcap)
+        q, k, v = (_last_contiguous(t) for t in (q, k, v))
+        geo = _Geometry.of(mask, q, k)
+        groups = scale = shift = None
+        if tables is not None:
+            if self.use_groups:
+                groups = _last_contiguous(tables.key_group)
+            if tables.out_scale is not None:
+                scale = tables.out_scale.to(q.device, torch.float32).contiguous()
+            if tables.out_shift is not None:
+                shift = tables.out_shift.to(q.device, torch.float32).contiguous()
+        out, _ = self.decoder(
+            q,
+            k,
+            v,
+            diag=geo.diag,
+            q_pos=geo.q_pos0,
+            pos=geo.pos,
+            kv_start=geo.kv_start,
+            dense=geo.dense,
+            key_group=groups,
+            scale=scale,
+            shift=shift,
+        )
+        return out
 
 
 # --------------------------------------------------------------------------- preparation

@@ -69,7 +69,7 @@ def check_step_launches(name: str) -> dict:
     model = tiny("llama")
     ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     launches = []
-    real = triton_common.Launcher.__call__
+    real = triton_common.Launcher.launch
 
     def counting(self, *args, **kwargs):
         launches.append(self.fn.__name__)
@@ -77,13 +77,82 @@ def check_step_launches(name: str) -> dict:
 
     with attnedit.patch(model, attnedit.Recipe.from_str(CACHED[name]), backend="triton") as p, torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
-        triton_common.Launcher.__call__ = counting
+        triton_common.Launcher.launch = counting
         try:
             model(input_ids=ids[:, :1], cache=cache, use_cache=True)
         finally:
-            triton_common.Launcher.__call__ = real
+            triton_common.Launcher.launch = real
         layers = len(p.compiled.layers)
     return dict(launches=launches, layers=layers)
+
+
+# recipes whose decoding steps keep a per-layer plan (checked across two inputs)
+PLANNED = dict(
+    CACHED,
+    pasta="interventions: [{type: pasta, heads: {0: [0, 2], 1: [1]}, alpha: 0.01}]",
+)
+
+
+def check_decode_plans(name: str) -> dict:
+    """Two inputs decoded one after the other through one patch, against the reference backend.
+
+    The first input is unpadded with one set of spans, the second left-padded with others (the same
+    batch size, so only the decoding plans' own checks and the prefill's reset tell them apart).
+    Runs again with that invalidation switched off (plans never rebuilt or cleared): the second
+    input's steps must then go wrong, which shows the comparison can fail.
+    """
+    from models import tiny
+
+    import attnedit
+    from attnedit.kernels import triton_ops
+
+    model = tiny("llama")
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    first = torch.randint(3, V, (2, 9), generator=g)
+    second = torch.randint(3, V, (2, 12), generator=g)
+    pad = torch.ones(2, 12, dtype=torch.long)
+    pad[1, :5] = 0
+    steps = torch.randint(3, V, (3, 2, 1), generator=g)
+    inputs = ((first, None, [[(1, 4)], [(2, 6)]]), (second, pad, [[(6, 9)], [(7, 11)]]))
+
+    class Kept(dict):
+        def clear(self):  # the prefill's reset, switched off
+            pass
+
+    def run(backend: str, broken: bool = False) -> list[torch.Tensor]:
+        logits = []
+        recipe = attnedit.Recipe.from_str(PLANNED[name])
+        with attnedit.patch(model, recipe, backend=backend) as p, torch.no_grad():
+            if broken:
+                p.state.decode_plans = Kept()
+            for ids, mask, spans in inputs:
+                p.set_spans(spans)
+                cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+                for nxt in steps:
+                    if mask is not None:
+                        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+                    out = model(input_ids=nxt, attention_mask=mask, cache=cache, use_cache=True)
+                    logits.append(out.logits[:, -1])
+        return logits
+
+    ref = run("reference")
+    got = run("triton")
+    fits = triton_ops.DecodePlan.fits
+    triton_ops.DecodePlan.fits = lambda *a: True
+    try:
+        stale = run("triton", broken=True)
+    except Exception as e:  # a stale plan may also crash: that counts as going wrong
+        stale = e
+    finally:
+        triton_ops.DecodePlan.fits = fits
+    n = len(steps)
+    err = max((a - b).abs().max().item() for a, b in zip(got, ref))
+    if isinstance(stale, Exception):
+        stale_err = float("inf")
+    else:
+        stale_err = max((a - b).abs().max().item() for a, b in zip(stale[n:], ref[n:]))
+    return dict(err=err, stale_err=stale_err)
 
 
 def check_decode_splits(ops, spec, splits: int) -> dict:
@@ -91,17 +160,17 @@ def check_decode_splits(ops, spec, splits: int) -> dict:
     from attnedit.kernels import triton_common
 
     launches = []
-    real = triton_common.Launcher.__call__
+    real = triton_common.Launcher.launch
 
     def counting(self, *args, **kwargs):
         launches.append(self.fn.__name__)
         return real(self, *args, **kwargs)
 
-    triton_common.Launcher.__call__ = counting
+    triton_common.Launcher.launch = counting
     try:
         r = kc.check_masses(ops, spec, seed=13, splits=splits)
     finally:
-        triton_common.Launcher.__call__ = real
+        triton_common.Launcher.launch = real
     return dict(r, launches=launches)
 
 
@@ -132,6 +201,8 @@ def main(out_path: str) -> None:
     for name in CACHED:
         jobs[f"cached_choices/{name}"] = lambda n=name: check_cached_choices(n)
         jobs[f"step_launches/{name}"] = lambda n=name: check_step_launches(n)
+    for name in PLANNED:
+        jobs[f"decode_plans/{name}"] = lambda n=name: check_decode_plans(n)
     results = {}
     for name, job in jobs.items():
         bounds.take()

@@ -120,6 +120,17 @@ def test_decoding_step_is_one_launch_per_patched_layer(results, recipe):
     assert r["launches"] == ["_decode_kernel"] * r["layers"]
 
 
+@pytest.mark.parametrize("recipe", ["zerotuning", "head_prune", "act", "pasta"])
+def test_decoding_plans_follow_each_input(results, recipe):
+    """Per-layer decoding plans kept across steps: a second input (padded, other spans) decodes as the reference.
+
+    The worker also runs it with the plans' invalidation switched off: the second input then goes wrong.
+    """
+    r = _get(results, f"decode_plans/{recipe}")
+    assert r["err"] < 1e-4
+    assert r["stale_err"] > 1e-2
+
+
 def test_no_kernel_reads_or_writes_outside_its_tensors(results):
     """Every launch above stays inside its tensors' storages (on a GPU a stray read faults only sometimes)."""
     found = {name: r["out_of_bounds"] for name, r in results.items() if r.get("out_of_bounds")}
