@@ -79,6 +79,7 @@ class Patch:
         self._layer_of: dict[int, int] = {}
         self._device_plans: dict[tuple[int, str], T.LayerPlan] = {}
         self._backend_for: dict[torch.device, str] = {}
+        self._longest: tuple | None = None  # (weak reference to a cache, its layer count, longest layer)
         if spans is not None:
             self.set_spans(spans)
 
@@ -228,7 +229,7 @@ class Patch:
         if ref is None:
             return
         B, Tn = ref.shape[:2]
-        past, capacity = _cache_extent(kwargs.get("cache", kwargs.get("past_key_values")), Tn)
+        past, capacity = self._cache_extent(kwargs.get("cache", kwargs.get("past_key_values")), Tn)
         detect = past == 0 if isinstance(past, int) else Tn > 1
         if self.compiled.input_detectors and ids is None:
             det = self.compiled.input_detectors[0]
@@ -430,6 +431,31 @@ class Patch:
             return out, None
         return dispatch.attention(backend, query, key, value, tables, mask, scaling=scaling, softcap=softcap), None
 
+    def _cache_extent(self, cache, length: int) -> tuple[int | torch.Tensor, int]:
+        """(tokens already in the cache, positions the per-input buffers must hold) for a forward of `length` tokens.
+
+        A dynamic cache knows its length as a Python int; a static cache keeps it on the device (a tensor
+        that it advances in place) and holds `max_cache_len` positions. Its layers' longest
+        `max_cache_len` (fixed when a layer is made) is kept for the cache object and its number of
+        layers, so a decoding step does not walk every layer.
+        """
+        if cache is None or not hasattr(cache, "get_seq_length"):
+            return 0, length
+        past = cache.get_seq_length()
+        n_layers = len(getattr(cache, "layers", ()))
+        kept = self._longest
+        if kept is not None and kept[0]() is cache and kept[1] == n_layers:
+            longest = kept[2]
+        else:
+            longest = _longest_layer(cache)
+            try:
+                self._longest = (weakref.ref(cache), n_layers, longest)
+            except TypeError:  # a cache object that takes no weak reference: walked at every forward
+                self._longest = None
+        if torch.is_tensor(past):
+            return past, max(longest, length)
+        return int(past), max(int(past) + length, longest)
+
     def _backend(self, device: torch.device) -> str:
         hit = self._backend_for.get(device)
         if hit is None:
@@ -437,21 +463,12 @@ class Patch:
         return hit
 
 
-def _cache_extent(cache, length: int) -> tuple[int | torch.Tensor, int]:
-    """(tokens already in the cache, positions the per-input buffers must hold) for a forward of `length` tokens.
-
-    A dynamic cache knows its length as a Python int; a static cache keeps it on the device (a tensor
-    that it advances in place) and holds `max_cache_len` positions.
-    """
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0, length
-    past = cache.get_seq_length()
+def _longest_layer(cache) -> int:
+    """The most positions any layer of `cache` holds (a static cache's `max_cache_len`; 0 for dynamic layers)."""
     longest = 0
     for layer in getattr(cache, "layers", ()):
         longest = max(longest, getattr(layer, "max_cache_len", 0) or 0)
-    if torch.is_tensor(past):
-        return past, max(longest, length)
-    return int(past), max(int(past) + length, longest)
+    return longest
 
 
 def patch(model: torch.nn.Module, recipe: Recipe | str | Path, backend: str | None = None, spans=None) -> Patch:

@@ -75,8 +75,12 @@ class State:
         batch: rows the buffers hold.
         capacity: positions the buffers hold (>= the KV cache's length).
         flags: (B, C) uint8 input flags (SPAN, IMAGE) on the input's device.
-        first: (B,) int64 absolute position of each row's first real token (set at a prefill, or from a
-            padding mask at every forward).
+        first: (B,) int64 absolute position of each row's first real token, set at a prefill and at any
+            later forward of several tokens with a padding mask (a chunked prefill), and at a one-token
+            forward only while `first_known` is False (a patch applied after the prefill): a decoding
+            step's padding mask extends the previous one with a 1 (as `generate` makes it), which
+            leaves every row's first real token where it was.
+        first_known: `first` holds the current input's answer (False until a forward sets it).
         hsink: layer -> (B, C) uint8 hidden-state sinks (0/1), on that layer's device.
         groups: layer -> (B, 1|H, C) uint8 key-group ids of a layer whose plan has per-layer flags (hidden
             or attention sinks), on that layer's device, packed as `group_ids` packs them but without the
@@ -96,6 +100,7 @@ class State:
         self.capacity = 0
         self.flags: torch.Tensor | None = None
         self.first: torch.Tensor | None = None
+        self.first_known = False
         self.hsink: dict[int, torch.Tensor] = {}
         self.groups: dict[int, torch.Tensor] = {}
         self.head_scale: HeadScales = HeadScales()
@@ -115,6 +120,7 @@ class State:
         self.flags = self._fit(self.flags, (batch,), device)
         if self.first is None or self.first.shape != (batch,) or self.first.device != torch.device(device):
             self.first = _mark_static(torch.zeros(batch, dtype=torch.long, device=device))
+            self.first_known = False
             self.allocations += 1
 
     def _fit(self, buf: torch.Tensor | None, lead: tuple[int, ...], device) -> torch.Tensor:
@@ -336,9 +342,12 @@ def begin(
         seen = ((state.flags & T.IMAGE) != 0) & (pos < positions[-1] + 1).view(1, cap)
         image_end = torch.where(seen, pos.view(1, cap), torch.full_like(pos, -1).view(1, cap)).amax(1) + 1
     padding = attention_mask if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 else None
-    first = first_real(attention_mask, batch, device) if (detect or padding is not None) else None
+    # a decoding step's padding mask only appends a 1 to each row: the first real tokens stay the prefill's
+    renew = detect or (padding is not None and (length > 1 or not state.first_known))
+    first = first_real(attention_mask, batch, device) if renew else None
     if first is not None:
         state.first.copy_(first)
+        state.first_known = True
     home = View(positions, state.first, pos0, flags, image_end)
     return Forward(
         batch,

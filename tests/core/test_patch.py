@@ -158,3 +158,31 @@ def test_forced_triton_on_cpu_is_refused(monkeypatch):
     with attnedit.patch(model, recipe("interventions: [{type: zerotuning, gamma: 2}]"), backend="triton"):
         with pytest.raises(attnedit.BackendError, match="triton"):
             model(ids)
+
+
+def test_cache_extent_follows_the_cache_object():
+    """The layers' longest max_cache_len is kept per cache object: another cache (or more layers) is read anew."""
+
+    class Layer:
+        def __init__(self, n):
+            self.max_cache_len = n
+
+    class Cache:
+        def __init__(self, *lengths, seen=0):
+            self.layers = [Layer(n) for n in lengths]
+            self.seen = seen
+
+        def get_seq_length(self):
+            return self.seen
+
+    model = models.tiny("llama")
+    p = attnedit.patch(model, attnedit.Recipe.from_str("interventions: [{type: zerotuning, gamma: 2.0}]"))
+    small = Cache(0, 32)
+    assert p._cache_extent(small, 5) == (0, 32)
+    small.seen = 40
+    assert p._cache_extent(small, 1) == (40, 41)
+    big = Cache(128, 0, seen=3)
+    assert p._cache_extent(big, 1) == (3, 128)
+    big.layers.append(Layer(512))  # a layer made later
+    assert p._cache_extent(big, 1) == (3, 512)
+    assert p._cache_extent(None, 7) == (0, 7)

@@ -220,3 +220,29 @@ def test_split_model_moves_per_input_state_once_per_forward_and_device(monkeypat
                 assert t.key_group.device.type == "meta" and t.first_key.device.type == "meta"
         assert p._fwd.moves_to == ["meta"]
     assert counts[0] and counts[0] == counts[1], "per-input state crosses once per forward, not once per layer"
+
+
+def test_first_real_tokens_are_found_once_per_input():
+    """A decoding step keeps the prefill's first real tokens; a new input and a chunk of several tokens renew them."""
+    state = R.State()
+    pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    forward(state, mask=pad)
+    assert state.first.tolist() == [2, 0]
+    step = torch.cat([pad, torch.ones(2, 1, dtype=pad.dtype)], 1)
+    step[0, :2] = 1  # a mask that is no extension of the prefill's: a decoding step does not read it
+    forward(state, length=1, past=5, mask=step)
+    assert state.first.tolist() == [2, 0]
+    # a new input with other padding (same batch size: same buffers) renews them
+    other = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    forward(state, length=6, mask=other)
+    assert state.first.tolist() == [0, 3]
+    # a chunked prefill's later chunk (several tokens) reads its mask
+    chunk = torch.cat([torch.tensor([[0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1]]), torch.ones(2, 2, dtype=pad.dtype)], 1)
+    forward(state, length=2, past=6, mask=chunk)
+    assert state.first.tolist() == [6, 3]
+    # state that never saw this input's prefill (a patch applied after it) reads a decoding step's mask once
+    late = R.State()
+    forward(late, length=1, past=5, mask=torch.cat([pad, torch.ones(2, 1, dtype=pad.dtype)], 1))
+    assert late.first.tolist() == [2, 0] and late.first_known
+    forward(late, length=1, past=6, mask=torch.ones(2, 7, dtype=pad.dtype))
+    assert late.first.tolist() == [2, 0]
