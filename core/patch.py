@@ -293,11 +293,16 @@ class Patch:
 
     def _layer_hook(self, layer: int):
         plan = self.compiled.layers[layer]
+        # detectors that all run at prefill only leave a later forward nothing to do: the prefill
+        # cleared the positions it did not flag (`record_layer_detection`)
+        prefill_only = all(getattr(det, "prefill_only", False) for det in plan.layer_detectors)
 
         def hook(module, args, kwargs):
+            fwd = self._fwd
+            if fwd is not None and not fwd.detect and prefill_only:
+                return None
             hidden = args[0] if args else kwargs["hidden_states"]
             B, Tn = hidden.shape[:2]
-            fwd = self._fwd
             if fwd is None or fwd.batch != B or fwd.length != Tn:
                 return None
             view = fwd.on(hidden.device)

@@ -361,9 +361,16 @@ def begin(
 
 
 def record_layer_detection(fwd: Forward, layer: int, found: torch.Tensor) -> None:
-    """Write a layer-input detection (B, T) bool of this forward's tokens at their positions."""
+    """Write a layer-input detection (B, T) bool of this forward's tokens at their positions.
+
+    A prefill first clears the whole buffer (a previous, longer input may have flagged positions
+    this one reaches later), so a later forward whose detectors all run at prefill only need not
+    write its positions: they already hold "not flagged".
+    """
     view = fwd.on(found.device)
     buf = fwd.state.layer_buffer(fwd.state.hsink, layer, (fwd.batch,), found.device)
+    if fwd.detect:
+        buf.zero_()
     buf.index_copy_(1, view.positions, found.to(torch.uint8))
 
 

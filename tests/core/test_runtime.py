@@ -246,3 +246,22 @@ def test_first_real_tokens_are_found_once_per_input():
     assert late.first.tolist() == [2, 0] and late.first_known
     forward(late, length=1, past=6, mask=torch.ones(2, 7, dtype=pad.dtype))
     assert late.first.tolist() == [2, 0]
+
+
+def test_a_prefill_clears_hidden_state_sinks_a_longer_input_left_behind():
+    """Sinks found at prefill only: a decoding step writes nothing, so the prefill clears the later positions."""
+    state = R.State()
+    fwd = forward(state, length=8, capacity=16)
+    found = torch.zeros(2, 8, dtype=torch.bool)
+    found[:, 6] = True
+    R.record_layer_detection(fwd, 0, found)
+    fwd = forward(state, length=4, capacity=16)  # a shorter input, same buffers
+    R.record_layer_detection(fwd, 0, torch.zeros(2, 4, dtype=torch.bool))
+    assert state.hsink[0].sum() == 0
+    # its decoding steps (no detection written) see position 6 unflagged
+    for past in (4, 5, 6):
+        fwd = forward(state, length=1, past=past, capacity=16)
+        t = R.layer_tables(
+            plan((T.FIRST, T.HSINK)), fwd, 0, device=torch.device("cpu"), heads=2, k_len=past + 1, kv_offset=0
+        )
+        assert (t.key_group & 2).sum() == 0
