@@ -398,6 +398,7 @@ class Decoder:
         has_kv_start, dense, pos_on_device: which of `decode`'s kv_start, dense and pos calls pass.
         scale_dim: 0 without an output scale, else its number of dimensions (1: (H,), 2: (B, H)).
         has_shift: whether calls pass an output shift.
+        row_starts: whether calls pass the moves' row starts (per input), `moves` holding placeholders there.
     """
 
     def __init__(
@@ -417,12 +418,14 @@ class Decoder:
         pos_on_device: bool = False,
         scale_dim: int = 0,
         has_shift: bool = False,
+        row_starts: bool = False,
         write_masses: bool = False,
         splits: int | None = None,
         block_n: int = BLOCK_N,
         num_stages: int = 3,
     ):
         B, H, _, D = q.shape
+        self.row_starts = row_starts
         self.B, self.H, self.D, self.Hkv = B, H, D, k.shape[1]
         self.dtype, self.device = q.dtype, q.device
         self.R = H // self.Hkv
@@ -493,6 +496,7 @@ class Decoder:
         free += ["MASSES"] if self.write_masses else []
         free += ["SCALE"] if self.scale_dim else []
         free += ["SHIFT"] if self.has_shift else []
+        free += ["ROW_START"] if self.row_starts else []
         dec = _template(_LAUNCH_DECODE, named, free, dict(self.consts, FINISH=finish), self.num_stages)
         comb = None
         if not finish:
@@ -506,6 +510,7 @@ class Decoder:
             free += ["SCALE"] if self.scale_dim else []
             free += ["SHIFT"] if self.has_shift else []
             free += ["POS"] if self.pos_on_device else []
+            free += ["ROW_START"] if self.row_starts else []
             consts = dict(
                 HEAD_DIM=D,
                 D_PAD=self.d_pad,
@@ -533,8 +538,10 @@ class Decoder:
         key_group: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        row_start: torch.Tensor | None = None,
     ):
-        """Launch one step; the arguments mean what they mean for `decode`. Returns (out, masses)."""
+        """Launch one step; the arguments mean what they mean for `decode`, `row_start` (NM, B) int64 the moves'
+        row starts when the decoder was made with `row_starts`. Returns (out, masses)."""
         B, H, D, Hkv = self.B, self.H, self.D, self.Hkv
         NK = k.shape[2]
         dev = self.device
@@ -567,9 +574,10 @@ class Decoder:
         tail = [masses] if self.write_masses else []
         tail += [scale] if self.scale_dim else []
         tail += [shift] if self.has_shift else []
-        dec((S, B * Hkv), tuple(values + tail))
+        starts = [row_start] if self.row_starts else []
+        dec((S, B * Hkv), tuple(values + tail + starts))
         if not finish:
-            comb((B * Hkv,), (po, pl, pm, out, S, q_pos, *tail, *([pos] if self.pos_on_device else [])))
+            comb((B * Hkv,), (po, pl, pm, out, S, q_pos, *tail, *([pos] if self.pos_on_device else []), *starts))
         return out, masses
 
 

@@ -208,8 +208,8 @@ class DecodePlan:
     sizes and dtypes of q and k (batch size included), the device, the scaling and soft-cap, the
     table tensors by identity and version (bias, the moves tuple and its keep tensors: a plan's
     own objects, the same at every forward), which optional tables and mask forms are present.
-    Moves with per-input row starts (after the image tokens) are packed at every step, as by
-    `attention`, and nothing per input is kept.
+    Moves with per-input row starts (after the image tokens) keep their packed parts; the row
+    starts (per input) are stacked at every step. Nothing per input is kept.
     """
 
     def __init__(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap):
@@ -219,10 +219,13 @@ class DecodePlan:
         self.decoder = None
         if _fallback(q, k, tables, mask, softcap) is not None:
             return  # every step runs `attention`, which runs the reference
-        if tables is not None and tables.moves and any(m.row_start is not None for m in tables.moves):
-            return  # per-input row starts: `attention` packs them at every step
         t = _Prepared.of(tables, q)
         self.use_groups = t.key_group is not None
+        self.starts = None  # live moves whose row starts are per input (after the image tokens): read per step
+        if t.moves is not None and any(m.row_start is not None for m in tables.moves):
+            keep = [m for m in tables.moves if _memo(m.keep, ("live",), lambda x: bool((_host(x) != 1).any()))]
+            self.starts = [tables.moves.index(m) for m in keep]
+            self.never = torch.full((q.shape[0],), -(2**62), dtype=torch.int64, device=q.device)
         self.decoder = _Decoder(
             q,
             k,
@@ -238,6 +241,7 @@ class DecodePlan:
             pos_on_device=torch.is_tensor(mask.q_offset),
             scale_dim=0 if t.scale is None else t.scale.dim(),
             has_shift=t.shift is not None,
+            row_starts=self.starts is not None,
         )
 
     @staticmethod
@@ -251,7 +255,11 @@ class DecodePlan:
             return sig
         groups, bias, moves = tables.key_group, tables.bias, tables.moves
         sig += (tables.n_groups, groups is None, None if groups is None else groups.shape[1])
-        sig += (id(bias), None if bias is None else bias._version, id(moves))
+        sig += (id(bias), None if bias is None else bias._version)
+        if any(m.row_start is not None for m in moves):  # a new tuple at each forward, of the plan's moves
+            sig += tuple((id(m.keep), m.row_start is None) for m in moves)
+        else:  # the plan's own tuple
+            sig += (id(moves),)
         sig += tuple(m.keep._version for m in moves)
         sig += (tables.out_scale is None, None if tables.out_scale is None else tables.out_scale.dim())
         return sig + (tables.out_shift is None,)
@@ -272,6 +280,15 @@ class DecodePlan:
                 scale = tables.out_scale.to(q.device, torch.float32).contiguous()
             if tables.out_shift is not None:
                 shift = tables.out_shift.to(q.device, torch.float32).contiguous()
+        starts = None
+        if self.starts is not None:
+            B, moves = q.shape[0], tables.moves
+            starts = torch.stack(
+                [
+                    self.never if moves[i].row_start is None else moves[i].row_start.to(q.device, torch.int64).expand(B)
+                    for i in self.starts
+                ]
+            )
         out, _ = self.decoder(
             q,
             k,
@@ -284,6 +301,7 @@ class DecodePlan:
             key_group=groups,
             scale=scale,
             shift=shift,
+            row_start=starts,
         )
         return out
 

@@ -90,6 +90,8 @@ def check_step_launches(name: str) -> dict:
 PLANNED = dict(
     CACHED,
     pasta="interventions: [{type: pasta, heads: {0: [0, 2], 1: [1]}, alpha: 0.01}]",
+    # moves with per-input row starts (after each row's image tokens, the config's image token id)
+    var="interventions: [{type: var, tau: 1.5, p: 0.2, rho: 1.0, min_image_mass: 0.0, layers: '1:'}]",
 )
 
 
@@ -109,11 +111,15 @@ def check_decode_plans(name: str) -> dict:
     model = tiny("llama")
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(4)
-    first = torch.randint(3, V, (2, 9), generator=g)
-    second = torch.randint(3, V, (2, 12), generator=g)
+    first = torch.randint(3, V - 1, (2, 9), generator=g)
+    second = torch.randint(3, V - 1, (2, 12), generator=g)
     pad = torch.ones(2, 12, dtype=torch.long)
     pad[1, :5] = 0
-    steps = torch.randint(3, V, (3, 2, 1), generator=g)
+    steps = torch.randint(3, V - 1, (3, 2, 1), generator=g)
+    if name == "var":  # image tokens at other places in each input
+        model.config.image_token_id = V - 1
+        first[:, 1:4] = V - 1
+        second[0, 3:8] = second[1, 6:9] = V - 1
     inputs = ((first, None, [[(1, 4)], [(2, 6)]]), (second, pad, [[(6, 9)], [(7, 11)]]))
 
     class Kept(dict):

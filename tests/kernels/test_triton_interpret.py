@@ -120,7 +120,7 @@ def test_decoding_step_is_one_launch_per_patched_layer(results, recipe):
     assert r["launches"] == ["_decode_kernel"] * r["layers"]
 
 
-@pytest.mark.parametrize("recipe", ["zerotuning", "head_prune", "act", "pasta"])
+@pytest.mark.parametrize("recipe", ["zerotuning", "head_prune", "act", "pasta", "var"])
 def test_decoding_plans_follow_each_input(results, recipe):
     """Per-layer decoding plans kept across steps: a second input (padded, other spans) decodes as the reference.
 
