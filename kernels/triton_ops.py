@@ -214,7 +214,8 @@ class DecodePlan:
 
     def __init__(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap):
         self.signature = self._signature(q, k, tables, mask, scaling, softcap)
-        self.tables = tables  # holds the table tensors compared by identity, so their ids are not reused
+        # the table objects compared by identity, held so that their ids are not reused (not the per-step groups)
+        self.held = None if tables is None else (tables.bias, tables.moves)
         self.scaling, self.softcap = scaling, softcap
         self.decoder = None
         if _fallback(q, k, tables, mask, softcap) is not None:
