@@ -114,19 +114,24 @@ def measure(model, recipe_of: dict, names: list[str], args) -> list[dict]:
 
 
 class _active:
-    """Apply a variant's patch for a block (the prefill's per-input state stays in the patch)."""
+    """Put the model in a variant for a block: its patch applied (the prefill's per-input state stays in the
+    patch), or eager attention for the unpatched eager variant."""
 
     def __init__(self, variant):
         self.v = variant
 
     def __enter__(self):
-        if self.v.patch is not None:
+        if self.v.name == "eager":
+            self.v.model.set_attn_implementation("eager")
+        elif self.v.patch is not None:
             self.v.patch.apply()
         return self
 
     def __exit__(self, *exc):
         if self.v.patch is not None:
             self.v.patch.remove()
+        if self.v.name == "eager":
+            self.v.model.set_attn_implementation("sdpa")
 
 
 def table(rows: list[dict]) -> str:
@@ -146,15 +151,22 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers (at least 4: the recipes edit layers 2..)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens (below 1024: one key split per step)")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens, at least 64 (below 1024: one key split)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (the best counts)")
     ap.add_argument("--variants", type=bg.names, default=["sdpa", "zerotuning", "act", "head_prune", "pasta", "var"])
     ap.add_argument("--out", type=Path, help="also write the table (with the command) to this markdown file")
     args = ap.parse_args()
     if args.variants[0] != "sdpa":
         raise SystemExit("error: --variants must start with sdpa (the unpatched baseline)")
+    for name, value, least in (("--layers", args.layers, 4), ("--batch", args.batch, 1), ("--prompt", args.prompt, 64)):
+        if value < least:
+            raise SystemExit(f"error: {name} must be at least {least}, got {value}")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
+    if args.out and not args.out.parent.is_dir():
+        raise SystemExit(f"error: --out {args.out}: the folder {args.out.parent} does not exist")
     if hasattr(triton_common.Launcher, "launch"):  # every launch ends there, its key built by the caller
         triton_common.Launcher.launch = _count
     else:
