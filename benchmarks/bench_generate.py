@@ -8,7 +8,10 @@ torch.compile, mode "reduce-overhead"). Every recipe goes through the public pat
 or a built-in recipe file, then `attnedit.patch(model, recipe)`.
 
 ms per new token = (time of generate(128 new) - time of generate(8 new)) / 120, so the prefill and
-each call's first steps (CUDA-graph recording under the static cache) cancel. Ratios are to unpatched
+each call's first steps (CUDA-graph recording under the static cache) cancel. With the dynamic cache
+the variants are timed in rounds (each variant once per round, in turn; `--reps` rounds) and each
+keeps its best round, so that a machine whose speed drifts over the run slows every variant alike;
+the table also gives the range of each round's ratio to that round's unpatched SDPA. Ratios are to unpatched
 SDPA in the same mode, measured in the same run; "x dyn" is the ratio to unpatched SDPA with the
 dynamic cache. "same tokens" compares each variant's 128 greedy tokens under the static cache with its
 own dynamic-cache tokens (exact only in fp32: `--dtype float32`).
@@ -211,26 +214,84 @@ def configurations(args) -> list[tuple[str, int, int, str]]:
     return out
 
 
+def _spans(batch: int, length: int):
+    return [[(100, 196), (length, 2**62)]] * batch  # PASTA: one highlighted span; generated tokens unbiased
+
+
+def _failed(row: dict, e: Exception) -> dict:
+    """Record a variant that fails in this mode; the run goes on."""
+    row.update(ms_per_token=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
 def measure_one(model, args, recipe_of, mode, batch, length, name, dynamic_tokens) -> dict:
+    """One variant on its own (the static cache: each variant compiles its decoding step)."""
     ids, _, _ = prompts(batch, length, args.device)
-    spans = [[(100, 196), (length, 2**62)]] * batch  # PASTA: one highlighted span; generated tokens unbiased
     static = mode == "static"
     row = {"batch": batch, "prompt": length, "mode": mode, "variant": name}
     torch._dynamo.reset()
     try:
-        with Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
+        with Variant(model, name, recipe_of.get(name), _spans(batch, length) if name == "pasta" else None):
             ms, first, tokens = decode_ms(model, ids, args.new_tokens, static, args.reps)
         row.update(ms_per_token=ms, first_call_ms=first)
         if static:
             row["same_tokens"] = same_tokens(dynamic_tokens.get((batch, length, name)), tokens)
         else:
             dynamic_tokens[(batch, length, name)] = tokens
-    except Exception as e:  # a variant that fails in this mode: recorded, the run goes on
-        row.update(ms_per_token=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
-        torch._dynamo.reset()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        _failed(row, e)
     return row
+
+
+def measure_rounds(model, args, recipe_of, batch, length, names, dynamic_tokens, out_of_time) -> list[dict]:
+    """Dynamic cache: every variant warmed once, then `args.reps` rounds in which each variant is timed in turn.
+
+    A round times one (generate(new) - generate(8)) pair per variant, the variants one after the other,
+    so that a machine whose speed drifts during the run (other tenants, clocks) slows them alike; a
+    variant's figure is its best round, and each round's ratio to that round's unpatched SDPA is kept
+    (`round_ratios`) to show the spread. Rounds stop early when `out_of_time()` (at least one runs).
+    """
+    ids, _, _ = prompts(batch, length, args.device)
+    rows = {n: {"batch": batch, "prompt": length, "mode": "dynamic", "variant": n, "rounds": []} for n in names}
+    live = []
+    for n in names:
+        if out_of_time():
+            rows[n].update(ms_per_token=None, error=f"not run: the run's time budget ({args.budget_s:.0f} s) was spent")
+            continue
+        t = time.time()
+        try:
+            with Variant(model, n, recipe_of.get(n), _spans(batch, length) if n == "pasta" else None):
+                first, out = timed(lambda: generate(model, ids, args.new_tokens, False))
+            rows[n]["first_call_ms"] = first
+            dynamic_tokens[(batch, length, n)] = out[:, ids.shape[1] :].cpu()
+            live.append(n)
+        except Exception as e:  # noqa: BLE001
+            _failed(rows[n], e)
+        print(f"  b{batch} p{length} dynamic {n}: warmed ({time.time() - t:.0f}s)", file=sys.stderr, flush=True)
+    for r in range(max(1, args.reps)):
+        if r and out_of_time():
+            break
+        for n in list(live):
+            try:
+                with Variant(model, n, recipe_of.get(n), _spans(batch, length) if n == "pasta" else None):
+                    long_ms, _ = timed(lambda: generate(model, ids, args.new_tokens, False))
+                    short_ms, _ = timed(lambda: generate(model, ids, SHORT, False))
+                rows[n]["rounds"].append((long_ms - short_ms) / (args.new_tokens - SHORT))
+            except Exception as e:  # noqa: BLE001
+                _failed(rows[n], e)
+                live.remove(n)
+        line = ", ".join(f"{n} {rows[n]['rounds'][-1]:.2f}" for n in live)
+        print(f"  b{batch} p{length} dynamic round {r + 1}: {line} ms/token", file=sys.stderr, flush=True)
+    base = rows.get("sdpa", {}).get("rounds")
+    for n in live:
+        rs = rows[n]["rounds"]
+        rows[n]["ms_per_token"] = min(rs)
+        if base and len(base) >= len(rs):
+            rows[n]["round_ratios"] = [x / b for x, b in zip(rs, base)]
+    return [rows[n] for n in names]
 
 
 def ratios(rows: list[dict]) -> None:
@@ -280,11 +341,19 @@ def fmt(x, p=2) -> str:
     return "—" if x is None else f"{x:.{p}f}"
 
 
+def _spread(row: dict) -> str:
+    """The per-round ratios of a dynamic-cache row: 'lo-hi (n rounds)'."""
+    rr = row.get("round_ratios")
+    if not rr:
+        return ""
+    return f"{min(rr):.2f}-{max(rr):.2f} ({len(rr)})" if len(rr) > 1 else f"{rr[0]:.2f} (1)"
+
+
 def tables(rows: list[dict], prefill: list[dict], args) -> str:
     out = [
         "| batch x prompt | cache | variant | ms / new token | x unpatched (same cache) | x unpatched dynamic | "
-        "same tokens as dynamic |",
-        "|---|---|---|---|---|---|---|",
+        "rounds: x unpatched in each | same tokens as dynamic |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for r in sorted(rows, key=lambda r: (-r["prompt"], r["batch"], r["mode"], order[r["variant"]])):
@@ -292,7 +361,7 @@ def tables(rows: list[dict], prefill: list[dict], args) -> str:
         ms = f"fails: {ms}" if not r["ms_per_token"] and not ms.startswith("not run") else ms
         out.append(
             f"| {r['batch']} x {r['prompt']} | {r['mode']} | {r['variant']} | {ms} | {fmt(r['ratio'])} | "
-            f"{fmt(r['ratio_to_dynamic'])} | {r.get('same_tokens', '')} |"
+            f"{fmt(r['ratio_to_dynamic'])} | {_spread(r)} | {r.get('same_tokens', '')} |"
         )
     if prefill:
         out += [
@@ -355,7 +424,12 @@ def main() -> None:
     ap.add_argument("--variants", type=names, default=list(VARIANTS))
     ap.add_argument("--static-variants", type=names, help="variants measured with the static cache (default: all)")
     ap.add_argument("--static-batches", type=pairs, help="BATCHxPROMPT measured with the static cache (default: all)")
-    ap.add_argument("--reps", type=int, default=1, help="timed pairs of generate calls per variant (the best counts)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="dynamic cache: rounds over all variants; static cache: timed pairs per variant (the best counts)",
+    )
     ap.add_argument("--e2e-tokens", type=int, default=8192, help="prompt of the end-to-end prefill (0: skip)")
     ap.add_argument("--budget-s", type=float, default=0, help="skip configurations once this many seconds passed")
     ap.add_argument("--compile-s", type=float, default=60, help="time a static-cache configuration is expected to take")
@@ -387,6 +461,15 @@ def main() -> None:
         if phase == "prefill":
             if args.e2e_tokens and args.device == "cuda":
                 prefill = run_prefill(model, args, recipe_of)
+                report(args, meta, rows, prefill)
+            continue
+        if phase == "dynamic":
+            for batch, length in args.batches if "dynamic" in args.modes else []:
+                def out_of_time():
+                    return bool(args.budget_s) and time.time() - start > args.budget_s
+
+                rows += measure_rounds(model, args, recipe_of, batch, length, args.variants, tokens, out_of_time)
+                ratios(rows)
                 report(args, meta, rows, prefill)
             continue
         for mode, batch, length, name in [c for c in todo if c[0] == phase]:

@@ -89,6 +89,19 @@ lane_colored() {  # BIG-bench Colored Objects: ZeroTuning's and ACT's searches o
   ev act-colored-objects act-colored-objects "$task"
 }
 
+lane_colored_paper() {  # Colored Objects: the built-in zerotuning-paper (gamma 2, all heads) on the whole test part
+  local task=bigbench:reasoning_about_colored_objects
+  step "$R/zerotuning-paper-colored-objects/results.json" attnedit eval zerotuning-paper --tasks "$task" $EV \
+    --out "$R/zerotuning-paper-colored-objects"
+}
+
+lane_colored_wide() {  # Colored Objects: ZeroTuning's search with a wider gamma grid (the first search's
+  # all-heads scores still rose at gamma 4, the grid's end)
+  local task=bigbench:reasoning_about_colored_objects
+  cal zerotuning-wide-colored-objects zerotuning-paper "$task" "$COLORED" --param gammas=1.5,2,3,4,6,8
+  ev zerotuning-wide-colored-objects zerotuning-wide-colored-objects "$task"
+}
+
 # in order of priority: with JOBS lanes at a time, the first ones finish first
 LANES=${LANES:-"zt:sst2:$BIG act:sst2 zt:agnews:$BIG ph3:10 zt:trec:$BIG:0 colored zt:cb:$CB zt:rte:$RTE act:agnews ph3:20 ph3:5 act:trec"}
 
