@@ -465,6 +465,7 @@ def main() -> None:
             continue
         if phase == "dynamic":
             for batch, length in args.batches if "dynamic" in args.modes else []:
+
                 def out_of_time():
                     return bool(args.budget_s) and time.time() - start > args.budget_s
 
