@@ -11,9 +11,10 @@ per-group work costs no time.
 log-sum-exp, forms the group masses, applies the moves
 (o = sum_g c_g O_g / sum_g l_g), the output scale and shift.
 
-With one split (short caches: `n_splits` asks for at least 512 keys a split)
-the decode kernel finishes its rows itself (``FINISH``): one launch instead of
-two and no partial-sum buffers. The merge of a single split multiplies by
+With one split (short caches: `n_splits` asks for at least 512 keys a split;
+and, for steps launched from the host, caches under `ONE_SPLIT_HOST` keys) the
+decode kernel finishes its rows itself (``FINISH``): one launch instead of two
+and no partial-sum buffers. The merge of a single split multiplies by
 exp2(0) = 1, so both ways give the same bits.
 """
 
@@ -38,6 +39,7 @@ from .triton_common import (
 )
 
 BLOCK_N = 64  # keys per tile; splits hold whole tiles
+ONE_SPLIT_HOST = 4096  # keys below which a host-driven decoding step is one launch (see `Decoder`)
 
 
 @triton.jit
@@ -466,6 +468,12 @@ class Decoder:
             EMU=emulate_bf16(q.dtype),
             **self.finish_consts,
         )
+        # n_splits gives 1 below 1024 keys anyway. A step whose query position the host knows (a dynamic
+        # cache, launched from Python at every step) keeps one split, i.e. one launch and no partial-sum
+        # buffers, up to ONE_SPLIT_HOST keys: there the host work of a second launch (the combine) and
+        # three allocations costs more than the longer single program takes on the device. Under CUDA
+        # graphs (the position on the device: a static cache) launches cost nothing and splits pay.
+        self.one_split_below = 1024 if pos_on_device else ONE_SPLIT_HOST
         self._templates: dict[bool, tuple] = {}
 
     def _fixed(self, finish: bool) -> tuple:
@@ -546,7 +554,7 @@ class Decoder:
         NK = k.shape[2]
         dev = self.device
         block_n = self.block_n
-        S = self.splits or (1 if NK < 1024 else n_splits(NK, B * Hkv, sm_count(dev)))  # 1 below 1024 keys anyway
+        S = self.splits or (1 if NK < self.one_split_below else n_splits(NK, B * Hkv, sm_count(dev)))
         kps = cdiv(cdiv(NK, S), block_n) * block_n
         S = cdiv(NK, kps)
         finish = S == 1  # one launch: the decode kernel finishes its rows itself

@@ -180,6 +180,43 @@ def check_decode_splits(ops, spec, splits: int) -> dict:
     return dict(r, launches=launches)
 
 
+def check_split_choice() -> dict:
+    """A 2048-key decoding step: one launch when the host drives it, key splits when the position is on the device.
+
+    Both against plain softmax attention in fp32.
+    """
+    from attnedit.kernels import triton_common, triton_decode
+
+    g = torch.Generator().manual_seed(17)
+    B, H, Hkv, D, K = 1, 4, 2, 16, 2048
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = torch.randn(B, Hkv, K, D, generator=g)
+    v = torch.randn(B, Hkv, K, D, generator=g)
+    scale = D**-0.5
+    kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    ref = (torch.softmax((q @ kr.transpose(-1, -2)) * scale, -1) @ vr).transpose(1, 2)  # (B, 1, H, D)
+    launches: dict[str, list[str]] = {"host": [], "device": []}
+    real = triton_common.Launcher.launch
+    out = {}
+    for where in ("host", "device"):
+
+        def counting(self, *args, _w=where, **kwargs):
+            launches[_w].append(self.fn.__name__)
+            return real(self, *args, **kwargs)
+
+        triton_common.Launcher.launch = counting
+        try:
+            if where == "host":
+                o, _ = triton_decode.decode(q, k, v, scaling=scale, diag=K - 1, q_pos=K - 1)
+            else:  # a static cache keeps the position on the device: diag and q_pos are offsets from it
+                pos = torch.tensor([K - 1])
+                o, _ = triton_decode.decode(q, k, v, scaling=scale, diag=0, q_pos=0, pos=pos)
+        finally:
+            triton_common.Launcher.launch = real
+        out[where] = float((o.float() - ref).abs().max())
+    return {"launches": launches, "err_host": out["host"], "err_device": out["device"]}
+
+
 def main(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     torch.set_num_threads(1)
@@ -204,6 +241,7 @@ def main(out_path: str) -> None:
     jobs["member_list"] = lambda: kc.check_member_list(triton_prefill)
     jobs["inert"] = lambda: kc.check_inert(ops)
     jobs["fallback"] = lambda: kc.check_fallback(ops)
+    jobs["split_choice"] = check_split_choice
     for name in CACHED:
         jobs[f"cached_choices/{name}"] = lambda n=name: check_cached_choices(n)
         jobs[f"step_launches/{name}"] = lambda n=name: check_step_launches(n)

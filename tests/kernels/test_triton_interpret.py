@@ -74,6 +74,15 @@ def test_decode_one_split_is_one_launch(results, spec, splits):
     assert r["launches"] == (["_decode_kernel"] if one else ["_decode_kernel", "_combine_kernel"])
 
 
+def test_host_driven_step_over_2048_keys_is_one_launch(results):
+    """Steps launched from the host (dynamic cache) stay one launch up to 4096 keys; with the position on the
+    device (static cache, CUDA graphs) 2048 keys are split and merged. Both equal plain attention."""
+    r = _get(results, "split_choice")
+    assert r["launches"]["host"] == ["_decode_kernel"]
+    assert r["launches"]["device"] == ["_decode_kernel", "_combine_kernel"]
+    assert r["err_host"] < 1e-5 and r["err_device"] < 1e-5
+
+
 @pytest.mark.parametrize("spec", kc.COLSUM_CASES, ids=lambda s: s.name)
 def test_column_scores_match_reference(results, spec):
     r = _get(results, f"colsum/{spec.name}")
