@@ -38,3 +38,24 @@ def test_decode_host_benchmark_refuses_bad_options(extra, message):
         [sys.executable, "benchmarks/decode_host.py", *extra], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generate_benchmark_times_dynamic_variants_in_rounds(tmp_path):
+    """`benchmarks/bench_generate.py` on a tiny CPU model: every dynamic-cache variant timed once per round,
+    each round's ratio to that round's unpatched SDPA kept, the best round as the figure."""
+    import json
+
+    argv = [sys.executable, "benchmarks/bench_generate.py", "--shape", "tiny", "--layers", "2", "--new-tokens", "10"]
+    argv += ["--batches", "1x32", "--modes", "dynamic", "--e2e-tokens", "0", "--reps", "2"]
+    argv += ["--variants", "sdpa,zerotuning", "--out", str(tmp_path), "--tag", "gen"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dynamic round 2: sdpa" in done.stderr
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "gen.json").read_text())["generate"]}
+    for name in ("sdpa", "zerotuning"):
+        r = rows[name]
+        assert len(r["rounds"]) == 2 and r["ms_per_token"] == min(r["rounds"])
+        base = rows["sdpa"]["rounds"]
+        assert r["round_ratios"] == pytest.approx([x / b for x, b in zip(r["rounds"], base)])
+    assert rows["sdpa"]["ratio"] == 1.0
+    assert "rounds: x unpatched in each" in (tmp_path / "gen.md").read_text()

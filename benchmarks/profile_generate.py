@@ -1,0 +1,85 @@
+"""Where the host time of a dynamic-cache decoding step goes, unpatched and under a patch (diagnosis).
+
+Builds `bench_generate.py`'s random model, warms each variant with one `generate`, then runs one
+`generate` under cProfile and prints, per variant, the total time and the cumulative time per call
+of the functions that differ between an unpatched and a patched step: transformers' SDPA attention
+function, the patch's attention function, the decoding launch path (`Decoder`, launch templates,
+Triton's compiled-kernel runner). cProfile slows Python functions more than C calls, so read the
+per-call times as relative, not as what a step costs unprofiled (`bench_generate.py` measures that).
+
+    python benchmarks/profile_generate.py [--variants sdpa,zerotuning,head_prune] [--batch 1] [--prompt 2048]
+        [--new-tokens 24] [--layers 32] [--shape llama3.1-8b] [--out DIR]  (with --out: each variant's full
+        cProfile listing, sorted by own time and by cumulative time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_generate as bg  # noqa: E402
+
+WATCH = (
+    ("sdpa_attention.py", "sdpa_attention_forward", "transformers SDPA attention"),
+    ("core/patch.py", "_attention", "attnedit attention (patched layers)"),
+    ("triton_decode.py", "__call__", "Decoder step (launch set-up + launches)"),
+    ("triton_common.py", "launch", "Launcher.launch (per kernel launch)"),
+    ("compiler.py", "runner", "Triton compiled-kernel runner (per launch)"),
+    ("runtime.py", "layer_tables", "runtime.layer_tables (per layer)"),
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", type=bg.names, default=["sdpa", "zerotuning", "head_prune"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shape", choices=bg.SHAPES, default="llama3.1-8b")
+    ap.add_argument("--out", type=Path, help="folder for each variant's full cProfile listing")
+    args = ap.parse_args()
+    for name, n in (("--batch", args.batch), ("--prompt", args.prompt), ("--new-tokens", args.new_tokens)):
+        if n < 1:
+            raise SystemExit(f"error: {name} must be at least 1 (got {n})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(bg.device_line(), flush=True)
+    model = bg.build_model(args.shape, args.layers, dtype, device)
+    recipe_of = bg.recipes(args.layers, model.config.num_attention_heads)
+    ids, _, _ = bg.prompts(args.batch, args.prompt, device)
+    spans = [[(100, 196), (args.prompt, 2**62)]] * args.batch
+    print(f"\nbatch {args.batch}, {args.prompt}-token prompt, {args.new_tokens} new tokens, {args.layers} layers")
+    print("\n| variant | generate s (profiled) | function | calls | cumulative us / call |")
+    print("|---|---:|---|---:|---:|")
+    for name in args.variants:
+        with bg.Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
+            bg.generate(model, ids, args.new_tokens, False)
+            prof = cProfile.Profile()
+            prof.enable()
+            bg.generate(model, ids, args.new_tokens, False)
+            bg.sync()
+            prof.disable()
+        stats = pstats.Stats(prof)
+        total = stats.total_tt
+        for (file, _line, func), (_cc, ncalls, _tt, ct, _callers) in sorted(stats.stats.items()):
+            for part, fn, label in WATCH:
+                if file.endswith(part) and func == fn:
+                    print(f"| {name} | {total:.3f} | {label} | {ncalls} | {ct / ncalls * 1e6:.1f} |")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+            pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(60)
+            (args.out / f"cprofile-{name}.txt").write_text(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
