@@ -410,14 +410,17 @@ def key_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, heads: in
     return flags
 
 
-def _token_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int) -> torch.Tensor:
-    """(B, 1, T) uint8 flags of this forward's tokens, FIRST left out; no token after a prefill is an attention sink."""
+def _token_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, hsink: bool = True) -> torch.Tensor:
+    """(B, 1, T) uint8 flags of this forward's tokens, FIRST left out; no token after a prefill is an attention sink.
+
+    hsink=False leaves out the hidden-state sinks (a layer whose detectors run at prefill only: none here).
+    """
     used = sum(plan.flags)
     device = view.first_abs.device
     flags = torch.zeros(fwd.batch, 1, fwd.length, dtype=torch.uint8, device=device)
     if used & (T.SPAN | T.IMAGE) and view.flags is not None:
         flags |= view.flags.index_select(1, view.positions)[:, None] & (used & (T.SPAN | T.IMAGE))
-    if used & T.HSINK and layer in fwd.state.hsink:
+    if hsink and used & T.HSINK and layer in fwd.state.hsink:
         buf = fwd.state.layer_buffer(fwd.state.hsink, layer, (fwd.batch,), device)
         flags |= buf.index_select(1, view.positions)[:, None] * T.HSINK
     return flags
@@ -495,12 +498,16 @@ def layer_tables(
         groups = group_ids(plan, flags)
         buf[:, :, lo:hi] = group_ids(plan, flags & (0xFF ^ T.FIRST)) if used & T.FIRST else groups
         return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
-    # a later forward (decoding): write this forward's positions, read the layer's keys as a view
-    if used & T.HSINK:
+    # a later forward (decoding): write this forward's positions, read the layer's keys as a view.
+    # Its tokens are never attention sinks, and hidden-state sinks only where a layer detector also
+    # runs after the prefill; elsewhere their groups come from per-input flags alone, the same in
+    # every layer of equal flags (computed once per forward)
+    if used & T.HSINK and _detects_after_prefill(plan):
         new = group_ids(plan, _token_flags(plan, fwd, view, layer))
-    else:  # the same in every layer of equal flags
+    else:
         new = fwd.shared(
-            ("new_groups", plan.flags, device), lambda: group_ids(plan, _token_flags(plan, fwd, view, layer))
+            ("new_groups", plan.flags, device),
+            lambda: group_ids(plan, _token_flags(plan, fwd, view, layer, hsink=False)),
         )
     buf.index_copy_(2, view.positions, new.expand(B, buf.shape[1], fwd.length))
     groups = buf[:, :, lo:hi]
@@ -510,6 +517,13 @@ def layer_tables(
             lambda: _first_bits(plan, view, k_len, kv_offset),
         )
     return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
+
+
+def _detects_after_prefill(plan: T.LayerPlan) -> bool:
+    """Whether hidden-state sinks may be flagged after the prefill: unless every layer detector of the plan is
+    `prefill_only` (with none, whatever wrote the layer's buffer is read, as at every position)."""
+    dets = plan.layer_detectors
+    return not dets or any(not getattr(det, "prefill_only", False) for det in dets)
 
 
 def _first_key(view: View, kv_offset: int) -> torch.Tensor:

@@ -265,3 +265,46 @@ def test_a_prefill_clears_hidden_state_sinks_a_longer_input_left_behind():
             plan((T.FIRST, T.HSINK)), fwd, 0, device=torch.device("cpu"), heads=2, k_len=past + 1, kv_offset=0
         )
         assert (t.key_group & 2).sum() == 0
+
+
+class _HiddenSinks:
+    """A layer-input detector stand-in (VAR's kind): `prefill_only` says whether it runs after the prefill."""
+
+    flag = T.HSINK
+    where = "layer_input"
+
+    def __init__(self, prefill_only: bool):
+        self.prefill_only = prefill_only
+
+
+def test_decoding_step_shares_new_groups_only_when_hidden_sinks_are_found_at_prefill_alone():
+    """A decoding step's new positions: with prefill-only hidden-state detectors their groups come from
+    per-input flags alone, computed once per forward for all layers; with a detector that also runs at
+    the step, each layer reads what it flagged there."""
+    cpu = torch.device("cpu")
+    for prefill_only in (True, False):
+        layer_plans = [
+            T.LayerPlan(
+                i, 2, (T.SPAN, T.HSINK), torch.zeros(2, 4), (), None, None, detectors=(_HiddenSinks(prefill_only),)
+            )
+            for i in range(2)
+        ]
+        state = R.State()
+        spans = torch.tensor([[[1, 2], [5, 6]], [[0, 1], [9, 9]]])  # row 0's second span holds the step's token
+        fwd = forward(state, length=5, capacity=8, spans=spans)
+        for i, p in enumerate(layer_plans):
+            R.record_layer_detection(fwd, i, torch.zeros(2, 5, dtype=torch.bool))
+            R.layer_tables(p, fwd, i, device=cpu, heads=2, k_len=5, kv_offset=0)
+        fwd = forward(state, length=1, past=5, capacity=8, spans=spans)
+        if not prefill_only:  # the step's detector flags the new token of layer 1, row 1
+            for i in range(2):
+                R.record_layer_detection(fwd, i, torch.tensor([[False], [i == 1]]))
+        groups = [
+            R.layer_tables(p, fwd, i, device=cpu, heads=2, k_len=6, kv_offset=0).key_group
+            for i, p in enumerate(layer_plans)
+        ]
+        # bits: SPAN=1, HSINK=2
+        assert groups[0][:, 0, 5].tolist() == [1, 0]
+        assert groups[1][:, 0, 5].tolist() == ([1, 0] if prefill_only else [1, 2])
+        shared = [k for k in fwd.cache if k[0] == "new_groups"]
+        assert len(shared) == (1 if prefill_only else 0)
