@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evidence on SmolLM2-135M-Instruct (CPU, fp32): calibrate on train splits, evaluate on test splits.
-# The README's rows run on `cpu` come from here; the classification recipes are calibrated and
-# evaluated on a GPU at the papers' budgets by benchmarks/evidence/gpu.sh.
+# A few lanes at CPU budgets (the reference kernels, a few hundred examples); the README's rows all
+# come from benchmarks/evidence/gpu.sh, which runs every lane at the papers' budgets on a GPU.
 #   bash benchmarks/evidence/run.sh LANE      (LANE: ph3 | ph3k | colored)
 # Run from the repository root with the data folder at ../shared/data.
 # Each step is skipped when its output exists, so an interrupted lane resumes.
