@@ -399,7 +399,15 @@ def pairs(text: str) -> list[tuple[int, int]]:
     out = []
     for part in filter(None, text.split(",")):
         b, _, t = part.partition("x")
-        out.append((int(b), int(t)))
+        try:
+            batch, length = int(b), int(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not BATCHxPROMPT (e.g. 1x2048)") from None
+        if batch < 1 or length < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: batch and prompt length must be at least 1")
+        out.append((batch, length))
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one BATCHxPROMPT (e.g. 1x2048)")
     return out
 
 
@@ -440,6 +448,8 @@ def main() -> None:
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.new_tokens <= SHORT:
         raise SystemExit(f"error: --new-tokens must be larger than {SHORT}")
+    if args.reps < 1:
+        raise SystemExit(f"error: --reps must be at least 1, got {args.reps}")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.config.cache_size_limit = 64
     print(device_line(), flush=True)

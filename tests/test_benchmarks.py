@@ -59,3 +59,25 @@ def test_generate_benchmark_times_dynamic_variants_in_rounds(tmp_path):
         assert r["round_ratios"] == pytest.approx([x / b for x, b in zip(r["rounds"], base)])
     assert rows["sdpa"]["ratio"] == 1.0
     assert "rounds: x unpatched in each" in (tmp_path / "gen.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "script, extra, message",
+    [
+        ("bench_generate.py", ["--reps", "0"], "--reps must be at least 1"),
+        ("bench_generate.py", ["--batches", "1x0"], "batch and prompt length must be at least 1"),
+        ("bench_generate.py", ["--batches", "1xab"], "is not BATCHxPROMPT"),
+        ("bench_generate.py", ["--variants", "sdpa,nosuch"], "unknown variants"),
+        ("profile_generate.py", ["--batch", "0"], "--batch must be at least 1"),
+        ("profile_generate.py", ["--variants", "nosuch"], "unknown variants"),
+    ],
+)
+def test_generation_benchmarks_refuse_bad_options(script, extra, message):
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--shape", "tiny", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
