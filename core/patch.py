@@ -295,7 +295,7 @@ class Patch:
         plan = self.compiled.layers[layer]
         # detectors that all run at prefill only leave a later forward nothing to do: the prefill
         # cleared the positions it did not flag (`record_layer_detection`)
-        prefill_only = all(getattr(det, "prefill_only", False) for det in plan.layer_detectors)
+        prefill_only = not plan.detects_after_prefill
 
         def hook(module, args, kwargs):
             fwd = self._fwd

@@ -522,8 +522,7 @@ def layer_tables(
 def _detects_after_prefill(plan: T.LayerPlan) -> bool:
     """Whether hidden-state sinks may be flagged after the prefill: unless every layer detector of the plan is
     `prefill_only` (with none, whatever wrote the layer's buffer is read, as at every position)."""
-    dets = plan.layer_detectors
-    return not dets or any(not getattr(det, "prefill_only", False) for det in dets)
+    return not plan.layer_detectors or plan.detects_after_prefill
 
 
 def _first_key(view: View, kv_offset: int) -> torch.Tensor:

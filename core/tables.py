@@ -207,6 +207,11 @@ class LayerPlan:
         return tuple(d for d in self.detectors if d.where == "layer_input")
 
     @property
+    def detects_after_prefill(self) -> bool:
+        """Whether a layer detector also flags tokens after the prefill (one not `prefill_only`); False with none."""
+        return any(not getattr(d, "prefill_only", False) for d in self.layer_detectors)
+
+    @property
     def is_static(self) -> bool:
         """Only output scales (foldable into o_proj): no bias, no move, no detection."""
         return self.bias is None and not self.moves and not self.detectors
