@@ -6,10 +6,12 @@ of the functions that differ between an unpatched and a patched step: transforme
 function, the patch's attention function, the decoding launch path (`Decoder`, launch templates,
 Triton's compiled-kernel runner). cProfile slows Python functions more than C calls, so read the
 per-call times as relative, not as what a step costs unprofiled (`bench_generate.py` measures that).
+Then, per variant, one `generate` under torch.profiler (`--torch-profile N` new tokens): how many
+host synchronisations it made, its device time, and the attention kernels' launches and mean time.
 
     python benchmarks/profile_generate.py [--variants sdpa,zerotuning,head_prune] [--batch 1] [--prompt 2048]
-        [--new-tokens 24] [--layers 32] [--shape llama3.1-8b] [--out DIR]  (with --out: each variant's full
-        cProfile listing, sorted by own time and by cumulative time)
+        [--new-tokens 24] [--layers 32] [--shape llama3.1-8b] [--torch-profile 16] [--out DIR]
+        (with --out: each variant's full cProfile listing, sorted by own time and by cumulative time)
 """
 
 from __future__ import annotations
@@ -36,6 +38,27 @@ WATCH = (
 )
 
 
+def torch_summary(model, ids, name: str, recipe_of: dict, spans, new_tokens: int) -> str:
+    """One line per variant from torch.profiler: host synchronisations, device time, attention kernels."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415  (this mode only)
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with bg.Variant(model, name, recipe_of.get(name), spans):
+        with profile(activities=acts) as prof:
+            bg.generate(model, ids, new_tokens, False)
+            bg.sync()
+    syncs, device_us, kernels = 0, 0.0, {}
+    for e in prof.key_averages():
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"):
+            syncs += e.count
+        device_us += getattr(e, "self_device_time_total", 0.0)
+        if any(k in e.key for k in ("_decode_kernel", "_combine_kernel", "flash", "sdpa")) and e.count:
+            kernels[e.key[:40]] = (e.count, getattr(e, "self_device_time_total", 0.0) / e.count)
+    parts = ", ".join(f"{k} {n} x {us:.1f} us" for k, (n, us) in sorted(kernels.items()))
+    line = f"- {name}, generate({new_tokens}): {syncs} host syncs, device time {device_us / 1e3:.1f} ms"
+    return line + (f"; {parts}" if parts else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", type=bg.names, default=["sdpa", "zerotuning", "head_prune"])
@@ -45,6 +68,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--shape", choices=bg.SHAPES, default="llama3.1-8b")
     ap.add_argument("--out", type=Path, help="folder for each variant's full cProfile listing")
+    ap.add_argument(
+        "--torch-profile",
+        type=int,
+        default=16,
+        metavar="N",
+        help="also run generate(N) under torch.profiler: host syncs, device time, the decode kernels' time (0: skip)",
+    )
     args = ap.parse_args()
     for name, n in (("--batch", args.batch), ("--prompt", args.prompt), ("--new-tokens", args.new_tokens)):
         if n < 1:
@@ -59,6 +89,7 @@ def main() -> None:
     print(f"\nbatch {args.batch}, {args.prompt}-token prompt, {args.new_tokens} new tokens, {args.layers} layers")
     print("\n| variant | generate s (profiled) | function | calls | cumulative us / call |")
     print("|---|---:|---|---:|---:|")
+    summaries = []
     for name in args.variants:
         with bg.Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
             bg.generate(model, ids, args.new_tokens, False)
@@ -73,12 +104,19 @@ def main() -> None:
             for part, fn, label in WATCH:
                 if file.endswith(part) and func == fn:
                     print(f"| {name} | {total:.3f} | {label} | {ncalls} | {ct / ncalls * 1e6:.1f} |")
+        if args.torch_profile:
+            summaries.append(
+                torch_summary(model, ids, name, recipe_of, spans if name == "pasta" else None, args.torch_profile)
+            )
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
             pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(60)
             (args.out / f"cprofile-{name}.txt").write_text(text.getvalue())
+
+    if summaries:
+        print("\ntorch.profiler:\n" + "\n".join(summaries))
 
 
 if __name__ == "__main__":
