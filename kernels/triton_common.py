@@ -60,6 +60,30 @@ def _spec_key(args: tuple) -> tuple:
     return tuple(key)
 
 
+def _spec_key_addresses(args: tuple) -> tuple[tuple, list]:
+    """(`_spec_key(args)`, args with every tensor replaced by its address), in one pass."""
+    key = []
+    out = []
+    add, put = key.append, out.append
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            if -2147483648 <= a < 2147483648:
+                add(1 if a == 1 else 0 if a & 15 else 16)
+            else:
+                add((64, not a & 15))
+            put(a)
+        elif kind is _Tensor or hasattr(a, "data_ptr"):
+            ptr = a.data_ptr()
+            add(a.dtype)
+            add(not ptr & 15)
+            put(ptr)
+        else:
+            add(kind)
+            put(a)
+    return tuple(key), out
+
+
 class Launcher:
     """Launch a @triton.jit kernel, reusing its compiled form for repeated argument specialisations.
 
@@ -68,12 +92,12 @@ class Launcher:
     A compiled kernel depends only on the constexprs, the launch options, the dtypes and Triton's
     value specialisations (integers equal to 1, divisible by 16 or beyond 32 bits; pointers
     aligned to 16 bytes), so those form the key here; a new key goes through Triton (and
-    compiles), a known one calls the compiled kernel directly.
+    compiles), a known one calls the compiled kernel directly (`Compiled`).
     """
 
     def __init__(self, fn):
         self.fn = fn
-        self.cache: dict = {}
+        self.cache: dict = {}  # launch key -> Compiled
         self.names: dict = {}  # number of positional arguments -> names of the constexprs after them
         self.fast = 0  # launches that skipped Triton's generic path (benchmarks report it)
 
@@ -90,12 +114,66 @@ class Launcher:
         """Every launch ends here: the compiled kernel kept for `key`, else Triton's generic path (which compiles)."""
         kernel = self.cache.get(key)
         if kernel is not None:
-            kernel[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts)
+            kernel(grid, args, consts)
             self.fast += 1
             return
+        self.compile(key, grid, args, constexprs, num_warps, num_stages)
+
+    def compile(self, key, grid, args, constexprs: dict, num_warps: int, num_stages: int) -> "Compiled | None":
+        """Launch through Triton's generic path (compiling at a new specialisation); keep and return the kernel."""
         kernel = self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         if kernel is not None and hasattr(kernel, "function"):  # compiled (not the CPU interpreter)
-            self.cache[key] = kernel
+            hit = self.cache[key] = Compiled(kernel)
+            return hit
+        return None
+
+
+class Compiled:
+    """One compiled kernel's launches, past Triton's per-call runner.
+
+    `CompiledKernel[grid](*args)` builds a closure, asks the driver for the current device and
+    stream, and assembles launch metadata for the launch hooks at every call (Triton 3.6 does so
+    even without a hook: its hook chains are never None). Decoding launches a kernel per layer and
+    step, so that bookkeeping is most of a step's added host time. Here a launch calls the kernel's
+    own launcher with the runner's arguments: the current raw stream from PyTorch, no launch
+    metadata, no hooks. When a launch hook is registered (a profiler such as Triton's proton), the
+    launch goes through the runner as usual, so hooks see every launch.
+    """
+
+    __slots__ = ("kernel", "run", "function", "meta")
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.run = kernel.run  # the launcher (made by Triton's first launch of this kernel)
+        self.function, self.meta = kernel.function, kernel.packed_metadata
+
+    def __call__(self, grid, args, consts: tuple) -> None:
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        if _hooked():
+            self.kernel[g](*args, *consts)
+            return
+        stream = _raw_stream(_current_device())
+        self.run(g[0], g[1], g[2], stream, self.function, self.meta, None, None, None, *args, *consts)
+
+
+def _hooked() -> bool:
+    """Whether a Triton launch hook may be registered: a hook chain with calls or a callable in Triton's knobs
+    (Triton 3.4 on); Triton versions without knobs keep their hooks elsewhere, so there the answer is always yes."""
+    rt = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if rt is None:
+        return True
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()
+
+
+def _raw_stream(index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(index)
 
 
 class Template:
@@ -108,6 +186,11 @@ class Template:
     arguments' part of the launch key (`_spec_key`) and the constexprs are computed once here, so a
     launch only keys its free arguments. The template holds its fixed arguments, so their memory
     (and its alignment, part of the key) stays theirs.
+
+    Once a specialisation is compiled, its launches pass every pointer as the address itself: the
+    fixed ones read once here, the free ones as the key is made. Triton's launcher takes an int
+    for a pointer as it is, where a tensor costs a method call and a driver query of the pointer
+    per argument and launch.
     """
 
     def __init__(
@@ -121,13 +204,19 @@ class Template:
         fixed = tuple(a for i, a in enumerate(args) if i not in set(free))
         self.consts = tuple(map(constexprs.__getitem__, launcher.fn.arg_names[len(args) :]))
         self.key = ("template", free, self.consts, num_warps, num_stages, _spec_key(fixed))
+        self.addresses = [a.data_ptr() if isinstance(a, _Tensor) else a for a in args]
 
     def __call__(self, grid: tuple, values: tuple) -> None:
-        args = self.args.copy()
+        spec, addresses = _spec_key_addresses(values)
+        key = (self.key, spec)
+        launcher = self.launcher
+        if key in launcher.cache:  # compiled: every pointer as its address
+            args, values = self.addresses.copy(), addresses
+        else:  # Triton's generic path: tensors
+            args = self.args.copy()
         for i, a in zip(self.free, values):
             args[i] = a
-        key = (self.key, _spec_key(values))
-        self.launcher.launch(key, grid, args, self.consts, self.constexprs, self.num_warps, self.num_stages)
+        launcher.launch(key, grid, args, self.consts, self.constexprs, self.num_warps, self.num_stages)
 
 
 def placeholders(device):
