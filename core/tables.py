@@ -174,6 +174,7 @@ class Move:
     gate: tuple[int, int, float, float] | None = None  # (num groups, den groups, max_ratio, min_den)
     after_image: bool = False
     row_start: torch.Tensor | None = None  # runtime: (B,) absolute first edited query position
+    live: bool | None = None  # whether keep != 1 for some head (None: not known, the kernels read keep)
 
 
 @dataclass(frozen=True)
@@ -343,7 +344,9 @@ def build_plans(effects: Sequence[Effect], info: ModelInfo, needs_spans: bool = 
                         float(e.gate.max_ratio),
                         float(e.gate.min_den),
                     )
-                moves.append(Move(plan.groups_where(e.src), plan.groups_where(e.dst), keep, gate, e.after_image))
+                live = bool((keep != 1).any())  # known here, so no decoding step reads keep back from the device
+                src, dst = plan.groups_where(e.src), plan.groups_where(e.dst)
+                moves.append(Move(src, dst, keep, gate, e.after_image, live=live))
             elif isinstance(e, Scale):
                 for i, h in enumerate(heads):
                     scale[h] *= e.scale

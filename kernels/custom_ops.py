@@ -16,7 +16,7 @@ import torch
 
 from attnedit.tables import LayerTables, MaskInfo, Move
 
-_INTS_PER_MOVE = 7  # src, dst, has gate, gate num, gate den, after image, has row start
+_INTS_PER_MOVE = 8  # src, dst, has gate, gate num, gate den, after image, has row start, live (-1: not known)
 Tensor = torch.Tensor
 
 
@@ -29,7 +29,9 @@ def _flatten(tables: LayerTables | None, mask: MaskInfo) -> tuple:
     rows: list[Tensor] = []
     for m in moves:
         num, den, ratio, floor = m.gate if m.gate is not None else (0, 0, 0.0, 0.0)
+        live = -1 if m.live is None else int(m.live)
         ints += [m.src, m.dst, int(m.gate is not None), num, den, int(m.after_image), int(m.row_start is not None)]
+        ints.append(live)
         floats += [float(ratio), float(floor)]
         keeps.append(m.keep)
         if m.row_start is not None:
@@ -65,12 +67,12 @@ def _unflatten(
         return None, mask
     moves, r = [], 0
     for i in range(len(ints) // _INTS_PER_MOVE):
-        src, dst, has_gate, num, den, after, has_row = ints[i * _INTS_PER_MOVE : (i + 1) * _INTS_PER_MOVE]
+        src, dst, has_gate, num, den, after, has_row, live = ints[i * _INTS_PER_MOVE : (i + 1) * _INTS_PER_MOVE]
         gate = (num, den, floats[2 * i], floats[2 * i + 1]) if has_gate else None
         row = None
         if has_row:
             row, r = rows[r], r + 1
-        moves.append(Move(src, dst, keeps[i], gate, bool(after), row))
+        moves.append(Move(src, dst, keeps[i], gate, bool(after), row, None if live < 0 else bool(live)))
     return LayerTables(key_group, first_key, n_groups, bias, tuple(moves), out_scale, out_shift), mask
 
 

@@ -224,7 +224,7 @@ class DecodePlan:
         self.use_groups = t.key_group is not None
         self.starts = None  # live moves whose row starts are per input (after the image tokens): read per step
         if t.moves is not None and any(m.row_start is not None for m in tables.moves):
-            keep = [m for m in tables.moves if _memo(m.keep, ("live",), lambda x: bool((_host(x) != 1).any()))]
+            keep = [m for m in tables.moves if _is_live(m)]
             self.starts = [tables.moves.index(m) for m in keep]
             self.never = torch.full((q.shape[0],), -(2**62), dtype=torch.int64, device=q.device)
         self.decoder = _Decoder(
@@ -401,24 +401,37 @@ def _host_position(q_off: torch.Tensor) -> int:
 def _live_moves(moves: tuple, B: int, device):
     """The moves that change something (keep != 1 somewhere), packed by `_pack_moves`; None when none does.
 
-    Without per-input row starts the moves are a plan's own tuple, the same object at every forward:
-    the result is kept per tuple, batch size and device (the entry holds the tuple, so its id is not
-    reused, and the keep tensors' versions are checked). With row starts it is packed at each call.
+    Whether a move is live comes from `Move.live` (set when a recipe is compiled), else from its keep
+    tensor read back once (a sync). Without per-input row starts the result is kept per move (its
+    keep tensor, a plan's own object, and its source, destination and gate), batch size and device;
+    weak references make sure a new tensor that reuses a freed one's id never gets the old result,
+    and the keep tensors' versions are checked. The key does not depend on the tuple holding the
+    moves: under torch.compile the operator (`custom_ops`) rebuilds it at every call. Nothing is
+    kept while a CUDA graph is being captured (its memory pool must not hold tensors beyond the
+    graph), and with row starts the moves are packed at each call.
     """
     if any(m.row_start is not None for m in moves):
-        live = [m for m in moves if _memo(m.keep, ("live",), lambda t: bool((_host(t) != 1).any()))]
+        live = [m for m in moves if _is_live(m)]
         return _pack_moves(live, B, device) if live else None
-    key = ("live_moves", id(moves), B, device)
+    key = ("live_moves", tuple((id(m.keep), m.src, m.dst, m.gate) for m in moves), B, device)
     versions = tuple(m.keep._version for m in moves)
     hit = _memo_cache.get(key)
-    if hit is not None and hit[0] is moves and hit[1] == versions:
+    if hit is not None and all(r() is m.keep for r, m in zip(hit[0], moves)) and hit[1] == versions:
         return hit[2]
-    live = [m for m in moves if bool((_host(m.keep) != 1).any())]
+    live = [m for m in moves if _is_live(m)]
     packed = _pack_moves(live, B, device) if live else None
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return packed
     if len(_memo_cache) > 4096:
         _memo_cache.clear()
-    _memo_cache[key] = (moves, versions, packed)
+    _memo_cache[key] = (tuple(weakref.ref(m.keep) for m in moves), versions, packed)
     return packed
+
+
+def _is_live(m) -> bool:
+    if m.live is not None:
+        return m.live
+    return _memo(m.keep, ("live",), lambda t: bool((_host(t) != 1).any()))
 
 
 def _pack_moves(moves, B: int, device) -> tuple:

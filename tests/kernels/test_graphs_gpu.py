@@ -28,6 +28,8 @@ RECIPES = {
     ),
     "act": "interventions: [{type: act, layers: all, tau: 0.05, beta: 0.2}, {type: zerotuning, gamma: 2.0}]",
 }
+# moves with per-input row starts (after each row's image tokens, the config's image token id 255)
+VAR = "interventions: [{type: var, tau: 1.5, p: 0.2, rho: 1.0, min_image_mass: 0.0, layers: '1:'}]"
 SPANS = [[(2, 6)], [(5, 9)], [(7, 10)]]
 
 
@@ -42,6 +44,27 @@ def tiny(arch: str, dtype=torch.float32):
 def batch(T: int = 11):
     ids, mask = models.batch(T=T, left_pad=(0, 3, 6))
     return ids.cuda(), mask.cuda()
+
+
+@pytest.mark.parametrize("name", ["positional", "act", "var"])
+def test_transformers_compiled_static_generation_equals_dynamic_triton(name):
+    """generate(cache_implementation="static") as transformers runs it by default: the decoding step compiled
+    with mode "reduce-overhead" (CUDA graph trees). A step replayed from the graph's memory pool must find
+    what the prefill prepared (packed moves, plans) instead of allocating and keeping tensors there, and
+    must not copy between host and device."""
+    torch._dynamo.reset()
+    model = tiny("llama")
+    ids, mask = batch()
+    text = VAR if name == "var" else RECIPES[name]
+    if name == "var":
+        model.config.image_token_id = 255
+        ids[0, 2:6] = ids[1, 6:9] = ids[2, 8:11] = 255
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), attnedit.patch(model, attnedit.Recipe.from_str(text, "test.yaml"), spans=SPANS):
+        dynamic = model.generate(ids, **kw)
+        static = [model.generate(ids, cache_implementation="static", **kw) for _ in range(2)]
+    torch._dynamo.reset()
+    assert torch.equal(static[0], dynamic) and torch.equal(static[1], dynamic)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -125,3 +125,38 @@ def test_the_interpreter_compiles_nothing_to_keep():
     for _ in range(2):
         launcher((1,), (x, 5, x), {"BLOCK": 64}, num_warps=4)
     assert len(jit.generic) == 2 and not launcher.cache and launcher.fast == 0
+
+
+def test_compiled_moves_say_whether_they_are_live_and_the_operator_keeps_it():
+    """A compiled recipe's moves carry `live` (keep != 1 somewhere), and the torch.compile operator passes it on.
+
+    A decoding step inside a CUDA graph cannot read a keep tensor back to the host; with `live` known,
+    the kernels never do. A keep tensor on the meta device stands for one that must not be read.
+    """
+    import models
+
+    from attnedit.kernels import custom_ops, triton_ops
+    from attnedit.modelinfo import ModelInfo
+    from attnedit.recipe import Recipe
+    from attnedit.tables import LayerTables, MaskInfo, Move, compile_recipe
+
+    model = models.tiny("llama")
+    info = ModelInfo.from_config(model.config)
+    text = "interventions: [{type: act, tau: 0.05, beta: 0.2, heads: {1: [0]}}]"
+    plans = compile_recipe(Recipe.from_str(text, "t.yaml"), info, model).layers
+    moves = [m for p in plans.values() for m in p.moves]
+    assert moves and all(m.live is True for m in moves)
+    idle = Move(1, 2, torch.ones(4, device="meta"), live=False)
+    assert triton_ops._live_moves((idle,), 2, "cpu") is None
+    assert (
+        triton_ops._live_moves(
+            (Move(1, 2, torch.ones(4, device="meta"), row_start=torch.zeros(2), live=False),), 2, "cpu"
+        )
+        is None
+    )
+    with pytest.raises(Exception):  # not known: read back, which a meta tensor cannot be
+        triton_ops._live_moves((Move(1, 2, torch.ones(4, device="meta")),), 2, "cpu")
+    tables = LayerTables(None, torch.zeros(2), 4, None, (idle, Move(2, 1, torch.ones(4))), None, None)
+    flat = custom_ops._flatten(tables, MaskInfo(None, 0, 0, None, torch.zeros(2)))
+    back, _ = custom_ops._unflatten(*flat)
+    assert [m.live for m in back.moves] == [False, None]
