@@ -522,7 +522,8 @@ def layer_tables(
 def _detects_after_prefill(plan: T.LayerPlan) -> bool:
     """Whether hidden-state sinks may be flagged after the prefill: unless every layer detector of the plan is
     `prefill_only` (with none, whatever wrote the layer's buffer is read, as at every position)."""
-    return not plan.layer_detectors or plan.detects_after_prefill
+    # len(): torch.compile cannot trace `not` of a tuple of objects (a graph break in every layer)
+    return len(plan.layer_detectors) == 0 or plan.detects_after_prefill
 
 
 def _first_key(view: View, kv_offset: int) -> torch.Tensor:
