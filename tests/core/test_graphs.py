@@ -113,3 +113,24 @@ def test_compiling_a_prefill_that_chooses_heads_per_input_is_a_clear_error():
         with pytest.raises(Exception, match="run the prefill eagerly and compile or capture the decoding steps"):
             torch.compile(model, fullgraph=True, backend="eager")(**batch)
         model(**batch)  # eager still works
+
+
+def test_var_decoding_step_compiles_fullgraph():
+    """VAR (hidden-state sinks found at prefill, moves after each row's image tokens) traces into one graph too.
+
+    A text model stands in for a VLM: its config names token 255 the image token.
+    """
+    torch._dynamo.reset()
+    model = models.tiny("llama")
+    model.config.image_token_id = 255
+    ids, mask = models.batch(T=11, left_pad=(0, 3, 6))
+    ids[0, 2:6] = ids[1, 5:8] = ids[2, 7:10] = 255
+    text = "interventions: [{type: var, tau: 1.5, p: 0.2, rho: 1.0, min_image_mass: 0.0, layers: '1:'}]"
+    with torch.no_grad(), attnedit.patch(model, recipe(text), backend="reference"):
+        eager = _decode_steps(model, model, ids, mask)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        graphed = _decode_steps(model, compiled, ids, mask)
+    with torch.no_grad():
+        plain = _decode_steps(model, model, ids, mask)
+    assert (eager - plain).abs().max() > 1e-4, "the recipe must change the logits"
+    torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=1e-5)
