@@ -497,19 +497,24 @@ def layer_tables(
             flags = flags | detect_sinks(pre).to(torch.uint8) * T.ACTSINK
         groups = group_ids(plan, flags)
         buf[:, :, lo:hi] = group_ids(plan, flags & (0xFF ^ T.FIRST)) if used & T.FIRST else groups
+        buf[:, :, hi:] = 0  # positions a later forward may leave unwritten (below) hold group 0
         return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
     # a later forward (decoding): write this forward's positions, read the layer's keys as a view.
     # Its tokens are never attention sinks, and hidden-state sinks only where a layer detector also
     # runs after the prefill; elsewhere their groups come from per-input flags alone, the same in
-    # every layer of equal flags (computed once per forward)
+    # every layer of equal flags (computed once per forward). Without per-input flags (ACT) that
+    # group is 0, which the prefill left at every later position: nothing to write.
     if used & T.HSINK and _detects_after_prefill(plan):
         new = group_ids(plan, _token_flags(plan, fwd, view, layer))
-    else:
+    elif used & (T.SPAN | T.IMAGE):
         new = fwd.shared(
             ("new_groups", plan.flags, device),
             lambda: group_ids(plan, _token_flags(plan, fwd, view, layer, hsink=False)),
         )
-    buf.index_copy_(2, view.positions, new.expand(B, buf.shape[1], fwd.length))
+    else:
+        new = None
+    if new is not None:
+        buf.index_copy_(2, view.positions, new.expand(B, buf.shape[1], fwd.length))
     groups = buf[:, :, lo:hi]
     if used & T.FIRST:
         groups = groups | fwd.shared(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import models
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnedit
 from attnedit import runtime as R
@@ -308,3 +309,38 @@ def test_decoding_step_shares_new_groups_only_when_hidden_sinks_are_found_at_pre
         assert groups[1][:, 0, 5].tolist() == ([1, 0] if prefill_only else [1, 2])
         shared = [k for k in fwd.cache if k[0] == "new_groups"]
         assert len(shared) == (1 if prefill_only else 0)
+
+
+def test_decoding_steps_of_attention_sinks_alone_write_nothing_and_read_no_stale_group():
+    """ACT's layers (attention sinks, no per-input flags): a decoding step's tokens are in group 0, which the
+    prefill leaves at every later position, so a step writes nothing, also after a longer input whose sinks
+    sat at those positions."""
+    state = R.State()
+    cpu = torch.device("cpu")
+    act = plan(flags=(T.ACTSINK,))
+    fwd = forward(state, length=8, capacity=16)
+    R.layer_tables(act, fwd, 0, device=cpu, heads=2, k_len=8, kv_offset=0, detect_sinks=lambda pre: torch.ones(2, 2, 8))
+    fwd = forward(state, length=4, capacity=16)  # a shorter input in the same buffers, without sinks
+    R.layer_tables(
+        act, fwd, 0, device=cpu, heads=2, k_len=4, kv_offset=0, detect_sinks=lambda pre: torch.zeros(2, 2, 4)
+    )
+    for step in range(3):
+        fwd = forward(state, length=1, past=4 + step, capacity=16)
+        with _Writes() as writes:
+            t = R.layer_tables(act, fwd, 0, device=cpu, heads=2, k_len=5 + step, kv_offset=0)
+        assert t.key_group.shape == (2, 2, 5 + step)
+        assert int(t.key_group.sum()) == 0, f"step {step}: a sink of the longer input is read back"
+        assert not writes.ops, f"step {step} wrote into the buffers: {writes.ops}"
+
+
+class _Writes(TorchDispatchMode):
+    """The in-place aten operations dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.endswith("_") or "copy" in func._schema.name:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
