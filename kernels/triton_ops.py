@@ -284,12 +284,14 @@ class DecodePlan:
         starts = None
         if self.starts is not None:
             B, moves = q.shape[0], tables.moves
-            starts = torch.stack(
-                [
-                    self.never if moves[i].row_start is None else moves[i].row_start.to(q.device, torch.int64).expand(B)
-                    for i in self.starts
-                ]
-            )
+            rows = [
+                self.never if moves[i].row_start is None else moves[i].row_start.to(q.device, torch.int64)
+                for i in self.starts
+            ]
+            if len(rows) == 1 and rows[0].shape == (B,) and rows[0].is_contiguous():
+                starts = rows[0].view(1, B)  # one live move (VAR): its row starts as they are, no copy
+            else:
+                starts = torch.stack([r.expand(B) for r in rows])
         out, _ = self.decoder(
             q,
             k,
