@@ -660,8 +660,24 @@ def _memo(t: torch.Tensor, tag: tuple, fn: Callable[[torch.Tensor], object]):
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of a small plan tensor (bias, keep, scale): one device sync per tensor object."""
-    return t if t.device.type == "cpu" else _memo(t, ("host",), lambda x: x.detach().cpu())
+    """A CPU copy of a small plan tensor (bias, keep, scale): one device sync per tensor object.
+
+    Raises AttneditError when the copy would be made during CUDA-graph capture (which cannot record
+    it): the tables reached a captured step without what an eager forward prepares for them.
+    """
+    if t.device.type == "cpu":
+        return t
+    hit = _memo_cache.get((id(t), ("host",)))
+    if (hit is None or hit[0]() is not t or hit[1] != t._version) and _capturing(t):
+        raise AttneditError(
+            "a plan tensor would be read back to the host while a CUDA graph is captured; run one forward of "
+            "this patch eagerly on the same tensors before capturing, or report the recipe (this is a bug)"
+        )
+    return _memo(t, ("host",), lambda x: x.detach().cpu())
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:

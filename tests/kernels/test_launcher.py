@@ -160,3 +160,16 @@ def test_compiled_moves_say_whether_they_are_live_and_the_operator_keeps_it():
     flat = custom_ops._flatten(tables, MaskInfo(None, 0, 0, None, torch.zeros(2)))
     back, _ = custom_ops._unflatten(*flat)
     assert [m.live for m in back.moves] == [False, None]
+
+
+def test_a_plan_tensor_read_back_during_capture_is_a_clear_error(monkeypatch):
+    """What was read back eagerly is reused; a first read-back while a CUDA graph is captured raises AttneditError."""
+    from attnedit.errors import AttneditError
+    from attnedit.kernels import triton_ops
+
+    seen, fresh = torch.ones(3, device="meta"), torch.ones(3, device="meta")  # stand-ins for device tensors
+    triton_ops._memo(seen, ("host",), lambda x: torch.ones(3))  # what an eager forward read back
+    monkeypatch.setattr(triton_ops, "_capturing", lambda t: True)
+    assert torch.equal(triton_ops._host(seen), torch.ones(3))
+    with pytest.raises(AttneditError, match="CUDA graph is captured"):
+        triton_ops._host(fresh)
