@@ -43,21 +43,7 @@ def _spec_key(args: tuple) -> tuple:
     a tensor gives its dtype then whether its pointer is 16-byte aligned (a dtype always starts a
     tensor's pair, so the flat tuple reads back one way); anything else gives its type.
     """
-    key = []
-    add = key.append
-    for a in args:
-        kind = type(a)
-        if kind is int:
-            if -2147483648 <= a < 2147483648:
-                add(1 if a == 1 else 0 if a & 15 else 16)
-            else:
-                add((64, not a & 15))
-        elif kind is _Tensor or hasattr(a, "data_ptr"):
-            add(a.dtype)
-            add(not a.data_ptr() & 15)
-        else:
-            add(kind)
-    return tuple(key)
+    return _spec_key_addresses(args)[0]
 
 
 def _spec_key_addresses(args: tuple) -> tuple[tuple, list]:
