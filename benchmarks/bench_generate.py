@@ -11,7 +11,8 @@ ms per new token = (time of generate(128 new) - time of generate(8 new)) / 120, 
 each call's first steps (CUDA-graph recording under the static cache) cancel. With the dynamic cache
 the variants are timed in rounds (each variant once per round, in turn; `--reps` rounds) and each
 keeps its best round, so that a machine whose speed drifts over the run slows every variant alike;
-the table also gives the range of each round's ratio to that round's unpatched SDPA. Ratios are to unpatched
+the table also gives the range and the median of each round's ratio to that round's unpatched SDPA
+(the median holds when one round is disturbed: use five rounds or more). Ratios are to unpatched
 SDPA in the same mode, measured in the same run; "x dyn" is the ratio to unpatched SDPA with the
 dynamic cache. "same tokens" compares each variant's 128 greedy tokens under the static cache with its
 own dynamic-cache tokens (exact only in fp32: `--dtype float32`).
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from importlib import resources
@@ -290,7 +292,8 @@ def measure_rounds(model, args, recipe_of, batch, length, names, dynamic_tokens,
         rs = rows[n]["rounds"]
         rows[n]["ms_per_token"] = min(rs)
         if base and len(base) >= len(rs):
-            rows[n]["round_ratios"] = [x / b for x, b in zip(rs, base)]
+            rr = rows[n]["round_ratios"] = [x / b for x, b in zip(rs, base)]
+            rows[n]["median_round_ratio"] = statistics.median(rr)  # robust to one disturbed round
     return [rows[n] for n in names]
 
 
@@ -342,17 +345,19 @@ def fmt(x, p=2) -> str:
 
 
 def _spread(row: dict) -> str:
-    """The per-round ratios of a dynamic-cache row: 'lo-hi (n rounds)'."""
+    """The per-round ratios of a dynamic-cache row: 'lo-hi, median m (n rounds)'."""
     rr = row.get("round_ratios")
     if not rr:
         return ""
-    return f"{min(rr):.2f}-{max(rr):.2f} ({len(rr)})" if len(rr) > 1 else f"{rr[0]:.2f} (1)"
+    if len(rr) == 1:
+        return f"{rr[0]:.2f} (1)"
+    return f"{min(rr):.2f}-{max(rr):.2f}, median {statistics.median(rr):.2f} ({len(rr)})"
 
 
 def tables(rows: list[dict], prefill: list[dict], args) -> str:
     out = [
         "| batch x prompt | cache | variant | ms / new token | x unpatched (same cache) | x unpatched dynamic | "
-        "rounds: x unpatched in each | same tokens as dynamic |",
+        "rounds: x unpatched in each, range and median | same tokens as dynamic |",
         "|---|---|---|---|---|---|---|---|",
     ]
     order = {v: i for i, v in enumerate(VARIANTS)}

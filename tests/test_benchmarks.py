@@ -46,19 +46,22 @@ def test_generate_benchmark_times_dynamic_variants_in_rounds(tmp_path):
     import json
 
     argv = [sys.executable, "benchmarks/bench_generate.py", "--shape", "tiny", "--layers", "2", "--new-tokens", "10"]
-    argv += ["--batches", "1x32", "--modes", "dynamic", "--e2e-tokens", "0", "--reps", "2"]
+    argv += ["--batches", "1x32", "--modes", "dynamic", "--e2e-tokens", "0", "--reps", "3"]
     argv += ["--variants", "sdpa,zerotuning", "--out", str(tmp_path), "--tag", "gen"]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "dynamic round 2: sdpa" in done.stderr
+    assert "dynamic round 3: sdpa" in done.stderr
     rows = {r["variant"]: r for r in json.loads((tmp_path / "gen.json").read_text())["generate"]}
     for name in ("sdpa", "zerotuning"):
         r = rows[name]
-        assert len(r["rounds"]) == 2 and r["ms_per_token"] == min(r["rounds"])
+        assert len(r["rounds"]) == 3 and r["ms_per_token"] == min(r["rounds"])
         base = rows["sdpa"]["rounds"]
         assert r["round_ratios"] == pytest.approx([x / b for x, b in zip(r["rounds"], base)])
+        assert r["median_round_ratio"] == pytest.approx(sorted(r["round_ratios"])[1])
     assert rows["sdpa"]["ratio"] == 1.0
-    assert "rounds: x unpatched in each" in (tmp_path / "gen.md").read_text()
+    median = sorted(rows["zerotuning"]["round_ratios"])[1]
+    text = (tmp_path / "gen.md").read_text()
+    assert "rounds: x unpatched in each, range and median" in text and f"median {median:.2f} (3)" in text
 
 
 @pytest.mark.parametrize(
