@@ -16,6 +16,8 @@ import torch
 
 from attnedit.tables import LayerTables, MaskInfo, Move
 
+from .device import on_device_of
+
 _INTS_PER_MOVE = 8  # src, dst, has gate, gate num, gate den, after image, has row start, live (-1: not known)
 Tensor = torch.Tensor
 
@@ -107,7 +109,7 @@ def _attention(
         has, key_group, first_key, n_groups, bias, ints, floats, keeps, rows, out_scale, out_shift,
         dense, q_int, q_pos, kv_offset, kv_start, first_abs,
     )  # fmt: skip
-    out = triton_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
+    out = on_device_of(q, triton_ops.attention, q, k, v, tables, mask, scaling=scaling, softcap=softcap)
     return out.clone() if out.data_ptr() in (q.data_ptr(), k.data_ptr(), v.data_ptr()) else out
 
 
@@ -147,7 +149,7 @@ def _column_scores(
         has, key_group, first_key, n_groups, bias, ints, floats, keeps, rows, out_scale, out_shift,
         dense, q_int, q_pos, kv_offset, kv_start, first_abs,
     )  # fmt: skip
-    colsum, count = triton_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap)
+    colsum, count = on_device_of(q, triton_ops.column_scores, q, k, tables, mask, scaling=scaling, softcap=softcap)
     return colsum, count.clone() if count.data_ptr() == colsum.data_ptr() else count
 
 

@@ -16,6 +16,7 @@ from attnedit.recipe import BACKENDS
 from attnedit.tables import LayerTables, MaskInfo
 
 from . import custom_ops, reference
+from .device import on_device_of
 
 
 def triton_status() -> str | None:
@@ -79,7 +80,7 @@ def attention(
     if name == "triton":
         if torch.compiler.is_compiling():
             return custom_ops.attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
-        return _triton().attention(q, k, v, tables, mask, scaling=scaling, softcap=softcap)
+        return on_device_of(q, _triton().attention, q, k, v, tables, mask, scaling=scaling, softcap=softcap)
     return reference.attention(
         q, k, v, tables, scaling=scaling, mask=mask.dense, softcap=softcap, q_start=mask.q_offset
     )
@@ -105,7 +106,9 @@ def decode_step(
     torch.compile, and for the reference, this is `attention`.
     """
     if name == "triton" and not torch.compiler.is_compiling():
-        return _triton().decode_step(plans, slot, q, k, v, tables, mask, scaling=scaling, softcap=softcap)
+        return on_device_of(
+            q, _triton().decode_step, plans, slot, q, k, v, tables, mask, scaling=scaling, softcap=softcap
+        )
     return attention(name, q, k, v, tables, mask, scaling=scaling, softcap=softcap)
 
 
@@ -128,5 +131,7 @@ def column_scores(
     if name == "triton":
         if torch.compiler.is_compiling():
             return custom_ops.column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap)
-        return _triton().column_scores(q, k, tables, mask, scaling=scaling, softcap=softcap, value=value)
+        return on_device_of(
+            q, _triton().column_scores, q, k, tables, mask, scaling=scaling, softcap=softcap, value=value
+        )
     return reference.column_scores(q, k, tables, scaling=scaling, mask=mask.dense, softcap=softcap)

@@ -97,13 +97,15 @@ class Launcher:
         )
 
     def launch(self, key, grid, args, consts: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
-        """Every launch ends here: the compiled kernel kept for `key`, else Triton's generic path (which compiles)."""
-        kernel = self.cache.get(key)
+        """Every launch ends here: the compiled kernel kept for `key` on the current device, else Triton's generic
+        path (which compiles). A compiled kernel is loaded on one device, so the device is part of the key."""
+        device = _current_device() if _CUDA else -1
+        kernel = self.cache.get((key, device))
         if kernel is not None:
-            kernel(grid, args, consts)
+            kernel(grid, args, consts, device)
             self.fast += 1
             return
-        self.compile(key, grid, args, constexprs, num_warps, num_stages)
+        self.compile((key, device), grid, args, constexprs, num_warps, num_stages)
 
     def compile(self, key, grid, args, constexprs: dict, num_warps: int, num_stages: int) -> "Compiled | None":
         """Launch through Triton's generic path (compiling at a new specialisation); keep and return the kernel."""
@@ -112,6 +114,10 @@ class Launcher:
             hit = self.cache[key] = Compiled(kernel)
             return hit
         return None
+
+    def compiled(self, key) -> bool:
+        """Whether the kernel for `key` is compiled and kept for the current device."""
+        return (key, _current_device() if _CUDA else -1) in self.cache
 
 
 class Compiled:
@@ -133,13 +139,12 @@ class Compiled:
         self.run = kernel.run  # the launcher (made by Triton's first launch of this kernel)
         self.function, self.meta = kernel.function, kernel.packed_metadata
 
-    def __call__(self, grid, args, consts: tuple) -> None:
+    def __call__(self, grid, args, consts: tuple, device: int) -> None:
         g = tuple(grid) + (1,) * (3 - len(grid))
         if _hooked():
             self.kernel[g](*args, *consts)
             return
-        stream = _raw_stream(_current_device())
-        self.run(g[0], g[1], g[2], stream, self.function, self.meta, None, None, None, *args, *consts)
+        self.run(g[0], g[1], g[2], _raw_stream(device), self.function, self.meta, None, None, None, *args, *consts)
 
 
 def _hooked() -> bool:
@@ -154,7 +159,11 @@ def _hooked() -> bool:
     return False
 
 
+_CUDA = torch.cuda.is_available()
+
+
 def _current_device() -> int:
+    """The current CUDA device's index, as Triton's launch takes it (callers make it the tensors' device)."""
     return torch._C._cuda_getDevice()
 
 
@@ -196,7 +205,7 @@ class Template:
         spec, addresses = _spec_key_addresses(values)
         key = (self.key, spec)
         launcher = self.launcher
-        if key in launcher.cache:  # compiled: every pointer as its address
+        if launcher.compiled(key):  # compiled: every pointer as its address
             args, values = self.addresses.copy(), addresses
         else:  # Triton's generic path: tensors
             args = self.args.copy()

@@ -37,12 +37,17 @@ class FakeJit:
     arg_names = ["X", "n", "Y", "BLOCK"]
 
     def __init__(self):
-        self.kernel = FakeKernel()
+        self.kernels: list[FakeKernel] = []  # one per compilation
         self.generic: list[tuple] = []
+
+    @property
+    def kernel(self) -> FakeKernel:
+        return self.kernels[-1]
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.generic.append((grid, args, kwargs))
+            self.kernels.append(FakeKernel())
             return self.kernel
 
         return launch
@@ -50,9 +55,14 @@ class FakeJit:
 
 @pytest.fixture
 def cuda_free(monkeypatch):
-    """The current device and stream as the launcher asks PyTorch for them, on a machine without CUDA."""
-    monkeypatch.setattr(tc, "_current_device", lambda: 0)
-    monkeypatch.setattr(tc, "_raw_stream", lambda index: 777)
+    """The current device and stream as the launcher asks PyTorch for them, on a machine without CUDA.
+
+    Returns a dict whose "device" is the current device (tests change it)."""
+    current = {"device": 0}
+    monkeypatch.setattr(tc, "_CUDA", True)
+    monkeypatch.setattr(tc, "_current_device", lambda: current["device"])
+    monkeypatch.setattr(tc, "_raw_stream", lambda index: 777 + index)
+    return current
 
 
 def test_second_launch_calls_the_compiled_launcher_with_the_runners_arguments(cuda_free):
@@ -65,10 +75,27 @@ def test_second_launch_calls_the_compiled_launcher_with_the_runners_arguments(cu
     assert len(jit.generic) == 1 and launcher.fast == 1
     (call,) = jit.kernel.direct
     # grid padded to 3 dims, the stream, the kernel's function and metadata, no launch metadata or hooks
-    assert call[:9] == (3, 2, 1, 777, 1234, (4, 1, 0), None, None, None)
+    assert call[:9] == (3, 2, 1, 777, 1234, (4, 1, 0), None, None, None)  # 777: device 0's stream
     assert call[9:11] == (x, 5) and call[11] is y and call[12:] == (64,)
     launcher((3,), (x, 16, y), {"BLOCK": 64}, num_warps=4)  # another specialisation (16 divides): compiled anew
     assert len(jit.generic) == 2
+
+
+def test_a_kernel_compiled_on_one_device_is_not_launched_on_another(cuda_free):
+    """A compiled kernel is loaded on one device: the same specialisation on another device compiles its own,
+    and each device's launches use its own kernel and stream."""
+    jit = FakeJit()
+    launcher = tc.Launcher(jit)
+    x = torch.zeros(8)
+    launcher((1,), (x, 5, x), {"BLOCK": 64}, num_warps=4)
+    cuda_free["device"] = 1
+    launcher((1,), (x, 5, x), {"BLOCK": 64}, num_warps=4)
+    assert len(jit.generic) == 2, "device 1 must not reuse device 0's kernel"
+    first, second = jit.kernels
+    launcher((1,), (x, 5, x), {"BLOCK": 64}, num_warps=4)
+    cuda_free["device"] = 0
+    launcher((1,), (x, 5, x), {"BLOCK": 64}, num_warps=4)
+    assert [c[3] for c in first.direct] == [777] and [c[3] for c in second.direct] == [778]
 
 
 def test_a_registered_launch_hook_sends_launches_through_tritons_runner(cuda_free):
@@ -173,3 +200,37 @@ def test_a_plan_tensor_read_back_during_capture_is_a_clear_error(monkeypatch):
     assert torch.equal(triton_ops._host(seen), torch.ones(3))
     with pytest.raises(AttneditError, match="CUDA graph is captured"):
         triton_ops._host(fresh)
+
+
+def test_triton_calls_run_with_their_tensors_device_current(monkeypatch):
+    """A layer of a model split over GPUs runs its kernels with its own device current; no switch otherwise."""
+    from attnedit.kernels import device as dev
+
+    switched = []
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            switched.append(self.index)
+
+        def __exit__(self, *exc):
+            switched.append(None)
+
+    class OnGpu:  # a stand-in for a CUDA tensor on device `index`
+        def __init__(self, index):
+            self.index = index
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    assert dev.on_device_of(OnGpu(1), lambda a, b=0: seen.append((a, b, list(switched))) or "out", 5, b=6) == "out"
+    assert seen == [(5, 6, [1])] and switched == [1, None]
+    switched.clear()
+    dev.on_device_of(OnGpu(0), seen.append, "same")
+    dev.on_device_of(torch.zeros(1), seen.append, "cpu")
+    assert switched == [] and seen[-2:] == ["same", "cpu"]
