@@ -25,6 +25,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from attnedit.kernels import BACKENDS, choose, dispatch, reference
+from attnedit.kernels.device import capturing
 
 from . import runtime as R
 from . import tables as T
@@ -239,7 +240,7 @@ class Patch:
                 log.warning("the recipe highlights spans (PASTA) but no spans were given: every key gets the bias")
             if self.spans is not None and len(self.spans) != B:
                 raise AttneditError(f"spans were given for {len(self.spans)} rows but the batch has {B}")
-        if self.compiled.forward_hooks and detect and (torch.compiler.is_compiling() or R.capturing(ref)):
+        if self.compiled.forward_hooks and detect and (torch.compiler.is_compiling() or capturing(ref)):
             names = ", ".join(sorted({type(h).__name__ for h in self.compiled.forward_hooks}))
             raise AttneditError(
                 f"the recipe chooses per input at the prefill ({names}: a forward of its own, read on the host), "

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from attnedit.kernels.device import capturing
+
 from . import tables as T
 
 PER_LAYER = T.HSINK | T.ACTSINK  # flags kept per layer (the others are per input: the same in every layer)
@@ -241,11 +243,6 @@ class Forward:
 
 
 _MISSING = object()
-
-
-def capturing(t: torch.Tensor) -> bool:
-    """Whether CUDA-graph capture is under way on `t`'s device (always False on the CPU)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _dense(attention_mask: Any) -> torch.Tensor | None:

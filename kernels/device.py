@@ -1,4 +1,5 @@
-"""Run a kernel call with its tensors' CUDA device current.
+"""Device questions the kernels and the runtime share: run a call with its tensors' CUDA device
+current, and whether a CUDA graph is being captured.
 
 Triton launches on the current CUDA device (and keeps compiled kernels per device). A model split
 over several GPUs (`device_map="auto"`) runs layers on devices other than the current one, so each
@@ -17,3 +18,8 @@ def on_device_of(t: torch.Tensor, fn, *args, **kwargs):
         with torch.cuda.device(index):
             return fn(*args, **kwargs)
     return fn(*args, **kwargs)
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether CUDA-graph capture is under way on `t`'s device (always False on the CPU)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -39,6 +39,7 @@ from attnedit.errors import AttneditError
 from attnedit.tables import LayerTables, MaskInfo
 
 from . import reference
+from .device import capturing
 from .triton_colsum import colsum as _colsum
 from .triton_common import next_pow2
 from .triton_decode import Decoder as _Decoder
@@ -392,7 +393,7 @@ class _Geometry:
 
 def _host_position(q_off: torch.Tensor) -> int:
     """A prefill's query offset kept on the device (a static cache), read once on the host."""
-    if q_off.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(q_off):
         raise AttneditError(
             "a forward of several tokens on a static cache cannot be captured in a CUDA graph with the Triton "
             "backend (its kernels are chosen by the query offset); capture decoding steps (one token per row) only"
@@ -422,7 +423,7 @@ def _live_moves(moves: tuple, B: int, device):
         return hit[2]
     live = [m for m in moves if _is_live(m)]
     packed = _pack_moves(live, B, device) if live else None
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if live and capturing(packed[2]):
         return packed
     if len(_memo_cache) > 4096:
         _memo_cache.clear()
@@ -668,16 +669,12 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu":
         return t
     hit = _memo_cache.get((id(t), ("host",)))
-    if (hit is None or hit[0]() is not t or hit[1] != t._version) and _capturing(t):
+    if (hit is None or hit[0]() is not t or hit[1] != t._version) and capturing(t):
         raise AttneditError(
             "a plan tensor would be read back to the host while a CUDA graph is captured; run one forward of "
             "this patch eagerly on the same tensors before capturing, or report the recipe (this is a bug)"
         )
     return _memo(t, ("host",), lambda x: x.detach().cpu())
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:

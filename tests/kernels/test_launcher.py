@@ -196,7 +196,7 @@ def test_a_plan_tensor_read_back_during_capture_is_a_clear_error(monkeypatch):
 
     seen, fresh = torch.ones(3, device="meta"), torch.ones(3, device="meta")  # stand-ins for device tensors
     triton_ops._memo(seen, ("host",), lambda x: torch.ones(3))  # what an eager forward read back
-    monkeypatch.setattr(triton_ops, "_capturing", lambda t: True)
+    monkeypatch.setattr(triton_ops, "capturing", lambda t: True)
     assert torch.equal(triton_ops._host(seen), torch.ones(3))
     with pytest.raises(AttneditError, match="CUDA graph is captured"):
         triton_ops._host(fresh)
