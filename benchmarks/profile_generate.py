@@ -8,9 +8,13 @@ Triton's compiled-kernel runner). cProfile slows Python functions more than C ca
 per-call times as relative, not as what a step costs unprofiled (`bench_generate.py` measures that).
 Then, per variant, one `generate` under torch.profiler (`--torch-profile N` new tokens): how many
 host synchronisations it made, its device time, and the attention kernels' launches and mean time.
+With `--static`: the static cache as transformers compiles it; each variant's decoding step is compiled
+by one warm-up `generate`, then one `generate` runs under torch.profiler and the kernels with the most
+device time are listed (what a CUDA-graph replay of the step spends its time on).
 
     python benchmarks/profile_generate.py [--variants sdpa,zerotuning,head_prune] [--batch 1] [--prompt 2048]
         [--new-tokens 24] [--layers 32] [--shape llama3.1-8b] [--torch-profile 16] [--out DIR]
+    python benchmarks/profile_generate.py --static [--variants sdpa,zerotuning,var] [--top 12] ...
         (with --out: each variant's full cProfile listing, sorted by own time and by cumulative time)
 """
 
@@ -59,6 +63,29 @@ def torch_summary(model, ids, name: str, recipe_of: dict, spans, new_tokens: int
     return line + (f"; {parts}" if parts else "")
 
 
+def static_kernels(model, ids, name: str, recipe, spans, new_tokens: int, top: int) -> str:
+    """The kernels with the most device time in one static-cache `generate` (decoding steps compiled and graphed)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415  (this mode only)
+
+    torch._dynamo.reset()
+    with bg.Variant(model, name, recipe, spans):
+        bg.generate(model, ids, new_tokens, True)  # compiles the decoding step
+        bg.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            bg.generate(model, ids, new_tokens, True)
+            bg.sync()
+    rows = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in rows)
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    n = sum(e.count for e in rows)
+    lines = [f"\n{name}, static generate({new_tokens}): device time {total / 1e3:.2f} ms, {n} kernels"]
+    lines += ["| kernel | launches | us each | ms total |", "|---|---:|---:|---:|"]
+    for e in rows[:top]:
+        us = e.self_device_time_total
+        lines.append(f"| {e.key[:70]} | {e.count} | {us / e.count:.1f} | {us / 1e3:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", type=bg.names, default=["sdpa", "zerotuning", "head_prune"])
@@ -75,6 +102,8 @@ def main() -> None:
         metavar="N",
         help="also run generate(N) under torch.profiler: host syncs, device time, the decode kernels' time (0: skip)",
     )
+    ap.add_argument("--static", action="store_true", help="the static cache, compiled: each variant's top kernels")
+    ap.add_argument("--top", type=int, default=12, help="--static: kernels listed per variant")
     args = ap.parse_args()
     for name, n in (("--batch", args.batch), ("--prompt", args.prompt), ("--new-tokens", args.new_tokens)):
         if n < 1:
@@ -87,6 +116,12 @@ def main() -> None:
     ids, _, _ = bg.prompts(args.batch, args.prompt, device)
     spans = [[(100, 196), (args.prompt, 2**62)]] * args.batch
     print(f"\nbatch {args.batch}, {args.prompt}-token prompt, {args.new_tokens} new tokens, {args.layers} layers")
+    if args.static:
+        torch._dynamo.config.cache_size_limit = 64
+        for name in args.variants:
+            sp = spans if name == "pasta" else None
+            print(static_kernels(model, ids, name, recipe_of.get(name), sp, args.new_tokens, args.top), flush=True)
+        return
     print("\n| variant | generate s (profiled) | function | calls | cumulative us / call |")
     print("|---|---:|---|---:|---:|")
     summaries = []
