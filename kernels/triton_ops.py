@@ -405,30 +405,30 @@ def _live_moves(moves: tuple, B: int, device):
     """The moves that change something (keep != 1 somewhere), packed by `_pack_moves`; None when none does.
 
     Whether a move is live comes from `Move.live` (set when a recipe is compiled), else from its keep
-    tensor read back once (a sync). Without per-input row starts the result is kept per move (its
-    keep tensor, a plan's own object, and its source, destination and gate), batch size and device;
-    weak references make sure a new tensor that reuses a freed one's id never gets the old result,
-    and the keep tensors' versions are checked. The key does not depend on the tuple holding the
-    moves: under torch.compile the operator (`custom_ops`) rebuilds it at every call. Nothing is
-    kept while a CUDA graph is being captured (its memory pool must not hold tensors beyond the
-    graph), and with row starts the moves are packed at each call.
+    tensor read back once (a sync). What comes from the plan (which moves are live, their sources,
+    destinations, gates and stacked keep rows) is kept per move (its keep tensor, a plan's own object,
+    and its source, destination and gate), batch size and device; weak references make sure a new
+    tensor that reuses a freed one's id never gets the old result, and the keep tensors' versions are
+    checked. The key does not depend on the tuple holding the moves: under torch.compile the operator
+    (`custom_ops`) rebuilds it at every call. Per-input row starts (moves after the image tokens) are
+    read at every call (`_row_starts`: no copy for one move). Nothing is kept while a CUDA graph is
+    being captured (its memory pool must not hold tensors beyond the graph).
     """
-    if any(m.row_start is not None for m in moves):
-        live = [m for m in moves if _is_live(m)]
-        return _pack_moves(live, B, device) if live else None
-    key = ("live_moves", tuple((id(m.keep), m.src, m.dst, m.gate) for m in moves), B, device)
+    key = ("live_moves", tuple((id(m.keep), m.src, m.dst, m.gate, m.row_start is None) for m in moves), B, device)
     versions = tuple(m.keep._version for m in moves)
     hit = _memo_cache.get(key)
     if hit is not None and all(r() is m.keep for r, m in zip(hit[0], moves)) and hit[1] == versions:
-        return hit[2]
-    live = [m for m in moves if _is_live(m)]
-    packed = _pack_moves(live, B, device) if live else None
-    if live and capturing(packed[2]):
+        live, packed = hit[2]
+    else:
+        live = tuple(i for i, m in enumerate(moves) if _is_live(m))
+        packed = _pack_moves([moves[i] for i in live], B, device) if live else None
+        if not (live and capturing(packed[2])):
+            if len(_memo_cache) > 4096:
+                _memo_cache.clear()
+            _memo_cache[key] = (tuple(weakref.ref(m.keep) for m in moves), versions, (live, packed))
+    if packed is None or all(moves[i].row_start is None for i in live):
         return packed
-    if len(_memo_cache) > 4096:
-        _memo_cache.clear()
-    _memo_cache[key] = (tuple(weakref.ref(m.keep) for m in moves), versions, packed)
-    return packed
+    return (*packed[:3], _row_starts([moves[i] for i in live], B, device))
 
 
 def _is_live(m) -> bool:
@@ -448,11 +448,22 @@ def _pack_moves(moves, B: int, device) -> tuple:
         )
     mv_i, mv_f = _memo_cache[key]
     keep = torch.stack([m.keep.to(device, torch.float32) for m in moves])
+    return mv_i, mv_f, keep, _row_starts(moves, B, device)
+
+
+def _row_starts(moves, B: int, device) -> torch.Tensor:
+    """(NM, B) int64: each move's first row per input (-2**62, every row, for a move without row starts).
+
+    One move with per-input row starts of shape (B,) (VAR's) is passed as a view, without a copy.
+    """
+    if len(moves) == 1 and moves[0].row_start is not None:
+        r = moves[0].row_start
+        if r.shape == (B,) and r.dtype == torch.int64 and r.device == torch.device(device) and r.is_contiguous():
+            return r.view(1, B)
     never = torch.full((B,), -(2**62), dtype=torch.int64, device=device)
-    starts = torch.stack(
+    return torch.stack(
         [m.row_start.to(device, torch.int64).expand(B) if m.row_start is not None else never for m in moves]
     )
-    return mv_i, mv_f, keep, starts
 
 
 def _counts(mask: MaskInfo, geo: _Geometry, B: int, NQ: int, NK: int, device) -> torch.Tensor:

@@ -189,6 +189,28 @@ def test_compiled_moves_say_whether_they_are_live_and_the_operator_keeps_it():
     assert [m.live for m in back.moves] == [False, None]
 
 
+def test_moves_with_per_input_row_starts_are_packed_once_and_their_row_starts_read_in_place():
+    """VAR's moves (row starts per input): the plan's part is packed once, the row starts are never copied.
+
+    Under torch.compile every copy the operator makes at a call is one more kernel in each layer of the
+    captured decoding step, so a second call with new row starts reuses the stacked keep rows and reads
+    one move's row starts through a view; with two moves (one without row starts) they are stacked.
+    """
+    from attnedit.kernels import triton_ops
+    from attnedit.tables import Move
+
+    keep = torch.tensor([1.0, 0.5, 1.0, 0.25])
+    one = lambda starts: (Move(1, 2, keep, after_image=True, row_start=starts, live=True),)  # noqa: E731
+    a, b = torch.tensor([3, 5]), torch.tensor([7, 9])
+    first, second = triton_ops._live_moves(one(a), 2, "cpu"), triton_ops._live_moves(one(b), 2, "cpu")
+    assert second[2] is first[2] and torch.equal(second[2], keep.view(1, 4))
+    assert second[3].data_ptr() == b.data_ptr() and torch.equal(second[3], b.view(1, 2))
+    assert torch.equal(first[3], a.view(1, 2))
+    two = one(b) + (Move(2, 1, torch.tensor([0.5, 1.0, 1.0, 1.0]), live=True),)
+    packed = triton_ops._live_moves(two, 2, "cpu")
+    assert packed[3].tolist() == [[7, 9], [-(2**62), -(2**62)]] and packed[2].shape == (2, 4)
+
+
 def test_a_plan_tensor_read_back_during_capture_is_a_clear_error(monkeypatch):
     """What was read back eagerly is reused; a first read-back while a CUDA graph is captured raises AttneditError."""
     from attnedit.errors import AttneditError
