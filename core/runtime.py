@@ -501,7 +501,7 @@ def layer_tables(
     # runs after the prefill; elsewhere their groups come from per-input flags alone, the same in
     # every layer of equal flags (computed once per forward). Without per-input flags (ACT) that
     # group is 0, which the prefill left at every later position: nothing to write.
-    if used & T.HSINK and _detects_after_prefill(plan):
+    if used & T.HSINK and plan.hsink_after_prefill:
         new = group_ids(plan, _token_flags(plan, fwd, view, layer))
     elif used & (T.SPAN | T.IMAGE):
         new = fwd.shared(
@@ -521,24 +521,22 @@ def layer_tables(
     return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
 
 
-def _detects_after_prefill(plan: T.LayerPlan) -> bool:
-    """Whether hidden-state sinks may be flagged after the prefill: unless every layer detector of the plan is
-    `prefill_only` (with none, whatever wrote the layer's buffer is read, as at every position)."""
-    # len(): torch.compile cannot trace `not` of a tuple of objects (a graph break in every layer)
-    return len(plan.layer_detectors) == 0 or plan.detects_after_prefill
-
-
 def _first_key(view: View, kv_offset: int) -> torch.Tensor:
     return (view.first_abs - kv_offset).clamp_min(-1)  # -1: the first real token is not among the keys
 
 
 def _finish(plan, fwd: Forward, view: View, groups, first_key, heads: int, device, scale) -> T.LayerTables:
     moves = plan.moves
-    if any(m.after_image for m in moves):  # per-input row starts; the plan's own tuple otherwise (kernels memoise it)
+    if plan.moves_after_image:  # per-input row starts; the plan's own tuple otherwise (kernels memoise it)
         starts = view.image_end
         if starts is None:
             starts = fwd.shared(("no_image", device), lambda: torch.zeros_like(first_key))
-        moves = tuple(replace(m, row_start=starts) if m.after_image else m for m in moves)
+        moves = tuple(
+            T.Move(m.src, m.dst, m.keep, m.gate, after_image=True, row_start=starts, live=m.live)
+            if m.after_image
+            else m
+            for m in moves
+        )
     out_scale = plan.out_scale
     if scale is not None:
         base = out_scale if out_scale is not None else torch.ones(heads, device=device)

@@ -34,7 +34,7 @@ executes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, Sequence
 
 from attnedit.interventions import registry
@@ -187,6 +187,27 @@ class LayerPlan:
     out_scale: torch.Tensor | None  # (H,) fp32
     out_shift: torch.Tensor | None  # (H, D) fp32
     detectors: tuple[Any, ...] = ()  # "layer_input" and "attention" detectors of this layer
+    # derived once (a decoding step reads them in every layer): see `__post_init__`
+    layer_detectors: tuple[Any, ...] = field(init=False, repr=False, compare=False)
+    detects_after_prefill: bool = field(init=False, repr=False, compare=False)
+    hsink_after_prefill: bool = field(init=False, repr=False, compare=False)
+    moves_after_image: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """The facts a decoding step asks of the plan in every layer, derived once.
+
+        layer_detectors: the "layer_input" detectors. detects_after_prefill: whether one of them also flags
+        tokens after the prefill (one not `prefill_only`); False with none. hsink_after_prefill: whether
+        hidden-state sinks may be flagged after the prefill: unless every layer detector is `prefill_only`
+        (with none, whatever wrote the layer's buffer is read, as at every position). moves_after_image:
+        whether a move edits only the rows after each input's image tokens (per-input row starts).
+        """
+        layer = tuple(d for d in self.detectors if d.where == "layer_input")
+        after = any(not getattr(d, "prefill_only", False) for d in layer)
+        object.__setattr__(self, "layer_detectors", layer)
+        object.__setattr__(self, "detects_after_prefill", after)
+        object.__setattr__(self, "hsink_after_prefill", not layer or after)
+        object.__setattr__(self, "moves_after_image", any(m.after_image for m in self.moves))
 
     @property
     def n_groups(self) -> int:
@@ -202,15 +223,6 @@ class LayerPlan:
     @property
     def attention_detectors(self) -> tuple[Any, ...]:
         return tuple(d for d in self.detectors if d.where == "attention")
-
-    @property
-    def layer_detectors(self) -> tuple[Any, ...]:
-        return tuple(d for d in self.detectors if d.where == "layer_input")
-
-    @property
-    def detects_after_prefill(self) -> bool:
-        """Whether a layer detector also flags tokens after the prefill (one not `prefill_only`); False with none."""
-        return any(not getattr(d, "prefill_only", False) for d in self.layer_detectors)
 
     @property
     def is_static(self) -> bool:
