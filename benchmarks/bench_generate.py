@@ -12,7 +12,11 @@ each call's first steps (CUDA-graph recording under the static cache) cancel. Wi
 the variants are timed in rounds (each variant once per round, in turn; `--reps` rounds) and each
 keeps its best round, so that a machine whose speed drifts over the run slows every variant alike;
 the table also gives the range and the median of each round's ratio to that round's unpatched SDPA
-(the median holds when one round is disturbed: use five rounds or more). Ratios are to unpatched
+(the median holds when one round is disturbed: use five rounds or more). Each dynamic round also
+stamps the host time at every decoding step of its long generate (a logits processor, which
+transformers calls once per new token, after a step's forward) and keeps the median interval
+between steps: a burst of a few slow steps, which moves the mean, leaves the median in place. The
+table gives the best round's median step and the median of the rounds' ratios of it. Ratios are to unpatched
 SDPA in the same mode, measured in the same run; "x dyn" is the ratio to unpatched SDPA with the
 dynamic cache. "same tokens" compares each variant's 128 greedy tokens under the static cache with its
 own dynamic-cache tokens (exact only in fp32: `--dtype float32`).
@@ -173,10 +177,28 @@ def timed(fn):
     return (time.perf_counter() - t) * 1e3, out
 
 
-def generate(model, ids, new: int, static: bool):
+class StepClock(transformers.LogitsProcessor):
+    """Stamps the host time at each decoding step: `generate` calls logits processors once per new token."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def median_ms(self) -> float | None:
+        """The median interval between successive steps, in ms (None with fewer than two steps)."""
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return statistics.median(gaps) * 1e3 if gaps else None
+
+
+def generate(model, ids, new: int, static: bool, clock: StepClock | None = None):
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
+    if clock is not None:
+        kwargs["logits_processor"] = transformers.LogitsProcessorList([clock])
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
@@ -278,22 +300,29 @@ def measure_rounds(model, args, recipe_of, batch, length, names, dynamic_tokens,
             break
         for n in list(live):
             try:
+                clock = StepClock()
                 with Variant(model, n, recipe_of.get(n), _spans(batch, length) if n == "pasta" else None):
-                    long_ms, _ = timed(lambda: generate(model, ids, args.new_tokens, False))
+                    long_ms, _ = timed(lambda: generate(model, ids, args.new_tokens, False, clock))
                     short_ms, _ = timed(lambda: generate(model, ids, SHORT, False))
                 rows[n]["rounds"].append((long_ms - short_ms) / (args.new_tokens - SHORT))
+                rows[n].setdefault("step_medians", []).append(clock.median_ms())
             except Exception as e:  # noqa: BLE001
                 _failed(rows[n], e)
                 live.remove(n)
         line = ", ".join(f"{n} {rows[n]['rounds'][-1]:.2f}" for n in live)
         print(f"  b{batch} p{length} dynamic round {r + 1}: {line} ms/token", file=sys.stderr, flush=True)
     base = rows.get("sdpa", {}).get("rounds")
+    step_base = rows.get("sdpa", {}).get("step_medians")
     for n in live:
         rs = rows[n]["rounds"]
         rows[n]["ms_per_token"] = min(rs)
         if base and len(base) >= len(rs):
             rr = rows[n]["round_ratios"] = [x / b for x, b in zip(rs, base)]
             rows[n]["median_round_ratio"] = statistics.median(rr)  # robust to one disturbed round
+        steps = rows[n]["step_medians"]
+        rows[n]["step_median_ms"] = min(steps)
+        if step_base and len(step_base) >= len(steps):
+            rows[n]["step_median_ratio"] = statistics.median([x / b for x, b in zip(steps, step_base)])
     return [rows[n] for n in names]
 
 
@@ -354,11 +383,19 @@ def _spread(row: dict) -> str:
     return f"{min(rr):.2f}-{max(rr):.2f}, median {statistics.median(rr):.2f} ({len(rr)})"
 
 
+def _steps(row: dict) -> str:
+    """A dynamic-cache row's median interval between decoding steps: best round, and its ratio's median."""
+    if row.get("step_median_ms") is None:
+        return ""
+    return f"{row['step_median_ms']:.2f} ({fmt(row.get('step_median_ratio'))})"
+
+
 def tables(rows: list[dict], prefill: list[dict], args) -> str:
     out = [
         "| batch x prompt | cache | variant | ms / new token | x unpatched (same cache) | x unpatched dynamic | "
-        "rounds: x unpatched in each, range and median | same tokens as dynamic |",
-        "|---|---|---|---|---|---|---|---|",
+        "rounds: x unpatched in each, range and median | median step: ms, best round (x unpatched, median of rounds) "
+        "| same tokens as dynamic |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for r in sorted(rows, key=lambda r: (-r["prompt"], r["batch"], r["mode"], order[r["variant"]])):
@@ -366,7 +403,7 @@ def tables(rows: list[dict], prefill: list[dict], args) -> str:
         ms = f"fails: {ms}" if not r["ms_per_token"] and not ms.startswith("not run") else ms
         out.append(
             f"| {r['batch']} x {r['prompt']} | {r['mode']} | {r['variant']} | {ms} | {fmt(r['ratio'])} | "
-            f"{fmt(r['ratio_to_dynamic'])} | {_spread(r)} | {r.get('same_tokens', '')} |"
+            f"{fmt(r['ratio_to_dynamic'])} | {_spread(r)} | {_steps(r)} | {r.get('same_tokens', '')} |"
         )
     if prefill:
         out += [

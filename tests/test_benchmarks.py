@@ -58,10 +58,31 @@ def test_generate_benchmark_times_dynamic_variants_in_rounds(tmp_path):
         base = rows["sdpa"]["rounds"]
         assert r["round_ratios"] == pytest.approx([x / b for x, b in zip(r["rounds"], base)])
         assert r["median_round_ratio"] == pytest.approx(sorted(r["round_ratios"])[1])
-    assert rows["sdpa"]["ratio"] == 1.0
+        # each round's median interval between decoding steps (10 new tokens: 9 intervals), the best one kept
+        assert len(r["step_medians"]) == 3 and all(0 < x < 1e4 for x in r["step_medians"])
+        assert r["step_median_ms"] == min(r["step_medians"])
+        ratios = [x / b for x, b in zip(r["step_medians"], rows["sdpa"]["step_medians"])]
+        assert r["step_median_ratio"] == pytest.approx(sorted(ratios)[1])
+    assert rows["sdpa"]["ratio"] == 1.0 and rows["sdpa"]["step_median_ratio"] == 1.0
     median = sorted(rows["zerotuning"]["round_ratios"])[1]
     text = (tmp_path / "gen.md").read_text()
     assert "rounds: x unpatched in each, range and median" in text and f"median {median:.2f} (3)" in text
+    assert "median step: ms, best round" in text
+
+
+def test_step_clock_keeps_the_median_interval_between_steps(monkeypatch):
+    """A burst of slow steps moves the mean interval but not the median the generation benchmark reads."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_generate
+
+    clock = bench_generate.StepClock()
+    assert clock.median_ms() is None
+    clock.stamps = [0.0, 0.010, 0.020, 0.030, 0.130, 0.140]  # one step of 100 ms among 10 ms ones
+    assert clock.median_ms() == pytest.approx(10.0)
+    scores = torch.zeros(1, 4)
+    assert clock(torch.zeros(1, 2, dtype=torch.long), scores) is scores and len(clock.stamps) == 7
 
 
 @pytest.mark.parametrize(
