@@ -425,8 +425,10 @@ def _live_moves(moves: tuple, B: int, device):
         if not (live and capturing(packed[2])):
             if len(_memo_cache) > 4096:
                 _memo_cache.clear()
-            _memo_cache[key] = (tuple(weakref.ref(m.keep) for m in moves), versions, (live, packed))
-    if packed is None or all(moves[i].row_start is None for i in live):
+            per_input = any(moves[i].row_start is not None for i in live)
+            kept = (*packed[:3], None) if per_input else packed  # per-input row starts are never kept
+            _memo_cache[key] = (tuple(weakref.ref(m.keep) for m in moves), versions, (live, kept))
+    if packed is None or packed[3] is not None:
         return packed
     return (*packed[:3], _row_starts([moves[i] for i in live], B, device))
 

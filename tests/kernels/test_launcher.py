@@ -196,6 +196,9 @@ def test_moves_with_per_input_row_starts_are_packed_once_and_their_row_starts_re
     captured decoding step, so a second call with new row starts reuses the stacked keep rows and reads
     one move's row starts through a view; with two moves (one without row starts) they are stacked.
     """
+    import gc
+    import weakref
+
     from attnedit.kernels import triton_ops
     from attnedit.tables import Move
 
@@ -209,6 +212,14 @@ def test_moves_with_per_input_row_starts_are_packed_once_and_their_row_starts_re
     two = one(b) + (Move(2, 1, torch.tensor([0.5, 1.0, 1.0, 1.0]), live=True),)
     packed = triton_ops._live_moves(two, 2, "cpu")
     assert packed[3].tolist() == [[7, 9], [-(2**62), -(2**62)]] and packed[2].shape == (2, 4)
+    # nothing per input is kept: the first input's row starts are freed with it
+    gone = weakref.ref(a)
+    del a, first
+    gc.collect()
+    assert gone() is None
+    # without row starts (ACT's moves) the whole packing, filler row starts included, is reused as it is
+    plain = (Move(1, 2, torch.tensor([0.5, 1.0, 1.0, 1.0]), live=True),)
+    assert triton_ops._live_moves(plain, 2, "cpu") is triton_ops._live_moves(plain, 2, "cpu")
 
 
 def test_a_plan_tensor_read_back_during_capture_is_a_clear_error(monkeypatch):
