@@ -108,6 +108,10 @@ def main() -> None:
     for name, n in (("--batch", args.batch), ("--prompt", args.prompt), ("--new-tokens", args.new_tokens)):
         if n < 1:
             raise SystemExit(f"error: {name} must be at least 1 (got {n})")
+    if args.top < 1:
+        raise SystemExit(f"error: --top must be at least 1 (got {args.top})")
+    if args.static and not torch.cuda.is_available():
+        raise SystemExit("error: --static lists the CUDA kernels of a compiled static-cache step: it needs a CUDA GPU")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(bg.device_line(), flush=True)

@@ -94,6 +94,7 @@ def test_step_clock_keeps_the_median_interval_between_steps(monkeypatch):
         ("bench_generate.py", ["--variants", "sdpa,nosuch"], "unknown variants"),
         ("profile_generate.py", ["--batch", "0"], "--batch must be at least 1"),
         ("profile_generate.py", ["--variants", "nosuch"], "unknown variants"),
+        ("profile_generate.py", ["--static", "--top", "0"], "--top must be at least 1"),
     ],
 )
 def test_generation_benchmarks_refuse_bad_options(script, extra, message):
@@ -105,3 +106,16 @@ def test_generation_benchmarks_refuse_bad_options(script, extra, message):
         timeout=120,
     )
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_static_profile_without_a_gpu_says_so():
+    """`profile_generate.py --static` lists CUDA kernels; on a machine without CUDA it stops with one message
+    instead of printing empty tables."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the message is for machines without CUDA")
+    argv = [sys.executable, "benchmarks/profile_generate.py", "--static", "--shape", "tiny", "--layers", "2"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--static" in done.stderr and "needs a CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr
