@@ -283,16 +283,8 @@ class DecodePlan:
             if tables.out_shift is not None:
                 shift = tables.out_shift.to(q.device, torch.float32).contiguous()
         starts = None
-        if self.starts is not None:
-            B, moves = q.shape[0], tables.moves
-            rows = [
-                self.never if moves[i].row_start is None else moves[i].row_start.to(q.device, torch.int64)
-                for i in self.starts
-            ]
-            if len(rows) == 1 and rows[0].shape == (B,) and rows[0].is_contiguous():
-                starts = rows[0].view(1, B)  # one live move (VAR): its row starts as they are, no copy
-            else:
-                starts = torch.stack([r.expand(B) for r in rows])
+        if self.starts is not None:  # one live move (VAR): its row starts as they are, no copy
+            starts = _row_starts([tables.moves[i] for i in self.starts], q.shape[0], q.device, self.never)
         out, _ = self.decoder(
             q,
             k,
@@ -453,16 +445,18 @@ def _pack_moves(moves, B: int, device) -> tuple:
     return mv_i, mv_f, keep, _row_starts(moves, B, device)
 
 
-def _row_starts(moves, B: int, device) -> torch.Tensor:
+def _row_starts(moves, B: int, device, never: torch.Tensor | None = None) -> torch.Tensor:
     """(NM, B) int64: each move's first row per input (-2**62, every row, for a move without row starts).
 
     One move with per-input row starts of shape (B,) (VAR's) is passed as a view, without a copy.
+    `never`: a (B,) filler of -2**62 kept by the caller (else made here when a move needs it).
     """
     if len(moves) == 1 and moves[0].row_start is not None:
         r = moves[0].row_start
         if r.shape == (B,) and r.dtype == torch.int64 and r.device == torch.device(device) and r.is_contiguous():
             return r.view(1, B)
-    never = torch.full((B,), -(2**62), dtype=torch.int64, device=device)
+    if never is None:
+        never = torch.full((B,), -(2**62), dtype=torch.int64, device=device)
     return torch.stack(
         [m.row_start.to(device, torch.int64).expand(B) if m.row_start is not None else never for m in moves]
     )
