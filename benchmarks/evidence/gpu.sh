@@ -102,8 +102,17 @@ lane_colored_wide() {  # Colored Objects: ZeroTuning's search with a wider gamma
   ev zerotuning-wide-colored-objects zerotuning-wide-colored-objects "$task"
 }
 
+lane_colored_lp() {  # Colored Objects: ZeroTuning's search judged by the gold answer's mean log-probability
+  # (--objective logprob): a continuous score, where accuracy on 320 examples moves in steps of 0.3 points
+  # and chose heads on one example's difference. PROFILE: head (default) or layer.
+  local task=bigbench:reasoning_about_colored_objects profile=${1:-head} name=zerotuning-lp-colored-objects
+  [ "$profile" = head ] || name=zerotuning-lp-$profile-colored-objects
+  cal "$name" zerotuning-paper "$task" "$COLORED" --objective logprob --param profile="$profile"
+  ev "$name" "$name" "$task"
+}
+
 # in order of priority: with JOBS lanes at a time, the first ones finish first
-LANES=${LANES:-"zt:sst2:$BIG act:sst2 zt:agnews:$BIG ph3:10 zt:trec:$BIG:0 colored zt:cb:$CB zt:rte:$RTE act:agnews ph3:20 ph3:5 act:trec"}
+LANES=${LANES:-"zt:sst2:$BIG act:sst2 zt:agnews:$BIG ph3:10 zt:trec:$BIG:0 colored colored_lp:layer zt:cb:$CB zt:rte:$RTE act:agnews ph3:20 ph3:5 act:trec"}
 
 (command -v nvidia-smi >/dev/null && nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)") | tee "$R/logs/device.txt"
 echo "+ warm-up: convert and cache the default model once"
