@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,21 @@ def test_static_profile_without_a_gpu_says_so():
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--static" in done.stderr and "needs a CUDA GPU" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_evidence_script_defines_every_lane_it_runs():
+    """`benchmarks/evidence/gpu.sh` parses, and every lane of its default list (and of the README's
+    `LANES=...` commands) is a function it defines: a misspelt lane would only fail on the GPU."""
+    script = ROOT / "benchmarks" / "evidence" / "gpu.sh"
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    defined = set(re.findall(r"^lane_(\w+)\(\)", text, flags=re.M))
+    default = re.search(r'^LANES=\$\{LANES:-"([^"]*)"\}', text, flags=re.M)
+    assert default, "gpu.sh sets its default LANES"
+    named = [lane.split(":")[0] for lane in default.group(1).split()]
+    docs = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    for run in re.findall(r'LANES="([^"]*)"[^`\n]*gpu\.sh', docs + text):
+        named += [lane.split(":")[0] for lane in run.split()]
+    missing = sorted({n for n in named if n not in defined})
+    assert not missing, f"lanes named but not defined in gpu.sh: {missing} (defined: {sorted(defined)})"

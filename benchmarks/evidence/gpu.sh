@@ -102,6 +102,14 @@ lane_colored_wide() {  # Colored Objects: ZeroTuning's search with a wider gamma
   ev zerotuning-wide-colored-objects zerotuning-wide-colored-objects "$task"
 }
 
+lane_bigbench() {  # the other BIG-bench tasks in $DATA, whole test parts: the built-in, uncalibrated zerotuning-paper
+  # (gamma 2 on every head), the one recipe not tied to a task
+  local tasks=bigbench:navigate,bigbench:winowhy,bigbench:social_iqa,bigbench:date_understanding
+  tasks=$tasks,bigbench:disambiguation_qa,bigbench:implicatures,bigbench:epistemic_reasoning
+  step "$R/zerotuning-paper-bigbench/results.json" attnedit eval zerotuning-paper --tasks "$tasks" $EV \
+    --out "$R/zerotuning-paper-bigbench"
+}
+
 lane_colored_lp() {  # Colored Objects: ZeroTuning's search judged by the gold answer's mean log-probability
   # (--objective logprob): a continuous score, where accuracy on 320 examples moves in steps of 0.3 points
   # and chose heads on one example's difference. PROFILE: head (default) or layer.
