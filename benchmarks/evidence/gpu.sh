@@ -120,7 +120,7 @@ lane_colored_lp() {  # Colored Objects: ZeroTuning's search judged by the gold a
 }
 
 # in order of priority: with JOBS lanes at a time, the first ones finish first
-LANES=${LANES:-"zt:sst2:$BIG act:sst2 zt:agnews:$BIG ph3:10 zt:trec:$BIG:0 colored colored_lp:layer zt:cb:$CB zt:rte:$RTE act:agnews ph3:20 ph3:5 act:trec"}
+LANES=${LANES:-"zt:sst2:$BIG act:sst2 zt:agnews:$BIG ph3:10 zt:trec:$BIG:0 colored colored_lp:layer zt:cb:$CB zt:rte:$RTE act:agnews ph3:20 ph3:5 act:trec bigbench"}
 
 (command -v nvidia-smi >/dev/null && nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)") | tee "$R/logs/device.txt"
 echo "+ warm-up: convert and cache the default model once"
