@@ -16,7 +16,11 @@ the table also gives the range and the median of each round's ratio to that roun
 stamps the host time at every decoding step of its long generate (a logits processor, which
 transformers calls once per new token, after a step's forward) and keeps the median interval
 between steps: a burst of a few slow steps, which moves the mean, leaves the median in place. The
-table gives the best round's median step and the median of the rounds' ratios of it. Ratios are to unpatched
+table gives the best round's median step and the median of the rounds' ratios of it. With `--abba N`
+each variant is also compared with unpatched SDPA in N quads of short generates (SDPA, variant,
+variant, SDPA, a few seconds in all; ratio of the median step intervals; a linear drift cancels),
+whose median and quartiles make a second table: the rounds are far apart in time on a machine
+whose speed changes within seconds, a quad is not. Ratios are to unpatched
 SDPA in the same mode, measured in the same run; "x dyn" is the ratio to unpatched SDPA with the
 dynamic cache. "same tokens" compares each variant's 128 greedy tokens under the static cache with its
 own dynamic-cache tokens (exact only in fp32: `--dtype float32`).
@@ -326,6 +330,47 @@ def measure_rounds(model, args, recipe_of, batch, length, names, dynamic_tokens,
     return [rows[n] for n in names]
 
 
+def measure_abba(model, args, recipe_of, batch, length, rows: list[dict], out_of_time) -> None:
+    """Dynamic cache, `--abba N`: each patched variant against unpatched SDPA in N quads of short generates.
+
+    A quad runs generate(`--abba-tokens`) four times, SDPA, the variant, the variant, SDPA, each with a
+    `StepClock`; its ratio is the variant's two median step intervals over SDPA's two. The four calls
+    take a few seconds, so a machine whose speed drifts within a round (this is what spreads the
+    rounds' ratios) slows both sides of a quad alike, and a linear drift cancels in the ABBA order.
+    Each row gets `abba_ratios` (one per quad), their median `abba_ratio` and quartiles `abba_iqr`.
+    Quads stop early when `out_of_time()`; a variant gets at least one.
+    """
+    ids, _, _ = prompts(batch, length, args.device)
+    new = args.abba_tokens
+
+    def step_ms(name: str) -> float:
+        clock = StepClock()
+        with Variant(model, name, recipe_of.get(name), _spans(batch, length) if name == "pasta" else None):
+            generate(model, ids, new, False, clock)
+        return clock.median_ms()
+
+    for row in rows:
+        name = row["variant"]
+        if name == "sdpa" or not row.get("ms_per_token") or row["batch"] != batch or row["prompt"] != length:
+            continue
+        quads = []
+        for q in range(args.abba):
+            if q and out_of_time():
+                break
+            s1, v1, v2, s2 = step_ms("sdpa"), step_ms(name), step_ms(name), step_ms("sdpa")
+            quads.append((v1 + v2) / (s1 + s2))
+        row["abba_ratios"] = quads
+        row["abba_ratio"] = statistics.median(quads)
+        if len(quads) >= 2:
+            q1, _, q3 = statistics.quantiles(quads, n=4, method="inclusive")
+            row["abba_iqr"] = [q1, q3]
+        print(
+            f"  b{batch} p{length} dynamic abba {name}: median {row['abba_ratio']:.3f} over {len(quads)} quads",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def ratios(rows: list[dict]) -> None:
     """Each row's ratio to unpatched SDPA of its batch, in its own cache mode and with the dynamic cache."""
     for r in rows:
@@ -405,6 +450,21 @@ def tables(rows: list[dict], prefill: list[dict], args) -> str:
             f"| {r['batch']} x {r['prompt']} | {r['mode']} | {r['variant']} | {ms} | {fmt(r['ratio'])} | "
             f"{fmt(r['ratio_to_dynamic'])} | {_spread(r)} | {_steps(r)} | {r.get('same_tokens', '')} |"
         )
+    paired = [r for r in rows if r.get("abba_ratios")]
+    if paired:
+        out += [
+            "",
+            f"| batch x prompt | variant | ABBA quads of generate({args.abba_tokens}) | median step ratio to unpatched "
+            "SDPA, median of quads | quartiles |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sorted(paired, key=lambda r: (-r["prompt"], r["batch"], order[r["variant"]])):
+            iqr = r.get("abba_iqr")
+            quartiles = f"{iqr[0]:.3f}-{iqr[1]:.3f}" if iqr else ""
+            out.append(
+                f"| {r['batch']} x {r['prompt']} | {r['variant']} | {len(r['abba_ratios'])} | "
+                f"{fmt(r['abba_ratio'], 3)} | {quartiles} |"
+            )
     if prefill:
         out += [
             "",
@@ -480,6 +540,13 @@ def main() -> None:
         default=3,
         help="dynamic cache: rounds over all variants; static cache: timed pairs per variant (the best counts)",
     )
+    ap.add_argument(
+        "--abba",
+        type=int,
+        default=0,
+        help="dynamic cache: also compare each variant with unpatched SDPA in this many ABBA quads of short generates",
+    )
+    ap.add_argument("--abba-tokens", type=int, default=32, help="new tokens of each generate in an ABBA quad")
     ap.add_argument("--e2e-tokens", type=int, default=8192, help="prompt of the end-to-end prefill (0: skip)")
     ap.add_argument("--budget-s", type=float, default=0, help="skip configurations once this many seconds passed")
     ap.add_argument("--compile-s", type=float, default=60, help="time a static-cache configuration is expected to take")
@@ -492,6 +559,12 @@ def main() -> None:
         raise SystemExit(f"error: --new-tokens must be larger than {SHORT}")
     if args.reps < 1:
         raise SystemExit(f"error: --reps must be at least 1, got {args.reps}")
+    if args.abba < 0:
+        raise SystemExit(f"error: --abba must be 0 (off) or more quads, got {args.abba}")
+    if args.abba and args.abba_tokens < 3:
+        raise SystemExit(f"error: --abba-tokens must be at least 3 (two step intervals), got {args.abba_tokens}")
+    if args.abba and "sdpa" not in args.variants:
+        raise SystemExit("error: --abba compares with unpatched SDPA: include sdpa in --variants")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.config.cache_size_limit = 64
     print(device_line(), flush=True)
@@ -524,6 +597,9 @@ def main() -> None:
                 rows += measure_rounds(model, args, recipe_of, batch, length, args.variants, tokens, out_of_time)
                 ratios(rows)
                 report(args, meta, rows, prefill)
+                if args.abba:
+                    measure_abba(model, args, recipe_of, batch, length, rows, out_of_time)
+                    report(args, meta, rows, prefill)
             continue
         for mode, batch, length, name in [c for c in todo if c[0] == phase]:
             t = time.time()

@@ -86,6 +86,49 @@ def test_step_clock_keeps_the_median_interval_between_steps(monkeypatch):
     assert clock(torch.zeros(1, 2, dtype=torch.long), scores) is scores and len(clock.stamps) == 7
 
 
+def test_abba_quads_cancel_a_linear_drift(monkeypatch):
+    """`--abba`: SDPA, variant, variant, SDPA; a machine slowing down linearly from call to call leaves each
+    quad's ratio at the variant's true cost (an SDPA, variant, SDPA, variant order would not)."""
+    import argparse
+    import contextlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_generate as bg
+
+    calls, current = [], {}
+
+    @contextlib.contextmanager
+    def variant(model, name, recipe=None, spans=None):
+        current["name"] = name
+        yield
+
+    def generate(model, ids, new, static, clock=None):  # every call 10% slower than the one before
+        step = 0.010 * (1 + 0.1 * len(calls)) * (1.2 if current["name"] != "sdpa" else 1.0)
+        calls.append(current["name"])
+        clock.stamps = [i * step for i in range(new)]
+
+    monkeypatch.setattr(bg, "Variant", variant)
+    monkeypatch.setattr(bg, "generate", generate)
+    args = argparse.Namespace(abba=3, abba_tokens=8, device="cpu")
+    rows = [
+        {"batch": 1, "prompt": 64, "variant": "sdpa", "ms_per_token": 1.0},
+        {"batch": 1, "prompt": 64, "variant": "zerotuning", "ms_per_token": 1.2},
+        {"batch": 1, "prompt": 64, "variant": "pasta", "ms_per_token": None},  # failed in the rounds: skipped
+        {"batch": 16, "prompt": 64, "variant": "act", "ms_per_token": 1.0},  # another configuration
+    ]
+    bg.measure_abba(None, args, {}, 1, 64, rows, lambda: False)
+    assert calls == ["sdpa", "zerotuning", "zerotuning", "sdpa"] * 3
+    zt = rows[1]
+    assert zt["abba_ratios"] == pytest.approx([1.2] * 3) and zt["abba_ratio"] == pytest.approx(1.2)
+    assert zt["abba_iqr"] == pytest.approx([1.2, 1.2])
+    assert not any("abba_ratios" in r for r in (rows[0], rows[2], rows[3]))
+    table = bg.tables([], [], argparse.Namespace(abba_tokens=8, e2e_tokens=0))
+    assert "ABBA" not in table  # no quads, no second table
+    zt.update(mode="dynamic", ratio=1.2, ratio_to_dynamic=1.2)
+    table = bg.tables([zt], [], argparse.Namespace(abba_tokens=8, e2e_tokens=0))
+    assert "| 1 x 64 | zerotuning | 3 | 1.200 | 1.200-1.200 |" in table
+
+
 @pytest.mark.parametrize(
     "script, extra, message",
     [
@@ -93,6 +136,9 @@ def test_step_clock_keeps_the_median_interval_between_steps(monkeypatch):
         ("bench_generate.py", ["--batches", "1x0"], "batch and prompt length must be at least 1"),
         ("bench_generate.py", ["--batches", "1xab"], "is not BATCHxPROMPT"),
         ("bench_generate.py", ["--variants", "sdpa,nosuch"], "unknown variants"),
+        ("bench_generate.py", ["--abba", "-1"], "--abba must be 0 (off) or more"),
+        ("bench_generate.py", ["--abba", "2", "--abba-tokens", "2"], "--abba-tokens must be at least 3"),
+        ("bench_generate.py", ["--abba", "2", "--variants", "zerotuning"], "include sdpa in --variants"),
         ("profile_generate.py", ["--batch", "0"], "--batch must be at least 1"),
         ("profile_generate.py", ["--variants", "nosuch"], "unknown variants"),
         ("profile_generate.py", ["--static", "--top", "0"], "--top must be at least 1"),
