@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -184,3 +185,13 @@ def test_evidence_script_defines_every_lane_it_runs():
         named += [lane.split(":")[0] for lane in run.split()]
     missing = sorted({n for n in named if n not in defined})
     assert not missing, f"lanes named but not defined in gpu.sh: {missing} (defined: {sorted(defined)})"
+
+
+def test_evidence_script_refuses_an_unknown_lane_before_doing_anything(tmp_path):
+    out = tmp_path / "ev"
+    env = {**os.environ, "LANES": "colored nosuch:3", "R": str(out)}
+    done = subprocess.run(
+        ["bash", "benchmarks/evidence/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "unknown lane 'nosuch:3'" in done.stderr and "colored_lp" in done.stderr
+    assert not out.exists()  # nothing written, the model not loaded

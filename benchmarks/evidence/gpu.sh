@@ -20,7 +20,6 @@ R=${R:-benchmarks/results/evidence}
 T=benchmarks/evidence/tasks
 RC=$R/recipes
 JOBS=${JOBS:-8}
-mkdir -p "$R/logs" "$RC"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 
 if [ -n "${SMOKE:-}" ]; then  # every command once, on a few examples and candidates
@@ -121,6 +120,13 @@ lane_colored_lp() {  # Colored Objects: ZeroTuning's search judged by the gold a
 
 # in order of priority: with JOBS lanes at a time, the first ones finish first
 LANES=${LANES:-"zt:sst2:$BIG act:sst2 zt:agnews:$BIG ph3:10 zt:trec:$BIG:0 colored colored_lp:layer zt:cb:$CB zt:rte:$RTE act:agnews ph3:20 ph3:5 act:trec bigbench"}
+for lane in $LANES; do  # a misspelt lane stops the run here, before the model is loaded
+  declare -F "lane_${lane%%:*}" >/dev/null || {
+    echo "gpu.sh: unknown lane '$lane' in LANES; lanes: $(declare -F | sed -n 's/^declare -f lane_//p' | tr '\n' ' ')" >&2
+    exit 2
+  }
+done
+mkdir -p "$R/logs" "$RC"
 
 (command -v nvidia-smi >/dev/null && nvidia-smi -L; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)") | tee "$R/logs/device.txt"
 echo "+ warm-up: convert and cache the default model once"
