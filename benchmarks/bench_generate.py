@@ -563,6 +563,8 @@ def main() -> None:
         raise SystemExit(f"error: --abba must be 0 (off) or more quads, got {args.abba}")
     if args.abba and args.abba_tokens < 3:
         raise SystemExit(f"error: --abba-tokens must be at least 3 (two step intervals), got {args.abba_tokens}")
+    if args.abba and "dynamic" not in args.modes:
+        raise SystemExit("error: --abba times the dynamic cache: include dynamic in --modes")
     if args.abba and "sdpa" not in args.variants:
         raise SystemExit("error: --abba compares with unpatched SDPA: include sdpa in --variants")
     torch.backends.cuda.matmul.allow_tf32 = False

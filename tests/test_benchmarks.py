@@ -140,6 +140,7 @@ def test_abba_quads_cancel_a_linear_drift(monkeypatch):
         ("bench_generate.py", ["--abba", "-1"], "--abba must be 0 (off) or more"),
         ("bench_generate.py", ["--abba", "2", "--abba-tokens", "2"], "--abba-tokens must be at least 3"),
         ("bench_generate.py", ["--abba", "2", "--variants", "zerotuning"], "include sdpa in --variants"),
+        ("bench_generate.py", ["--abba", "2", "--modes", "static"], "include dynamic in --modes"),
         ("profile_generate.py", ["--batch", "0"], "--batch must be at least 1"),
         ("profile_generate.py", ["--variants", "nosuch"], "unknown variants"),
         ("profile_generate.py", ["--static", "--top", "0"], "--top must be at least 1"),
