@@ -246,6 +246,11 @@ def _spans(batch: int, length: int):
     return [[(100, 196), (length, 2**62)]] * batch  # PASTA: one highlighted span; generated tokens unbiased
 
 
+def variant(model, recipe_of: dict, name: str, batch: int, length: int) -> Variant:
+    """The context for variant `name` on prompts of this shape (PASTA gets its highlighted span)."""
+    return Variant(model, name, recipe_of.get(name), _spans(batch, length) if name == "pasta" else None)
+
+
 def _failed(row: dict, e: Exception) -> dict:
     """Record a variant that fails in this mode; the run goes on."""
     row.update(ms_per_token=None, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
@@ -262,7 +267,7 @@ def measure_one(model, args, recipe_of, mode, batch, length, name, dynamic_token
     row = {"batch": batch, "prompt": length, "mode": mode, "variant": name}
     torch._dynamo.reset()
     try:
-        with Variant(model, name, recipe_of.get(name), _spans(batch, length) if name == "pasta" else None):
+        with variant(model, recipe_of, name, batch, length):
             ms, first, tokens = decode_ms(model, ids, args.new_tokens, static, args.reps)
         row.update(ms_per_token=ms, first_call_ms=first)
         if static:
@@ -291,7 +296,7 @@ def measure_rounds(model, args, recipe_of, batch, length, names, dynamic_tokens,
             continue
         t = time.time()
         try:
-            with Variant(model, n, recipe_of.get(n), _spans(batch, length) if n == "pasta" else None):
+            with variant(model, recipe_of, n, batch, length):
                 first, out = timed(lambda: generate(model, ids, args.new_tokens, False))
             rows[n]["first_call_ms"] = first
             dynamic_tokens[(batch, length, n)] = out[:, ids.shape[1] :].cpu()
@@ -305,7 +310,7 @@ def measure_rounds(model, args, recipe_of, batch, length, names, dynamic_tokens,
         for n in list(live):
             try:
                 clock = StepClock()
-                with Variant(model, n, recipe_of.get(n), _spans(batch, length) if n == "pasta" else None):
+                with variant(model, recipe_of, n, batch, length):
                     long_ms, _ = timed(lambda: generate(model, ids, args.new_tokens, False, clock))
                     short_ms, _ = timed(lambda: generate(model, ids, SHORT, False))
                 rows[n]["rounds"].append((long_ms - short_ms) / (args.new_tokens - SHORT))
@@ -345,7 +350,7 @@ def measure_abba(model, args, recipe_of, batch, length, rows: list[dict], out_of
 
     def step_ms(name: str) -> float:
         clock = StepClock()
-        with Variant(model, name, recipe_of.get(name), _spans(batch, length) if name == "pasta" else None):
+        with variant(model, recipe_of, name, batch, length):
             generate(model, ids, new, False, clock)
         return clock.median_ms()
 
