@@ -343,7 +343,8 @@ def measure_abba(model, args, recipe_of, batch, length, rows: list[dict], out_of
     take a few seconds, so a machine whose speed drifts within a round (this is what spreads the
     rounds' ratios) slows both sides of a quad alike, and a linear drift cancels in the ABBA order.
     Each row gets `abba_ratios` (one per quad), their median `abba_ratio` and quartiles `abba_iqr`.
-    Quads stop early when `out_of_time()`; a variant gets at least one.
+    Quads stop early when `out_of_time()`; a variant gets at least one. A variant that fails gets
+    `abba_error` instead, and the others go on.
     """
     ids, _, _ = prompts(batch, length, args.device)
     new = args.abba_tokens
@@ -359,11 +360,16 @@ def measure_abba(model, args, recipe_of, batch, length, rows: list[dict], out_of
         if name == "sdpa" or not row.get("ms_per_token") or row["batch"] != batch or row["prompt"] != length:
             continue
         quads = []
-        for q in range(args.abba):
-            if q and out_of_time():
-                break
-            s1, v1, v2, s2 = step_ms("sdpa"), step_ms(name), step_ms(name), step_ms("sdpa")
-            quads.append((v1 + v2) / (s1 + s2))
+        try:
+            for q in range(args.abba):
+                if q and out_of_time():
+                    break
+                s1, v1, v2, s2 = step_ms("sdpa"), step_ms(name), step_ms(name), step_ms("sdpa")
+                quads.append((v1 + v2) / (s1 + s2))
+        except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+            row["abba_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+            print(f"  b{batch} p{length} dynamic abba {name}: fails: {row['abba_error']}", file=sys.stderr, flush=True)
+            continue
         row["abba_ratios"] = quads
         row["abba_ratio"] = statistics.median(quads)
         if len(quads) >= 2:
@@ -455,7 +461,7 @@ def tables(rows: list[dict], prefill: list[dict], args) -> str:
             f"| {r['batch']} x {r['prompt']} | {r['mode']} | {r['variant']} | {ms} | {fmt(r['ratio'])} | "
             f"{fmt(r['ratio_to_dynamic'])} | {_spread(r)} | {_steps(r)} | {r.get('same_tokens', '')} |"
         )
-    paired = [r for r in rows if r.get("abba_ratios")]
+    paired = [r for r in rows if r.get("abba_ratios") or r.get("abba_error")]
     if paired:
         out += [
             "",
@@ -464,6 +470,9 @@ def tables(rows: list[dict], prefill: list[dict], args) -> str:
             "|---|---|---|---|---|",
         ]
         for r in sorted(paired, key=lambda r: (-r["prompt"], r["batch"], order[r["variant"]])):
+            if r.get("abba_error"):
+                out.append(f"| {r['batch']} x {r['prompt']} | {r['variant']} | fails: {r['abba_error']} | | |")
+                continue
             iqr = r.get("abba_iqr")
             quartiles = f"{iqr[0]:.3f}-{iqr[1]:.3f}" if iqr else ""
             out.append(

@@ -123,6 +123,18 @@ def test_abba_quads_cancel_a_linear_drift(monkeypatch):
     assert zt["abba_ratios"] == pytest.approx([1.2] * 3) and zt["abba_ratio"] == pytest.approx(1.2)
     assert zt["abba_iqr"] == pytest.approx([1.2, 1.2])
     assert not any("abba_ratios" in r for r in (rows[0], rows[2], rows[3]))
+
+    def broken(model, ids, new, static, clock=None):
+        raise RuntimeError("kernel fault\nmore")
+
+    monkeypatch.setattr(bg, "generate", broken)
+    failing = [{"batch": 1, "prompt": 64, "variant": "act", "ms_per_token": 1.0}, dict(rows[1], abba_ratios=None)]
+    bg.measure_abba(None, args, {}, 1, 64, failing, lambda: False)  # recorded on each row, no exception
+    assert failing[0]["abba_error"] == "RuntimeError: kernel fault" and "abba_ratios" not in failing[0]
+    assert failing[1]["abba_error"] == "RuntimeError: kernel fault" and failing[1]["abba_ratios"] is None
+    failing[0].update(mode="dynamic", ratio=1.0, ratio_to_dynamic=1.0)
+    table = bg.tables([failing[0]], [], argparse.Namespace(abba_tokens=8, e2e_tokens=0))
+    assert "| 1 x 64 | act | fails: RuntimeError: kernel fault | | |" in table
     table = bg.tables([], [], argparse.Namespace(abba_tokens=8, e2e_tokens=0))
     assert "ABBA" not in table  # no quads, no second table
     zt.update(mode="dynamic", ratio=1.2, ratio_to_dynamic=1.2)
