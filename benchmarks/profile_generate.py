@@ -16,6 +16,9 @@ device time are listed (what a CUDA-graph replay of the step spends its time on)
         [--new-tokens 24] [--layers 32] [--shape llama3.1-8b] [--torch-profile 16] [--out DIR]
     python benchmarks/profile_generate.py --static [--variants sdpa,zerotuning,var] [--top 12] ...
         (with --out: each variant's full cProfile listing, sorted by own time and by cumulative time)
+    python benchmarks/profile_generate.py --prefill 8192 [--variants sdpa,var,act] [--top 12]
+        (one prefill of that many tokens per variant, as `bench_generate.py --e2e-tokens` times it:
+        wall time, host syncs, device time and the kernels with the most of it)
 """
 
 from __future__ import annotations
@@ -86,6 +89,43 @@ def static_kernels(model, ids, name: str, recipe, spans, new_tokens: int, top: i
     return "\n".join(lines)
 
 
+def prefill_kernels(model, ids, name: str, recipe, spans, top: int) -> str:
+    """One prefill (logits of the last token) under torch.profiler: wall ms, host syncs, top kernels."""
+    import time  # noqa: PLC0415
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415  (this mode only)
+
+    def fwd():
+        with torch.no_grad():
+            return model(ids, logits_to_keep=1).logits
+
+    with bg.Variant(model, name, recipe, spans):
+        for _ in range(3):
+            fwd()
+        bg.sync()
+        t0 = time.perf_counter()
+        fwd()
+        bg.sync()
+        wall = (time.perf_counter() - t0) * 1e3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fwd()
+            bg.sync()
+    events = prof.key_averages()
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    rows = [e for e in events if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in rows)
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    n = sum(e.count for e in rows)
+    lines = [
+        f"\n{name}, prefill of {ids.shape[1]} tokens: wall {wall:.1f} ms (unprofiled), device time "
+        f"{total / 1e3:.2f} ms, {n} kernels, {syncs} host syncs"
+    ]
+    lines += ["| kernel | launches | us each | ms total |", "|---|---:|---:|---:|"]
+    for e in rows[:top]:
+        us = e.self_device_time_total
+        lines.append(f"| {e.key[:70]} | {e.count} | {us / e.count:.1f} | {us / 1e3:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", type=bg.names, default=["sdpa", "zerotuning", "head_prune"])
@@ -103,15 +143,18 @@ def main() -> None:
         help="also run generate(N) under torch.profiler: host syncs, device time, the decode kernels' time (0: skip)",
     )
     ap.add_argument("--static", action="store_true", help="the static cache, compiled: each variant's top kernels")
-    ap.add_argument("--top", type=int, default=12, help="--static: kernels listed per variant")
+    ap.add_argument("--top", type=int, default=12, help="--static, --prefill: kernels listed per variant")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N", help="profile one N-token prefill per variant")
     args = ap.parse_args()
     for name, n in (("--batch", args.batch), ("--prompt", args.prompt), ("--new-tokens", args.new_tokens)):
         if n < 1:
             raise SystemExit(f"error: {name} must be at least 1 (got {n})")
     if args.top < 1:
         raise SystemExit(f"error: --top must be at least 1 (got {args.top})")
-    if args.static and not torch.cuda.is_available():
-        raise SystemExit("error: --static lists the CUDA kernels of a compiled static-cache step: it needs a CUDA GPU")
+    if args.prefill < 0:
+        raise SystemExit(f"error: --prefill must be a token count (got {args.prefill})")
+    if (args.static or args.prefill) and not torch.cuda.is_available():
+        raise SystemExit("error: --static and --prefill list CUDA kernels: each needs a CUDA GPU")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(bg.device_line(), flush=True)
@@ -119,6 +162,13 @@ def main() -> None:
     recipe_of = bg.recipes(args.layers, model.config.num_attention_heads)
     ids, _, _ = bg.prompts(args.batch, args.prompt, device)
     spans = [[(100, 196), (args.prompt, 2**62)]] * args.batch
+    if args.prefill:
+        pids, _, _ = bg.prompts(1, args.prefill, device, seed=1)
+        pspans = [[(args.prefill // 4, args.prefill // 4 + 96), (args.prefill, 2**62)]]
+        for name in args.variants:
+            sp = pspans if name == "pasta" else None
+            print(prefill_kernels(model, pids, name, recipe_of.get(name), sp, args.top), flush=True)
+        return
     print(f"\nbatch {args.batch}, {args.prompt}-token prompt, {args.new_tokens} new tokens, {args.layers} layers")
     if args.static:
         torch._dynamo.config.cache_size_limit = 64

@@ -156,6 +156,7 @@ def test_abba_quads_cancel_a_linear_drift(monkeypatch):
         ("profile_generate.py", ["--batch", "0"], "--batch must be at least 1"),
         ("profile_generate.py", ["--variants", "nosuch"], "unknown variants"),
         ("profile_generate.py", ["--static", "--top", "0"], "--top must be at least 1"),
+        ("profile_generate.py", ["--prefill", "-1"], "--prefill must be a token count"),
     ],
 )
 def test_generation_benchmarks_refuse_bad_options(script, extra, message):
