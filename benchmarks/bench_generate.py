@@ -28,10 +28,19 @@ own dynamic-cache tokens (exact only in fp32: `--dtype float32`).
 Text stand-in for image tokens (VAR, VHR): the config names token id 128255 its image token (which
 makes attnedit treat the model as a vision-language model) and every prompt holds a block of them
 after 35 text tokens (576 at batch 1, as LLaVA-1.5's image; 256 in the 512-token prompts). VHR runs
-as the paper does (`vhr-paper`: per input a text-only prefill picks the heads). VAR's sink detection
-looks for massive activations, which random weights lack, so the stand-in uses `var-paper`'s settings
-with sink dimensions 0..3 and tau 3 (about 1% of tokens pass): rows after the image are then gated
-and edited as on a real VLM.
+as the paper does (`vhr-paper`: per input a text-only prefill picks the heads); the 8k prefill also
+times it with its heads given (`vhr_heads`: half of each target layer's heads), its runtime alone,
+since the paper's choice is a second prefill of the prompt's text by construction. VAR's sink detection
+looks for massive activations, which random weights lack, so the stand-in plants them: at the input of
+every layer of a prefill, the first token and three image tokens (a tenth, a half and nine tenths into
+the image) hold 200 times their row's RMS in dimension 0 (a normalised value of about 61 at hidden size 4096,
+where trained models' sinks reach hundreds), the same in every variant, unpatched included. VAR runs
+with `var-paper`'s settings (tau 20; 8 in the narrow CPU shapes, whose normalised values cannot reach
+20) and that sink dimension: four sinks per layer, three of them visual,
+as the VAR paper finds a handful of visual sinks per image; rows after the image are then gated and
+edited as on a real VLM. (An earlier stand-in, tau 3 on the raw random states, flagged about 1% of all
+tokens, scattered over the whole prompt: every scattered sink adds a key tile to each row block's
+corrections, which made VAR's 8k prefill 0.84x of unpatched.)
 
     python benchmarks/bench_generate.py --out benchmarks/results                 # the full table
     python benchmarks/bench_generate.py --layers 4 --new-tokens 32               # a quick run
@@ -81,8 +90,40 @@ VARIANTS = ("sdpa", "zerotuning", "act", "head_prune", "pasta", "vhr", "var", "e
 # --------------------------------------------------------------------------- model, prompts, recipes
 
 
+SINK_DIMS = (0,)  # the stand-in's massive-activation dimension
+SINK_GAIN = 200.0  # a planted sink's value in those dimensions, in units of its row's RMS
+
+
+def image_block(length: int) -> tuple[int, int]:
+    """(start, n): the stand-in image tokens of a prompt of this length."""
+    return 35, min(576, length // 2)
+
+
+def sink_positions(length: int) -> list[int]:
+    """The planted sinks of a prompt of this length: the first token and three image tokens."""
+    start, n = image_block(length)
+    return [0, start + n // 10, start + n // 2, start + (9 * n) // 10]
+
+
+def _plant_sinks(module, args, kwargs):
+    """Forward pre-hook of a decoder layer: massive activations at the sink positions of a prefill."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if hidden.shape[1] < 64:  # a decoding step (prompts here are longer): nothing to plant
+        return None
+    pos = torch.tensor(sink_positions(hidden.shape[1]), device=hidden.device)
+    dims = torch.tensor(SINK_DIMS, device=hidden.device)
+    rows = hidden.index_select(1, pos).float()  # (B, S, D)
+    value = (SINK_GAIN * rows.pow(2).mean(-1, keepdim=True).sqrt()).expand(-1, -1, len(SINK_DIMS))
+    hidden = hidden.clone()
+    hidden[:, pos[:, None], dims[None, :]] = value.to(hidden.dtype)
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 def build_model(shape: str, layers: int, dtype: torch.dtype, device: str):
-    """A random model of the shape, made on the device; its config names IMAGE_ID as the image token."""
+    """A random model of the shape, made on the device; its config names IMAGE_ID as the image token, and
+    its prefills carry planted sinks (`sink_positions`, `SINK_DIMS`) as a VLM's hidden states do."""
     cfg = transformers.AutoConfig.for_model(
         "llama",
         num_hidden_layers=layers,
@@ -103,6 +144,8 @@ def build_model(shape: str, layers: int, dtype: torch.dtype, device: str):
             model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(old)
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(_plant_sinks, with_kwargs=True)
     return model.eval()
 
 
@@ -110,7 +153,7 @@ def prompts(batch: int, length: int, device: str, seed: int = 0) -> tuple[torch.
     """(B, T) random text ids with a block of stand-in image tokens after 35 text tokens; (ids, start, n)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, IMAGE_ID, (batch, length), generator=g)
-    start, n = 35, min(576, length // 2)
+    start, n = image_block(length)
     ids[:, start : start + n] = IMAGE_ID
     ids[:, 0] = 1
     return ids.to(device), start, n
@@ -120,8 +163,9 @@ def builtin(name: str) -> attnedit.Recipe:
     return attnedit.Recipe.from_yaml(Path(str(resources.files("attnedit.recipes") / f"{name}.yaml")))
 
 
-def recipes(layers: int, n_heads: int) -> dict[str, attnedit.Recipe]:
+def recipes(layers: int, n_heads: int, hidden: int) -> dict[str, attnedit.Recipe]:
     """Each method's recipe, through the public path (built-in recipe files, or YAML text)."""
+    tau = min(20.0, hidden**0.5 / 2)  # VAR's threshold: the paper's 20 where planted sinks can pass it
     pruned = {}
     for i in range(8):  # 8 heads, spread over the depth (4 layers at 32 layers deep)
         pruned.setdefault((i * layers) // 8 + layers // 16, []).append((5 * i + 3) % n_heads)
@@ -131,15 +175,19 @@ def recipes(layers: int, n_heads: int) -> dict[str, attnedit.Recipe]:
         "head_prune": f"name: bench-head-prune\ninterventions: [{{type: head_prune, heads: {{{heads}}}}}]\n",
         # pasta-example's settings (alpha 0.01, layers 8..15 of 32), its layers scaled to the depth
         "pasta": f"name: bench-pasta\ninterventions: [{{type: pasta, alpha: 0.01, layers: '{lo}:{hi}'}}]\n",
-        # var-paper's settings, with the stand-in's sink dimensions and threshold (see the module docstring)
-        "var": "name: bench-var\ninterventions: [{type: var, layers: '2:-1', tau: 3.0, rho: 0.5, p: 0.6, "
-        "min_image_mass: 0.2, sink_dims: [0, 1, 2, 3]}]\n",
+        # var-paper's settings, with the stand-in's sink dimensions (see the module docstring)
+        "var": f"name: bench-var\ninterventions: [{{type: var, layers: '2:-1', tau: {tau}, rho: 0.5, p: 0.6, "
+        f"min_image_mass: 0.2, sink_dims: {list(SINK_DIMS)}}}]\n",
     }
     out = {
         "zerotuning": builtin("zerotuning-paper"),  # gamma 2 on the first token, every head of every layer
         "act": builtin("act-paper"),  # beta 0.4, tau 0.1, layers 2..L-1, every head
         "vhr": builtin("vhr-paper"),  # per-input vision-aware heads, alpha 2, layer 1 and the last 14
     }
+    # VHR's runtime with its heads given (half of each layer's heads, as the median rule keeps): the
+    # 8k prefill's second row, without the paper's per-input text-only prefill
+    half = list(range(0, n_heads, 2))
+    text["vhr_heads"] = f"name: bench-vhr-heads\ninterventions: [{{type: vhr, alpha: 2.0, heads: {half}}}]\n"
     out.update({k: attnedit.Recipe.from_str(v, f"bench-{k}.yaml") for k, v in text.items()})
     return out
 
@@ -405,7 +453,10 @@ def run_prefill(model, args, recipe_of) -> list[dict]:
             return model(ids, logits_to_keep=1).logits
 
     rows = []
-    for name in ["sdpa"] + [v for v in args.variants if v not in ("sdpa", "eager")]:
+    names = ["sdpa"] + [v for v in args.variants if v not in ("sdpa", "eager")]
+    if "vhr" in names:  # VHR's runtime alone: the heads given, as after the per-input choice
+        names.insert(names.index("vhr") + 1, "vhr_heads")
+    for name in names:
         try:
             with Variant(model, name, recipe_of.get(name), spans if name == "pasta" else None):
                 fwd()
@@ -419,6 +470,9 @@ def run_prefill(model, args, recipe_of) -> list[dict]:
         r["tokens_per_s"] = N / r["ms"] * 1e3 if r["ms"] else None
         r["throughput_ratio"] = base / r["ms"] if r["ms"] and base else None
         r["target"] = 0.90 if r["variant"] == "act" else 0.98
+        if r["variant"] == "vhr":  # two forwards by the paper's construction: no runtime target
+            r["target"] = None
+            r["floor"] = N / (2 * N - image_block(N)[1])  # the text-only prefill's share, in tokens
     return rows
 
 
@@ -487,11 +541,12 @@ def tables(rows: list[dict], prefill: list[dict], args) -> str:
         ]
         for r in prefill:
             ms = fmt(r["ms"], 1) if r["ms"] else f"fails: {r.get('error', '')}"
-            ok = (
-                ""
-                if r["variant"] == "sdpa" or r["throughput_ratio"] is None
-                else (f">= {r['target']:.2f}: {'met' if r['throughput_ratio'] >= r['target'] else 'not met'}")
-            )
+            if r["variant"] == "sdpa" or r["throughput_ratio"] is None:
+                ok = ""
+            elif r.get("target") is None:  # VHR as the paper runs it: a second, text-only prefill per input
+                ok = f"none: two prefills per input (the text-only one's floor, by tokens: {r['floor']:.3f})"
+            else:
+                ok = f">= {r['target']:.2f}: {'met' if r['throughput_ratio'] >= r['target'] else 'not met'}"
             out.append(
                 f"| {r['variant']} | {ms} | {fmt(r['tokens_per_s'], 0)} | {fmt(r['throughput_ratio'], 3)} | {ok} |"
             )
@@ -586,7 +641,7 @@ def main() -> None:
     print(device_line(), flush=True)
     start = time.time()
     model = build_model(args.shape, args.layers, getattr(torch, args.dtype), args.device)
-    recipe_of = recipes(args.layers, model.config.num_attention_heads)
+    recipe_of = recipes(args.layers, model.config.num_attention_heads, model.config.hidden_size)
     meta = {
         "command": "python " + " ".join(sys.argv),
         "device": device_line(),

@@ -177,7 +177,8 @@ def main() -> None:
     bg.SHAPES["host"] = dict(bg.SHAPES["tiny"], vocab_size=1024)
     bg.IMAGE_ID = 1023
     model = bg.build_model("host", args.layers, torch.float32, "cpu")
-    rows = measure(model, bg.recipes(args.layers, model.config.num_attention_heads), args.variants, args)
+    recipe_of = bg.recipes(args.layers, model.config.num_attention_heads, model.config.hidden_size)
+    rows = measure(model, recipe_of, args.variants, args)
     head = (
         f"`python {' '.join(sys.argv)}`\n\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"transformers {bg.transformers.__version__}, Python {platform.python_version()}; batch {args.batch}, "

@@ -159,7 +159,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(bg.device_line(), flush=True)
     model = bg.build_model(args.shape, args.layers, dtype, device)
-    recipe_of = bg.recipes(args.layers, model.config.num_attention_heads)
+    recipe_of = bg.recipes(args.layers, model.config.num_attention_heads, model.config.hidden_size)
     ids, _, _ = bg.prompts(args.batch, args.prompt, device)
     spans = [[(100, 196), (args.prompt, 2**62)]] * args.batch
     if args.prefill:

@@ -122,7 +122,8 @@ def check_shaped(args) -> list[dict]:
     mask[1, :17] = 0  # a left-padded row
     enc = {"input_ids": ids, "attention_mask": mask}
     spans = [[(40, 100), (T, 2**62)]] * B
-    recipe_of = bench_generate.recipes(args.layers, bench_generate.SHAPES[args.shape]["num_attention_heads"])
+    shape = bench_generate.SHAPES[args.shape]
+    recipe_of = bench_generate.recipes(args.layers, shape["num_attention_heads"], shape["hidden_size"])
     rows, base = [], None
     for variant in ("unpatched", "zerotuning", "act", "head_prune", "pasta"):
         got = run_pair(

@@ -142,6 +142,77 @@ def test_abba_quads_cancel_a_linear_drift(monkeypatch):
     assert "| 1 x 64 | zerotuning | 3 | 1.200 | 1.200-1.200 |" in table
 
 
+def test_stand_in_plants_four_sinks_that_var_finds(monkeypatch):
+    """The benchmark model's prefills carry massive activations at the first token and three image tokens,
+    in every variant; VAR's detection (the benchmark's recipe) flags exactly those in each of its layers,
+    and a decoding step runs on as before."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_generate as bg
+
+    model = bg.build_model("tiny", 5, torch.float32, "cpu")
+    recipe = bg.recipes(5, model.config.num_attention_heads, model.config.hidden_size)["var"]
+    ids, start, n = bg.prompts(1, 256, "cpu")
+    planted = bg.sink_positions(256)
+    assert planted[0] == 0 and all(start <= p < start + n for p in planted[1:])
+    patch = bg.attnedit.patch(model, recipe, backend="reference").apply()
+    try:
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            found = {layer: torch.nonzero(buf[0, :256]).flatten().tolist() for layer, buf in patch.state.hsink.items()}
+            step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+    finally:
+        patch.remove()
+    assert sorted(found) == [2, 3] and all(f == planted for f in found.values())
+    assert torch.isfinite(step).all()
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    hook = model.model.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids[:, :80])
+    finally:
+        hook.remove()
+    x = seen[0][0].float()
+    xhat = x.abs() / x.pow(2).mean(-1, keepdim=True).sqrt()
+    assert (xhat[bg.sink_positions(80), 0] > 8).all() and xhat[1, 0] < 8  # planted in the layer's input
+
+
+def test_prefill_rows_time_vhr_with_its_heads_given(monkeypatch):
+    """The end-to-end prefill times every variant, VHR twice (as the paper runs it, with no runtime target but
+    its floor, and with its heads given, target 0.98); the table says which is which."""
+    import argparse
+
+    import torch
+    import triton.testing
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_generate as bg
+
+    def bench(fn, **kw):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    model = bg.build_model("tiny", 4, torch.float32, "cpu")
+    recipe_of = bg.recipes(4, model.config.num_attention_heads, model.config.hidden_size)
+    args = argparse.Namespace(e2e_tokens=128, device="cpu", variants=list(bg.VARIANTS), abba_tokens=8)
+    rows = bg.run_prefill(model, args, recipe_of)
+    names = [r["variant"] for r in rows]
+    assert names == ["sdpa", "zerotuning", "act", "head_prune", "pasta", "vhr", "vhr_heads", "var"]
+    assert not [r for r in rows if r.get("error")], rows
+    by = {r["variant"]: r for r in rows}
+    assert by["vhr"]["target"] is None and by["vhr"]["floor"] == pytest.approx(128 / (256 - 64))
+    assert by["vhr_heads"]["target"] == 0.98 and by["act"]["target"] == 0.90
+    table = bg.tables([], rows, args)
+    assert "| vhr | 1.0 |" in table and "none: two prefills per input" in table
+    assert "| vhr_heads | 1.0 | 128000 | 1.000 | >= 0.98: met |" in table
+
+
 @pytest.mark.parametrize(
     "script, extra, message",
     [
