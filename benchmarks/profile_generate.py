@@ -28,6 +28,7 @@ import cProfile
 import io
 import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -91,7 +92,6 @@ def static_kernels(model, ids, name: str, recipe, spans, new_tokens: int, top: i
 
 def prefill_kernels(model, ids, name: str, recipe, spans, top: int) -> str:
     """One prefill (logits of the last token) under torch.profiler: wall ms, host syncs, top kernels."""
-    import time  # noqa: PLC0415
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415  (this mode only)
 
     def fwd():
