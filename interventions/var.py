@@ -93,6 +93,17 @@ def normalised(hidden: torch.Tensor) -> torch.Tensor:
     return h.abs() * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+def normalised_at(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """`normalised(hidden)[..., dims]`, (..., len(dims)), the same arithmetic on the chosen dimensions only.
+
+    The dimensions are taken one by one as views: an index list would be copied to the GPU at every
+    layer, and such a copy waits for the device.
+    """
+    h = hidden.float()
+    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return torch.stack([h[..., d] for d in dims], -1).abs() * inv
+
+
 @dataclass(frozen=True, eq=False)
 class HiddenSinks:
     """Tokens whose normalised hidden state exceeds tau on a sink dimension, at prefill.
@@ -111,7 +122,7 @@ class HiddenSinks:
         """(B, T, D) hidden, (B, T) uint8 input flags -> (B, T) bool sinks."""
         if not self.dims or flags is None:
             return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        sink = normalised(hidden)[..., list(self.dims)].amax(-1) > self.tau
+        sink = normalised_at(hidden, self.dims).amax(-1) > self.tau
         visual = sink & ((flags & IMAGE) != 0)
         return sink & visual.any(1, keepdim=True)
 

@@ -97,7 +97,7 @@ class VisionAwareHeads:
         self.mode: str | None = None  # "text" while the text-only prefill runs, "select" during a prefill with an image
         self.text: dict[int, torch.Tensor] = {}  # layer -> (B, H, D) text-only outputs at the last prompt position
         self.last: torch.Tensor | None = None
-        self.chosen: dict[int, torch.Tensor] = {}  # layer -> (B, H) bool, the last input's choice (for inspection)
+        self.chosen: dict[int, torch.Tensor] = {}  # layer -> (B, H) bool on the layer's device, the last input's choice
         self._patch = None
         self._handles: list = []
 
@@ -150,6 +150,7 @@ class VisionAwareHeads:
 
     def _hook(self, patch, layer: int):
         heads = torch.tensor(self.targets[layer])
+        on_device: dict = {}  # device -> the heads there (copied once: a copy to a GPU waits for it)
 
         def hook(module, args):
             if self.mode is None:
@@ -162,14 +163,16 @@ class VisionAwareHeads:
                 return None
             ref = self.text[layer].to(o.device)
             chosen = torch.zeros(B, o.shape[1], dtype=torch.bool, device=x.device)
-            h = heads.to(x.device)
+            h = on_device.get(x.device)
+            if h is None:
+                h = on_device[x.device] = heads.to(x.device)
             chosen[:, h] = select_heads((o[:, h] - ref[:, h]).pow(2).sum(-1), ref[:, h].norm(dim=-1))
             scale = torch.where(
                 chosen,
                 torch.full_like(chosen, self.alpha, dtype=torch.float32),
                 torch.ones_like(chosen, dtype=torch.float32),
             )
-            self.chosen[layer] = chosen.cpu()
+            self.chosen[layer] = chosen  # kept on the device: reading it back would wait for the GPU per layer
             patch.state.head_scale[layer] = scale  # the decoding steps apply it in the attention
             return (x * scale.to(x.dtype).repeat_interleave(self.D, dim=1).view(B, 1, -1),)
 

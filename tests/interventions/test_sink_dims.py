@@ -44,6 +44,20 @@ def test_hidden_sinks_need_a_visual_sink_in_the_row():
     assert det.detect(hidden, None).sum() == 0 and det.prefill_only
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalised_at_equals_the_full_normalisation_in_the_chosen_dimensions(dtype):
+    """The detector's form (the dimensions as views, no index tensor) is exactly the paper's |h / rms(h)|
+    read at those dimensions, in fp32 for bf16 states too."""
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(2, 7, 64, generator=g) * 3).to(dtype)
+    hidden[0, 0, 5] = 400.0
+    dims = (5, 2, 40)
+    want = var.normalised(hidden)[..., list(dims)]
+    got = var.normalised_at(hidden, dims)
+    assert got.dtype == torch.float32 and got.shape == (2, 7, 3)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.slow
 def test_smollm2_sink_dimension_flags_mostly_first_tokens(smollm2):
     model, tok = smollm2
