@@ -110,12 +110,11 @@ def _plant_sinks(module, args, kwargs):
     hidden = args[0] if args else kwargs["hidden_states"]
     if hidden.shape[1] < 64:  # a decoding step (prompts here are longer): nothing to plant
         return None
-    pos = torch.tensor(sink_positions(hidden.shape[1]), device=hidden.device)
-    dims = torch.tensor(SINK_DIMS, device=hidden.device)
-    rows = hidden.index_select(1, pos).float()  # (B, S, D)
-    value = (SINK_GAIN * rows.pow(2).mean(-1, keepdim=True).sqrt()).expand(-1, -1, len(SINK_DIMS))
     hidden = hidden.clone()
-    hidden[:, pos[:, None], dims[None, :]] = value.to(hidden.dtype)
+    for p in sink_positions(hidden.shape[1]):  # integer indices: views (an index tensor would be copied to the GPU)
+        value = SINK_GAIN * hidden[:, p].float().pow(2).mean(-1).sqrt()  # (B,)
+        for d in SINK_DIMS:
+            hidden[:, p, d] = value.to(hidden.dtype)
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
