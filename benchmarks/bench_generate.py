@@ -439,18 +439,23 @@ def ratios(rows: list[dict]) -> None:
         r["ratio_to_dynamic"] = ms / base["dynamic"] if ms and base.get("dynamic") else None
 
 
-def run_prefill(model, args, recipe_of) -> list[dict]:
-    """End to end prefill of one long prompt (logits of the last token): throughput against unpatched SDPA."""
-    from triton.testing import do_bench  # noqa: PLC0415  (Triton: CUDA machines only)
-
-    N = args.e2e_tokens
-    ids, _, _ = prompts(1, N, args.device, seed=1)
-    spans = [[(N // 4, N // 4 + 96), (N, 2**62)]]
+def prefill_call(model, length: int, device: str):
+    """(fwd, spans): one prefill of a `length`-token prompt (logits of its last token) and PASTA's span for it."""
+    ids, _, _ = prompts(1, length, device, seed=1)
 
     def fwd():
         with torch.no_grad():
             return model(ids, logits_to_keep=1).logits
 
+    return fwd, [[(length // 4, length // 4 + 96), (length, 2**62)]]
+
+
+def run_prefill(model, args, recipe_of) -> list[dict]:
+    """End to end prefill of one long prompt (logits of the last token): throughput against unpatched SDPA."""
+    from triton.testing import do_bench  # noqa: PLC0415  (Triton: CUDA machines only)
+
+    N = args.e2e_tokens
+    fwd, spans = prefill_call(model, N, args.device)
     rows = []
     names = ["sdpa"] + [v for v in args.variants if v not in ("sdpa", "eager")]
     if "vhr" in names:  # VHR's runtime alone: the heads given, as after the per-input choice

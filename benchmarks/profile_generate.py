@@ -67,6 +67,18 @@ def torch_summary(model, ids, name: str, recipe_of: dict, spans, new_tokens: int
     return line + (f"; {parts}" if parts else "")
 
 
+def _top_kernels(prof, top: int) -> tuple[float, int, list[str]]:
+    """(device ms, kernel launches, table lines of the `top` kernels with the most device time) of a profile."""
+    rows = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in rows)
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    lines = ["| kernel | launches | us each | ms total |", "|---|---:|---:|---:|"]
+    for e in rows[:top]:
+        us = e.self_device_time_total
+        lines.append(f"| {e.key[:70]} | {e.count} | {us / e.count:.1f} | {us / 1e3:.2f} |")
+    return total / 1e3, sum(e.count for e in rows), lines
+
+
 def static_kernels(model, ids, name: str, recipe, spans, new_tokens: int, top: int) -> str:
     """The kernels with the most device time in one static-cache `generate` (decoding steps compiled and graphed)."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415  (this mode only)
@@ -78,27 +90,16 @@ def static_kernels(model, ids, name: str, recipe, spans, new_tokens: int, top: i
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             bg.generate(model, ids, new_tokens, True)
             bg.sync()
-    rows = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in rows)
-    rows.sort(key=lambda e: -e.self_device_time_total)
-    n = sum(e.count for e in rows)
-    lines = [f"\n{name}, static generate({new_tokens}): device time {total / 1e3:.2f} ms, {n} kernels"]
-    lines += ["| kernel | launches | us each | ms total |", "|---|---:|---:|---:|"]
-    for e in rows[:top]:
-        us = e.self_device_time_total
-        lines.append(f"| {e.key[:70]} | {e.count} | {us / e.count:.1f} | {us / 1e3:.2f} |")
-    return "\n".join(lines)
+    ms, n, table = _top_kernels(prof, top)
+    return "\n".join([f"\n{name}, static generate({new_tokens}): device time {ms:.2f} ms, {n} kernels", *table])
 
 
-def prefill_kernels(model, ids, name: str, recipe, spans, top: int) -> str:
-    """One prefill (logits of the last token) under torch.profiler: wall ms, host syncs, top kernels."""
+def prefill_kernels(model, length: int, device: str, name: str, recipe, top: int) -> str:
+    """One prefill as `bench_generate.py` times it, under torch.profiler: wall ms, host syncs, top kernels."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415  (this mode only)
 
-    def fwd():
-        with torch.no_grad():
-            return model(ids, logits_to_keep=1).logits
-
-    with bg.Variant(model, name, recipe, spans):
+    fwd, spans = bg.prefill_call(model, length, device)
+    with bg.Variant(model, name, recipe, spans if name == "pasta" else None):
         for _ in range(3):
             fwd()
         bg.sync()
@@ -109,21 +110,10 @@ def prefill_kernels(model, ids, name: str, recipe, spans, top: int) -> str:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fwd()
             bg.sync()
-    events = prof.key_averages()
-    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-    rows = [e for e in events if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in rows)
-    rows.sort(key=lambda e: -e.self_device_time_total)
-    n = sum(e.count for e in rows)
-    lines = [
-        f"\n{name}, prefill of {ids.shape[1]} tokens: wall {wall:.1f} ms (unprofiled), device time "
-        f"{total / 1e3:.2f} ms, {n} kernels, {syncs} host syncs"
-    ]
-    lines += ["| kernel | launches | us each | ms total |", "|---|---:|---:|---:|"]
-    for e in rows[:top]:
-        us = e.self_device_time_total
-        lines.append(f"| {e.key[:70]} | {e.count} | {us / e.count:.1f} | {us / 1e3:.2f} |")
-    return "\n".join(lines)
+    syncs = sum(e.count for e in prof.key_averages() if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    ms, n, table = _top_kernels(prof, top)
+    head = f"\n{name}, prefill of {length} tokens: wall {wall:.1f} ms (unprofiled), device time {ms:.2f} ms, "
+    return "\n".join([head + f"{n} kernels, {syncs} host syncs", *table])
 
 
 def main() -> None:
@@ -163,11 +153,8 @@ def main() -> None:
     ids, _, _ = bg.prompts(args.batch, args.prompt, device)
     spans = [[(100, 196), (args.prompt, 2**62)]] * args.batch
     if args.prefill:
-        pids, _, _ = bg.prompts(1, args.prefill, device, seed=1)
-        pspans = [[(args.prefill // 4, args.prefill // 4 + 96), (args.prefill, 2**62)]]
         for name in args.variants:
-            sp = pspans if name == "pasta" else None
-            print(prefill_kernels(model, pids, name, recipe_of.get(name), sp, args.top), flush=True)
+            print(prefill_kernels(model, args.prefill, device, name, recipe_of.get(name), args.top), flush=True)
         return
     print(f"\nbatch {args.batch}, {args.prompt}-token prompt, {args.new_tokens} new tokens, {args.layers} layers")
     if args.static:
