@@ -89,7 +89,15 @@ class State:
             FIRST bit (added when read: the first real token is known anew at every forward). A prefill
             writes every key it attends to (attention sinks found then included); a later forward writes
             only its own positions (never attention sinks), so a decoding step reads a view of it instead
-            of rebuilding every key's flags in every layer.
+            of rebuilding every key's flags in every layer. Each is a view of one slot of a stack
+            (`stacks`) shared by the layers whose plans have the same flags, so that a decoding step
+            writes its tokens' groups into all of them with one operation (`group_buffer`).
+        stacks: (layers, rows, device) -> (L, B, rows, C) uint8: the `groups` of those layers, stacked.
+        members: (plan flags, hidden sinks flagged after the prefill) -> (layers, layer -> slot): the
+            layers whose groups share a stack, from the compiled recipe (`know`); a layer outside it
+            (a plan not in the recipe) gets a stack of its own.
+        image_end: (B,) int64 position after each row's last image token (0: none), kept per input:
+            a prefill computes it, a decoding step only raises it where its own token is an image token.
         head_scale: layer -> (B, H) fp32 per-input output scales (set by forward hooks).
         decode_plans: layer -> the attention backend's set-up of that layer's decoding steps
             (`attnedit.kernels.dispatch.decode_step`), kept from an input's first decoding step to the
@@ -105,6 +113,10 @@ class State:
         self.first_known = False
         self.hsink: dict[int, torch.Tensor] = {}
         self.groups: dict[int, torch.Tensor] = {}
+        self.stacks: dict[tuple, torch.Tensor] = {}
+        self.members: dict[tuple, tuple[tuple[int, ...], dict[int, int]]] = {}
+        self.image_end: torch.Tensor | None = None
+        self.row_moves: dict[int, tuple] = {}  # layer -> (row starts, the plan's moves, its moves with them)
         self.head_scale: HeadScales = HeadScales()
         self.decode_plans: dict[int, Any] = {}
         self.allocations = 0  # buffers (re)allocated: tests check that decoding steps allocate none
@@ -113,9 +125,11 @@ class State:
         """Make the buffers hold `batch` rows and at least `length` positions (grown, contents kept)."""
         if batch != self.batch:
             self.batch, self.capacity = batch, _round_up(length)
-            self.flags = self.first = None
+            self.flags = self.first = self.image_end = None
             self.hsink.clear()
             self.groups.clear()
+            self.stacks.clear()
+            self.row_moves.clear()
             self.decode_plans.clear()
         elif length > self.capacity:
             self.capacity = _round_up(max(length, 2 * self.capacity))
@@ -124,6 +138,34 @@ class State:
             self.first = _mark_static(torch.zeros(batch, dtype=torch.long, device=device))
             self.first_known = False
             self.allocations += 1
+        if self.image_end is None or self.image_end.shape != (batch,) or self.image_end.device != torch.device(device):
+            self.image_end = _mark_static(torch.zeros(batch, dtype=torch.long, device=device))
+            self.allocations += 1
+
+    def know(self, compiled: T.CompiledRecipe) -> None:
+        """Group the recipe's layers with per-layer key groups by plan flags (one stack each); a new grouping
+        drops the stacks."""
+        members = compiled.group_members
+        if members is not self.members and members != self.members:
+            self.members = members
+            self.stacks.clear()
+            self.groups.clear()
+
+    def group_buffer(self, plan: T.LayerPlan, layer: int, rows: int, device) -> tuple[torch.Tensor, tuple]:
+        """(the layer's (B, rows, C) group buffer, the key of the stack it is a slot of) on `device`."""
+        entry = self.members.get((plan.flags, plan.hsink_after_prefill))
+        if entry is not None and layer in entry[1]:
+            layers, slot = entry[0], entry[1][layer]
+        else:
+            layers, slot = (layer,), 0
+        key = (layers, rows, device)
+        old = self.stacks.get(key)
+        stack = self._fit(old, (len(layers), self.batch, rows), device)
+        view = self.groups.get(layer)
+        if stack is not old or view is None or view._base is not stack:
+            self.stacks[key] = stack
+            view = self.groups[layer] = stack[slot]
+        return view, key
 
     def _fit(self, buf: torch.Tensor | None, lead: tuple[int, ...], device) -> torch.Tensor:
         """`buf` with shape (*lead, capacity) on `device`: the same tensor when it fits, else a new zeroed one."""
@@ -152,6 +194,7 @@ class View:
     pos0: int | torch.Tensor  # absolute position of the first token: int, or a 0-d int64 tensor
     flags: torch.Tensor | None  # (B, C) uint8 input flags by absolute position
     image_end: torch.Tensor | None  # (B,) int64 position after each row's last image token
+    new: torch.Tensor | None = None  # (B, T) uint8 input flags of this forward's tokens (None: no input flags)
 
 
 @dataclass
@@ -199,7 +242,7 @@ class Forward:
         else:
             to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
             pos0 = to(h.pos0) if torch.is_tensor(h.pos0) else h.pos0
-            view = View(to(h.positions), to(h.first_abs), pos0, to(h.flags), to(h.image_end))
+            view = View(to(h.positions), to(h.first_abs), pos0, to(h.flags), to(h.image_end), to(h.new))
             self.moves_to.append(str(device))
         self.views[device] = view
         return view
@@ -311,33 +354,40 @@ def begin(
         The `Forward`.
     """
     state.reserve(batch, capacity, device)
+    state.know(compiled)
     if detect:
         state.head_scale.reset()
         state.decode_plans.clear()
     known = not torch.is_tensor(past)
     if known:
-        positions = torch.arange(length, device=device) + past
+        positions = torch.arange(past, past + length, device=device)
         pos0: int | torch.Tensor = past
     else:
         pos0 = past.to(device=device, dtype=torch.long).clone()  # the cache advances its own copy in place
         positions = torch.arange(length, device=device) + pos0
     flags = None
+    new = None  # (B, T) uint8 input flags of this forward's tokens
     if compiled.input_detectors or compiled.needs_spans:
-        new = torch.zeros(batch, length, dtype=torch.uint8, device=device)
-        for det in compiled.input_detectors:
-            new |= det.detect(input_ids).to(torch.uint8) * det.flag
+        parts = [det.detect(input_ids).to(torch.uint8) * det.flag for det in compiled.input_detectors]
         if spans is not None:
             pos = positions.view(1, length, 1)
             inside = (pos >= spans[:, None, :, 0]) & (pos < spans[:, None, :, 1])  # (B, T, S)
-            new |= inside.any(-1).to(torch.uint8) * T.SPAN
+            parts.append(inside.any(-1).to(torch.uint8) * T.SPAN)
+        new = parts[0] if parts else torch.zeros(batch, length, dtype=torch.uint8, device=device)
+        for part in parts[1:]:
+            new = new | part
         state.flags.index_copy_(1, positions, new)
         flags = state.flags
     image_end = None
     if any(d.flag == T.IMAGE for d in compiled.input_detectors):
-        cap = state.capacity
-        pos = torch.arange(cap, device=device)
-        seen = ((state.flags & T.IMAGE) != 0) & (pos < positions[-1] + 1).view(1, cap)
-        image_end = torch.where(seen, pos.view(1, cap), torch.full_like(pos, -1).view(1, cap)).amax(1) + 1
+        image_end = state.image_end
+        if detect or length > 1:  # every position up to this forward's last
+            cap = state.capacity
+            pos = torch.arange(cap, device=device)
+            seen = ((state.flags & T.IMAGE) != 0) & (pos < positions[-1] + 1).view(1, cap)
+            image_end.copy_(torch.where(seen, pos.view(1, cap), torch.full_like(pos, -1).view(1, cap)).amax(1) + 1)
+        else:  # a decoding step: the end moves only where its own token is an image token
+            torch.maximum(image_end, ((new[:, 0] & T.IMAGE) != 0) * (positions + 1), out=image_end)
     padding = attention_mask if torch.is_tensor(attention_mask) and attention_mask.dim() == 2 else None
     # a decoding step's padding mask only appends a 1 to each row: the first real tokens stay the prefill's
     renew = detect or (padding is not None and (length > 1 or not state.first_known))
@@ -345,7 +395,7 @@ def begin(
     if first is not None:
         state.first.copy_(first)
         state.first_known = True
-    home = View(positions, state.first, pos0, flags, image_end)
+    home = View(positions, state.first, pos0, flags, image_end, new)
     return Forward(
         batch,
         length,
@@ -379,6 +429,7 @@ def plan_on(cache: dict, plan: T.LayerPlan, device: torch.device) -> T.LayerPlan
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
         moves = tuple(replace(m, keep=m.keep.to(device)) for m in plan.moves)
         hit = replace(plan, bias=to(plan.bias), moves=moves, out_scale=to(plan.out_scale), out_shift=to(plan.out_shift))
+        object.__setattr__(hit, "group_lut", to(plan.group_lut))  # derived anew (on the CPU) by replace
         cache[key] = hit
     return hit
 
@@ -431,9 +482,16 @@ def _first_bits(plan: T.LayerPlan, view: View, k_len: int, kv_offset: int) -> to
 
 
 def group_ids(plan: T.LayerPlan, flags: torch.Tensor) -> torch.Tensor | None:
-    """Key group ids (flags packed in the plan's order), or None when the layer has one group."""
+    """Key group ids (flags packed in the plan's order), or None when the layer has one group.
+
+    One lookup in the plan's table of every flag byte's group (`LayerPlan.group_lut`) when it is on
+    the flags' device (`plan_on` puts it there), else bit by bit.
+    """
     if not plan.flags:
         return None
+    lut = plan.group_lut
+    if lut is not None and lut.device == flags.device:
+        return lut[flags.long()]
     group = torch.zeros_like(flags)
     for k, bit in enumerate(plan.flags):
         group |= ((flags & bit) != 0).to(torch.uint8) << k
@@ -486,7 +544,7 @@ def layer_tables(
             )
         return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
     B, lo, hi = fwd.batch, kv_offset, kv_offset + k_len
-    buf = fwd.state.layer_buffer(fwd.state.groups, layer, (B, heads if used & T.ACTSINK else 1), device)
+    buf, stack_key = fwd.state.group_buffer(plan, layer, heads if used & T.ACTSINK else 1, device)
     if fwd.detect:  # a prefill: every key the layer sees, with the attention sinks found now
         flags = key_flags(plan, fwd, view, layer, heads, k_len, kv_offset)
         if detect_sinks is not None:
@@ -499,19 +557,27 @@ def layer_tables(
     # a later forward (decoding): write this forward's positions, read the layer's keys as a view.
     # Its tokens are never attention sinks, and hidden-state sinks only where a layer detector also
     # runs after the prefill; elsewhere their groups come from per-input flags alone, the same in
-    # every layer of equal flags (computed once per forward). Without per-input flags (ACT) that
-    # group is 0, which the prefill left at every later position: nothing to write.
+    # every layer of equal flags: computed once per forward and written into every such layer's
+    # buffer at once (their stack), by the first of them. Without per-input flags (ACT) that group
+    # is 0, which the prefill left at every later position: nothing to write.
     if used & T.HSINK and plan.hsink_after_prefill:
         new = group_ids(plan, _token_flags(plan, fwd, view, layer))
-    elif used & (T.SPAN | T.IMAGE):
-        new = fwd.shared(
-            ("new_groups", plan.flags, device),
-            lambda: group_ids(plan, _token_flags(plan, fwd, view, layer, hsink=False)),
-        )
-    else:
-        new = None
-    if new is not None:
         buf.index_copy_(2, view.positions, new.expand(B, buf.shape[1], fwd.length))
+    elif used & (T.SPAN | T.IMAGE):
+
+        def write() -> None:
+            new = fwd.shared(
+                ("new_groups", plan.flags, device),
+                lambda: (
+                    group_ids(plan, view.new[:, None])  # bits the plan does not use map to no group bit
+                    if view.new is not None
+                    else group_ids(plan, _token_flags(plan, fwd, view, layer, hsink=False))
+                ),
+            )
+            stack = fwd.state.stacks[stack_key]
+            stack.index_copy_(3, view.positions, new.expand(*stack.shape[:3], fwd.length))
+
+        fwd.shared(("new_groups_written", stack_key), write)
     groups = buf[:, :, lo:hi]
     if used & T.FIRST:
         groups = groups | fwd.shared(
@@ -531,12 +597,21 @@ def _finish(plan, fwd: Forward, view: View, groups, first_key, heads: int, devic
         starts = view.image_end
         if starts is None:
             starts = fwd.shared(("no_image", device), lambda: torch.zeros_like(first_key))
-        moves = tuple(
-            T.Move(m.src, m.dst, m.keep, m.gate, after_image=True, row_start=starts, live=m.live)
-            if m.after_image
-            else m
-            for m in moves
-        )
+        # the same tuple while the row starts are the same buffer (the state's, at every step of an input),
+        # outside torch.compile (which builds the tables into its graph once)
+        compiling = torch.compiler.is_compiling()
+        kept = None if compiling else fwd.state.row_moves.get(plan.layer)
+        if kept is not None and kept[0] is starts and kept[1] is plan.moves:
+            moves = kept[2]
+        else:
+            moves = tuple(
+                T.Move(m.src, m.dst, m.keep, m.gate, after_image=True, row_start=starts, live=m.live)
+                if m.after_image
+                else m
+                for m in moves
+            )
+            if not compiling:
+                fwd.state.row_moves[plan.layer] = (starts, plan.moves, moves)
     out_scale = plan.out_scale
     if scale is not None:
         base = out_scale if out_scale is not None else torch.ones(heads, device=device)

@@ -33,6 +33,7 @@ executes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, Sequence
@@ -192,6 +193,7 @@ class LayerPlan:
     detects_after_prefill: bool = field(init=False, repr=False, compare=False)
     hsink_after_prefill: bool = field(init=False, repr=False, compare=False)
     moves_after_image: bool = field(init=False, repr=False, compare=False)
+    group_lut: torch.Tensor | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """The facts a decoding step asks of the plan in every layer, derived once.
@@ -201,6 +203,8 @@ class LayerPlan:
         hidden-state sinks may be flagged after the prefill: unless every layer detector is `prefill_only`
         (with none, whatever wrote the layer's buffer is read, as at every position). moves_after_image:
         whether a move edits only the rows after each input's image tokens (per-input row starts).
+        group_lut: (256,) uint8, the group id of every byte of key flags (`attnedit.runtime.group_ids`), or
+        None with one group.
         """
         layer = tuple(d for d in self.detectors if d.where == "layer_input")
         after = any(not getattr(d, "prefill_only", False) for d in layer)
@@ -208,6 +212,11 @@ class LayerPlan:
         object.__setattr__(self, "detects_after_prefill", after)
         object.__setattr__(self, "hsink_after_prefill", not layer or after)
         object.__setattr__(self, "moves_after_image", any(m.after_image for m in self.moves))
+        lut = None
+        if self.flags:
+            ids = [sum(1 << k for k, bit in enumerate(self.flags) if f & bit) for f in range(256)]
+            lut = torch.tensor(ids, dtype=torch.uint8)
+        object.__setattr__(self, "group_lut", lut)
 
     @property
     def n_groups(self) -> int:
@@ -239,6 +248,17 @@ class CompiledRecipe:
 
     def __bool__(self) -> bool:
         return bool(self.layers) or bool(self.forward_hooks)
+
+    @functools.cached_property
+    def group_members(self) -> dict[tuple, tuple[tuple[int, ...], dict[int, int]]]:
+        """(plan flags, hidden sinks flagged after the prefill) -> (layers, layer -> slot) of the layers whose
+        key groups are kept per layer (hidden-state or attention sinks): `attnedit.runtime.State` stacks each
+        set's buffers, so that a decoding step writes one set's new groups in one operation."""
+        sets: dict[tuple, list[int]] = {}
+        for i, plan in sorted(self.layers.items()):
+            if sum(plan.flags) & (HSINK | ACTSINK):
+                sets.setdefault((plan.flags, plan.hsink_after_prefill), []).append(i)
+        return {k: (tuple(v), {layer: s for s, layer in enumerate(v)}) for k, v in sets.items()}
 
 
 # --------------------------------------------------------------------------- runtime tables of one forward

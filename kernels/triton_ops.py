@@ -210,7 +210,10 @@ class DecodePlan:
     table tensors by identity and version (bias, the moves tuple and its keep tensors: a plan's
     own objects, the same at every forward), which optional tables and mask forms are present.
     Moves with per-input row starts (after the image tokens) keep their packed parts; the row
-    starts (per input) are stacked at every step. Nothing per input is kept.
+    starts (per input) are read again whenever the tables bring another moves tuple. One move's row
+    starts are a view of the per-input buffer (written in place), so that view is kept while the
+    tuple is the same (the runtime keeps it for every step of an input); several moves' are stacked
+    at every step. Nothing else per input is kept.
     """
 
     def __init__(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap):
@@ -228,6 +231,7 @@ class DecodePlan:
             keep = [m for m in tables.moves if _is_live(m)]
             self.starts = [tables.moves.index(m) for m in keep]
             self.never = torch.full((q.shape[0],), -(2**62), dtype=torch.int64, device=q.device)
+            self.rows_for, self.rows = None, None  # the moves tuple the row starts were read from, and them
         self.decoder = _Decoder(
             q,
             k,
@@ -284,7 +288,13 @@ class DecodePlan:
                 shift = tables.out_shift.to(q.device, torch.float32).contiguous()
         starts = None
         if self.starts is not None:  # one live move (VAR): its row starts as they are, no copy
-            starts = _row_starts([tables.moves[i] for i in self.starts], q.shape[0], q.device, self.never)
+            moves = tables.moves
+            if moves is self.rows_for:
+                starts = self.rows
+            else:
+                starts = _row_starts([moves[i] for i in self.starts], q.shape[0], q.device, self.never)
+                if starts._base is not None:  # a view of the per-input buffer (one move): kept for this tuple
+                    self.rows_for, self.rows = moves, starts  # the tuple is held, so its id is not reused
         out, _ = self.decoder(
             q,
             k,

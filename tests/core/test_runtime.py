@@ -344,3 +344,84 @@ class _Writes(TorchDispatchMode):
         if func._schema.name.endswith("_") or "copy" in func._schema.name:
             self.ops.append(func._schema.name)
         return func(*args, **(kwargs or {}))
+
+
+class _ImageTokens:
+    """An input detector stand-in: token id 9 is an image token."""
+
+    flag = T.IMAGE
+
+    def detect(self, ids):
+        return ids == 9
+
+
+def test_group_ids_table_equals_packing_bit_by_bit():
+    """The plan's lookup table of every flag byte gives the ids the bit-by-bit packing gives."""
+    for flags in ((T.FIRST,), (T.SPAN, T.HSINK), (T.FIRST, T.SPAN, T.IMAGE, T.HSINK, T.ACTSINK), (T.ACTSINK, T.IMAGE)):
+        p = plan(flags)
+        every = torch.arange(256, dtype=torch.uint8).view(2, 4, 32)
+        by_bits = torch.zeros_like(every)
+        for k, bit in enumerate(flags):
+            by_bits |= ((every & bit) != 0).to(torch.uint8) << k
+        assert torch.equal(R.group_ids(p, every), by_bits), flags
+
+
+def test_image_end_is_kept_per_input_and_moves_only_with_an_image_token():
+    """A prefill finds each row's end of image tokens; a decoding step raises it only where its own token is one."""
+    state = R.State()
+    compiled = T.CompiledRecipe({}, input_detectors=(_ImageTokens(),))
+
+    def run(ids, past):
+        return R.begin(
+            state, compiled, batch=2, length=ids.shape[1], device=torch.device("cpu"), past=past, capacity=16,
+            detect=past == 0, attention_mask=None, input_ids=ids, spans=None,
+        )  # fmt: skip
+
+    fwd = run(torch.tensor([[1, 9, 9, 2, 3], [1, 2, 3, 4, 5]]), 0)
+    buffer = state.image_end
+    assert fwd.home.image_end is buffer and buffer.tolist() == [3, 0]
+    run(torch.tensor([[4], [5]]), 5)
+    assert buffer.tolist() == [3, 0]
+    run(torch.tensor([[4], [9]]), 6)  # row 1 generates an image token at position 6
+    assert buffer.tolist() == [3, 7] and state.image_end is buffer
+    run(torch.tensor([[1, 2, 9, 3], [1, 2, 3, 4]]), 0)  # a new input: found anew, nothing of the old one
+    assert buffer.tolist() == [3, 0]
+
+
+def test_a_decoding_step_writes_the_new_groups_of_every_layer_of_equal_flags_at_once():
+    """Layers whose plans have the same flags keep their group ids in one stacked buffer: a decoding step
+    writes its tokens' groups into all of them with one operation, and each layer reads what a rebuild gives."""
+    cpu = torch.device("cpu")
+    plans = {
+        i: T.LayerPlan(i, 2, (T.SPAN, T.HSINK), torch.zeros(2, 4), (), None, None, detectors=(_HiddenSinks(True),))
+        for i in range(4)
+    }
+    compiled = T.CompiledRecipe(plans, needs_spans=True)
+    assert compiled.group_members == {((T.SPAN, T.HSINK), False): ((0, 1, 2, 3), {0: 0, 1: 1, 2: 2, 3: 3})}
+    state = R.State()
+    spans = torch.tensor([[[1, 2], [6, 7]], [[0, 1], [9, 9]]])  # row 0's second span holds the second step's token
+
+    def run(length, past):
+        return R.begin(
+            state, compiled, batch=2, length=length, device=cpu, past=past, capacity=16, detect=past == 0,
+            attention_mask=None, input_ids=None, spans=spans,
+        )  # fmt: skip
+
+    fwd = run(5, 0)
+    for i, p in plans.items():
+        found = torch.zeros(2, 5, dtype=torch.bool)
+        found[i % 2, i] = True  # a hidden-state sink of its own in every layer
+        R.record_layer_detection(fwd, i, found)
+        R.layer_tables(p, fwd, i, device=cpu, heads=2, k_len=5, kv_offset=0)
+    for step in range(2):
+        fwd = run(1, 5 + step)
+        with _Writes() as writes:
+            groups = [
+                R.layer_tables(p, fwd, i, device=cpu, heads=2, k_len=6 + step, kv_offset=0) for i, p in plans.items()
+            ]
+        assert [op for op in writes.ops if op.endswith("_")] == ["aten::index_copy_"], writes.ops
+        for i, t in enumerate(groups):
+            flags = R.key_flags(plans[i], fwd, fwd.on(cpu), i, 2, 6 + step, 0)
+            assert torch.equal(t.key_group, R.group_ids(plans[i], flags)), (step, i)
+    assert groups[0].key_group[:, 0, 5:].tolist() == [[0, 1], [0, 0]]
+    assert state.groups[3]._base is state.groups[0]._base, "the layers' buffers are slots of one stack"
