@@ -346,11 +346,13 @@ class Patch:
 
     def _mask_info(self, fwd: R.Forward, view: R.View, attention_mask, query, key, backend: str) -> T.MaskInfo:
         Q, K = query.shape[2], key.shape[2]
-        if attention_mask is None:  # the same for every layer of this forward with these shapes on this device
-            return fwd.shared(
-                ("mask", Q, K, query.device),
-                lambda: T.MaskInfo(None, view.pos0, fwd.kv_offset(Q, K), None, view.first_abs),
-            )
+        if attention_mask is None:  # the same for every layer of this forward with these shapes on this view
+            hit = fwd.cache.get(("mask", Q, K, id(view)))
+            if hit is None:
+                hit = fwd.cache[("mask", Q, K, id(view))] = T.MaskInfo(
+                    None, view.pos0, fwd.kv_offset(Q, K), None, view.first_abs
+                )
+            return hit
         kv_offset = fwd.kv_offset(Q, K)
         dense = attention_mask
         if dense.dtype != torch.bool:
@@ -373,13 +375,14 @@ class Patch:
             )
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         softcap = kwargs.get("softcap")
-        backend = self._backend(query.device)
+        device = query.device
+        backend = self._backend(device)
         fwd = self._forward_for(query, key)
-        view = fwd.on(query.device)
+        view = fwd.on(device)
         mask = self._mask_info(fwd, view, attention_mask, query, key, backend)
         share = value if self.capture is None else None  # lets ACT's column scores and attention share one flash pass
         if plan is not None:
-            plan = R.plan_on(self._device_plans, plan, query.device)
+            plan = R.plan_on(self._device_plans, plan, device)
         detect = None
         if fwd.detect and plan is not None and plan.attention_detectors:
 
@@ -387,7 +390,7 @@ class Patch:
                 colsum, count = dispatch.column_scores(
                     backend, query, key, pre, mask, scaling=scaling, softcap=softcap, value=share
                 )
-                found = torch.zeros(colsum.shape, dtype=torch.bool, device=query.device)
+                found = torch.zeros(colsum.shape, dtype=torch.bool, device=device)
                 for det in plan.attention_detectors:
                     found |= det.detect(colsum, count, pre.first_key)
                 return found
@@ -396,7 +399,7 @@ class Patch:
             plan,
             fwd,
             layer,
-            device=query.device,
+            device=device,
             heads=query.shape[1],
             k_len=key.shape[2],
             kv_offset=mask.kv_offset,

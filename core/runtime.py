@@ -114,6 +114,8 @@ class State:
         self.hsink: dict[int, torch.Tensor] = {}
         self.groups: dict[int, torch.Tensor] = {}
         self.stacks: dict[tuple, torch.Tensor] = {}
+        self.generation = 0  # counts the times stacks were dropped or reallocated (`group_buffer` keeps views)
+        self._slots: dict[int, tuple] = {}  # layer -> (generation, rows, device, its view, its stack's key)
         self.members: dict[tuple, tuple[tuple[int, ...], dict[int, int]]] = {}
         self.image_end: torch.Tensor | None = None
         self.row_moves: dict[int, tuple] = {}  # layer -> (row starts, the plan's moves, its moves with them)
@@ -129,6 +131,7 @@ class State:
             self.hsink.clear()
             self.groups.clear()
             self.stacks.clear()
+            self.generation += 1
             self.row_moves.clear()
             self.decode_plans.clear()
         elif length > self.capacity:
@@ -149,10 +152,19 @@ class State:
         if members is not self.members and members != self.members:
             self.members = members
             self.stacks.clear()
+            self.generation += 1
             self.groups.clear()
 
     def group_buffer(self, plan: T.LayerPlan, layer: int, rows: int, device) -> tuple[torch.Tensor, tuple]:
-        """(the layer's (B, rows, C) group buffer, the key of the stack it is a slot of) on `device`."""
+        """(the layer's (B, rows, C) group buffer, the key of the stack it is a slot of) on `device`.
+
+        Kept per layer while no stack was dropped or reallocated (`generation`) and the capacity holds.
+        """
+        hit = self._slots.get(layer)
+        if hit is not None and hit[0] == self.generation and hit[1] == rows and hit[2] == device:
+            view = hit[3]
+            if view.shape[-1] == self.capacity:
+                return view, hit[4]
         entry = self.members.get((plan.flags, plan.hsink_after_prefill))
         if entry is not None and layer in entry[1]:
             layers, slot = entry[0], entry[1][layer]
@@ -162,9 +174,12 @@ class State:
         old = self.stacks.get(key)
         stack = self._fit(old, (len(layers), self.batch, rows), device)
         view = self.groups.get(layer)
+        if stack is not old:
+            self.generation += 1  # the other slots' kept views are of the old stack
         if stack is not old or view is None or view._base is not stack:
             self.stacks[key] = stack
             view = self.groups[layer] = stack[slot]
+        self._slots[layer] = (self.generation, rows, device, view, key)
         return view, key
 
     def _fit(self, buf: torch.Tensor | None, lead: tuple[int, ...], device) -> torch.Tensor:
@@ -440,7 +455,7 @@ def key_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, heads: in
     No key is an attention sink here: a prefill's detection adds them (`layer_tables`).
     """
     B = fwd.batch
-    used = sum(plan.flags)
+    used = plan.used
     device = view.first_abs.device
     lo, hi = kv_offset, kv_offset + k_len
     flags = torch.zeros(B, 1, k_len, dtype=torch.uint8, device=device)
@@ -463,7 +478,7 @@ def _token_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, hsink:
 
     hsink=False leaves out the hidden-state sinks (a layer whose detectors run at prefill only: none here).
     """
-    used = sum(plan.flags)
+    used = plan.used
     device = view.first_abs.device
     flags = torch.zeros(fwd.batch, 1, fwd.length, dtype=torch.uint8, device=device)
     if used & (T.SPAN | T.IMAGE) and view.flags is not None:
@@ -533,7 +548,7 @@ def layer_tables(
         return T.LayerTables(None, first_key, 1, None, (), scale, None)
     if not plan.flags:  # one group
         return _finish(plan, fwd, view, None, first_key, heads, device, scale)
-    used = sum(plan.flags)
+    used = plan.used
     if not used & PER_LAYER:  # key groups from per-input flags alone: shared by layers of equal flags
         key = ("groups", plan.flags, k_len, kv_offset, device)
         if plan.flags == (T.FIRST,):  # the first real token alone (ZeroTuning): its group bit is the group id

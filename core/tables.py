@@ -194,6 +194,7 @@ class LayerPlan:
     hsink_after_prefill: bool = field(init=False, repr=False, compare=False)
     moves_after_image: bool = field(init=False, repr=False, compare=False)
     group_lut: torch.Tensor | None = field(init=False, repr=False, compare=False)
+    used: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """The facts a decoding step asks of the plan in every layer, derived once.
@@ -204,7 +205,7 @@ class LayerPlan:
         (with none, whatever wrote the layer's buffer is read, as at every position). moves_after_image:
         whether a move edits only the rows after each input's image tokens (per-input row starts).
         group_lut: (256,) uint8, the group id of every byte of key flags (`attnedit.runtime.group_ids`), or
-        None with one group.
+        None with one group. used: the flag bits the groups are made of, or-ed.
         """
         layer = tuple(d for d in self.detectors if d.where == "layer_input")
         after = any(not getattr(d, "prefill_only", False) for d in layer)
@@ -217,6 +218,7 @@ class LayerPlan:
             ids = [sum(1 << k for k, bit in enumerate(self.flags) if f & bit) for f in range(256)]
             lut = torch.tensor(ids, dtype=torch.uint8)
         object.__setattr__(self, "group_lut", lut)
+        object.__setattr__(self, "used", sum(self.flags))
 
     @property
     def n_groups(self) -> int:
@@ -264,7 +266,7 @@ class CompiledRecipe:
 # --------------------------------------------------------------------------- runtime tables of one forward
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made per layer and step, where a frozen init costs twice the time; never changed
 class LayerTables:
     """What a backend executes for one layer and one forward.
 
@@ -415,7 +417,7 @@ def log_or_neg_inf(x: float) -> float:
     return math.log(x) if x > 0 else float("-inf")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, as LayerTables: made per layer and step; never changed
 class MaskInfo:
     """Which keys each query row may see, in the forms backends want.
 

@@ -217,9 +217,13 @@ class DecodePlan:
     """
 
     def __init__(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap):
+        self.moves_ref, self.per_move = None, None
         self.signature = self._signature(q, k, tables, mask, scaling, softcap)
+        if tables is not None:  # later steps with this very tuple compare it by identity
+            self.moves_ref, self.per_move = tables.moves, _per_move(tables.moves)
         # the table objects compared by identity, held so that their ids are not reused (not the per-step groups)
         self.held = None if tables is None else (tables.bias, tables.moves)
+        self.floats: list = [(None, None), (None, None)]  # output scale, shift: (as given, in kernel form)
         self.scaling, self.softcap = scaling, softcap
         self.decoder = None
         if _fallback(q, k, tables, mask, softcap) is not None:
@@ -250,42 +254,62 @@ class DecodePlan:
             row_starts=self.starts is not None,
         )
 
-    @staticmethod
-    def _signature(q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap) -> tuple:
-        """Everything a plan is derived from, compared at each step (identities and versions of table tensors)."""
-        sig = (q.shape, q.dtype, q.device, k.shape[1], k.shape[3], k.dtype, scaling, softcap)
-        sig += (mask.dense is None, mask.kv_start is None, torch.is_tensor(mask.q_offset))
-        if mask.dense is not None:
-            sig += (mask.dense.shape[1],)
+    def _signature(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap) -> tuple:
+        """Everything a plan is derived from, compared at each step (identities and versions of table tensors).
+
+        The moves are compared by identity when they are the tuple the plan was made from (held), else
+        move by move: a plan's own tuple, or one a forward built with per-input row starts (their keep
+        tensors are the plan's).
+        """
+        dense = mask.dense
+        sig = (
+            q.shape, q.dtype, q.device, k.shape[1], k.shape[3], k.dtype, scaling, softcap, dense is None,
+            mask.kv_start is None, torch.is_tensor(mask.q_offset), None if dense is None else dense.shape[1],
+        )  # fmt: skip
         if tables is None:
             return sig
-        groups, bias, moves = tables.key_group, tables.bias, tables.moves
-        sig += (tables.n_groups, groups is None, None if groups is None else groups.shape[1])
-        sig += (id(bias), None if bias is None else bias._version)
-        if any(m.row_start is not None for m in moves):  # a new tuple at each forward, of the plan's moves
-            sig += tuple((id(m.keep), m.row_start is None) for m in moves)
-        else:  # the plan's own tuple
-            sig += (id(moves),)
-        sig += tuple(m.keep._version for m in moves)
-        sig += (tables.out_scale is None, None if tables.out_scale is None else tables.out_scale.dim())
-        return sig + (tables.out_shift is None,)
+        groups, bias, moves, scale = tables.key_group, tables.bias, tables.moves, tables.out_scale
+        per_move = self.per_move if moves is self.moves_ref else _per_move(moves)
+        return sig + (
+            tables.n_groups, None if groups is None else groups.shape[1], id(bias),
+            None if bias is None else bias._version, per_move, [m.keep._version for m in moves],
+            None if scale is None else scale.dim(), tables.out_shift is None,
+        )  # fmt: skip
 
     def fits(self, q, k, tables: LayerTables | None, mask: MaskInfo, scaling: float, softcap) -> bool:
         return self._signature(q, k, tables, mask, scaling, softcap) == self.signature
 
+    def _float(self, slot: int, t: torch.Tensor, device) -> torch.Tensor:
+        """`t` as fp32, contiguous, on `device`; converted again only when it is another tensor or was changed."""
+        given, kept = self.floats[slot]
+        if given is t and kept is not None and kept[1] == t._version:
+            return kept[0]
+        out = t.to(device, torch.float32).contiguous()
+        self.floats[slot] = (t, (out, t._version))
+        return out
+
     def __call__(self, q, k, v, tables: LayerTables | None, mask: MaskInfo) -> torch.Tensor:
         if self.decoder is None:
             return attention(q, k, v, tables, mask, scaling=self.scaling, softcap=self.softcap)
-        q, k, v = (_last_contiguous(t) for t in (q, k, v))
-        geo = _Geometry.of(mask, q, k)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        if mask.dense is None and not torch.is_tensor(mask.q_offset):  # a dynamic cache without a mask
+            diag, q_pos, pos, kv_start, dense = k.shape[2] - 1, mask.q_offset, None, None, None
+        else:
+            geo = _Geometry.of(mask, q, k)
+            diag, q_pos, pos, kv_start, dense = geo.diag, geo.q_pos0, geo.pos, geo.kv_start, geo.dense
         groups = scale = shift = None
         if tables is not None:
             if self.use_groups:
                 groups = _last_contiguous(tables.key_group)
             if tables.out_scale is not None:
-                scale = tables.out_scale.to(q.device, torch.float32).contiguous()
+                scale = self._float(0, tables.out_scale, q.device)
             if tables.out_shift is not None:
-                shift = tables.out_shift.to(q.device, torch.float32).contiguous()
+                shift = self._float(1, tables.out_shift, q.device)
         starts = None
         if self.starts is not None:  # one live move (VAR): its row starts as they are, no copy
             moves = tables.moves
@@ -299,17 +323,25 @@ class DecodePlan:
             q,
             k,
             v,
-            diag=geo.diag,
-            q_pos=geo.q_pos0,
-            pos=geo.pos,
-            kv_start=geo.kv_start,
-            dense=geo.dense,
+            diag=diag,
+            q_pos=q_pos,
+            pos=pos,
+            kv_start=kv_start,
+            dense=dense,
             key_group=groups,
             scale=scale,
             shift=shift,
             row_start=starts,
         )
         return out
+
+
+def _per_move(moves: tuple) -> tuple:
+    """A moves tuple's part of a decoding plan's signature: the plan's own tuple by identity; one a forward built
+    with per-input row starts (a new tuple of the plan's keep tensors) move by move."""
+    if any(m.row_start is not None for m in moves):
+        return tuple((id(m.keep), m.row_start is None) for m in moves)
+    return (id(moves),)
 
 
 # --------------------------------------------------------------------------- preparation

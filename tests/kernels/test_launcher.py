@@ -136,6 +136,27 @@ def test_a_template_passes_pointers_as_addresses_once_compiled(cuda_free):
     assert len(jit.generic) == 2 and jit.generic[1][1][0] is odd
 
 
+def test_a_template_keeps_its_compiled_kernels_per_device(cuda_free):
+    """Once compiled, a template's launches skip the launcher's lookup (its key holds every fixed argument's
+    specialisation); another device still compiles and launches its own kernel."""
+    jit = FakeJit()
+    launcher = tc.Launcher(jit)
+    x, y = torch.zeros(8), torch.ones(4)
+    tpl = tc.Template(launcher, (None, 7, y), (0,), {"BLOCK": 32}, num_warps=4)
+    tpl((2,), (x,))  # compiles
+    through = []
+    launch = launcher.launch
+    launcher.launch = lambda *a: (through.append(a[0]), launch(*a))
+    tpl((2,), (x,))
+    assert not through and launcher.fast == 1 and len(jit.kernel.direct) == 1
+    cuda_free["device"] = 1
+    tpl((2,), (x,))
+    assert len(through) == 1 and len(jit.generic) == 2, "device 1 compiles its own kernel"
+    tpl((2,), (x,))
+    first, second = jit.kernels
+    assert len(through) == 1 and [c[3] for c in second.direct] == [778] and len(first.direct) == 1
+
+
 def test_the_interpreter_compiles_nothing_to_keep():
     """Under TRITON_INTERPRET a launch returns no compiled kernel: every launch takes Triton's path."""
 
