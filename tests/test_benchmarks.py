@@ -228,6 +228,10 @@ def test_prefill_rows_time_vhr_with_its_heads_given(monkeypatch):
         ("profile_generate.py", ["--variants", "nosuch"], "unknown variants"),
         ("profile_generate.py", ["--static", "--top", "0"], "--top must be at least 1"),
         ("profile_generate.py", ["--prefill", "-1"], "--prefill must be a token count"),
+        ("decode_layer.py", ["--batch", "0"], "--batch must be at least 1"),
+        ("decode_layer.py", ["--keys", "1"], "--keys must be at least 2"),
+        ("decode_layer.py", ["--variants", "sdpa,nosuch"], "unknown variants"),
+        ("decode_layer.py", ["--variants", "sdpa,eager"], "eager is not an attention call"),
     ],
 )
 def test_generation_benchmarks_refuse_bad_options(script, extra, message):
@@ -252,6 +256,19 @@ def test_static_profile_without_a_gpu_says_so():
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--static" in done.stderr and "needs a CUDA GPU" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_layer_host_benchmark_without_a_gpu_says_so():
+    """`decode_layer.py` times CUDA launches; without CUDA it stops with one message before building a model."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the message is for machines without CUDA")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/decode_layer.py", "--shape", "tiny"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_evidence_script_defines_every_lane_it_runs():
