@@ -68,9 +68,22 @@ def measure(model, recipe_of: dict, name: str, batch: int, keys: int, calls: int
     v = torch.randn(batch, Hkv, keys, D, device="cuda", dtype=torch.bfloat16)
     module = bg.attnedit.modelinfo.decoder_layers(model)[LAYER].self_attn
     if name == "sdpa":
-        return {"total": best(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=scaling), calls)}
+        return {
+            "layer": LAYER,
+            "total": best(lambda: sdpa_attention_forward(module, q, k, v, None, scaling=scaling), calls),
+        }
     ids, _, _ = bg.prompts(batch, keys - 1, "cuda")
-    patch = bg.attnedit.patch(model, recipe_of[name]).apply()
+    spans = bg._spans(batch, keys - 1) if name == "pasta" else None
+    patch = bg.attnedit.patch(model, recipe_of[name], spans=spans).apply()
+    edited = sorted(patch.compiled.layers)
+    if not edited:
+        patch.remove()
+        raise SystemExit(
+            f"error: {name}'s recipe compiles to no layer's tables (its per-input head scales are chosen at each "
+            "prefill); time it with bench_generate.py"
+        )
+    layer = LAYER if LAYER in edited else edited[len(edited) // 2]  # an edited layer, the middle one if not 3
+    module = bg.attnedit.modelinfo.decoder_layers(model)[layer].self_attn
     try:
         with torch.no_grad():
             cache = model(input_ids=ids, use_cache=True).past_key_values
@@ -78,15 +91,15 @@ def measure(model, recipe_of: dict, name: str, batch: int, keys: int, calls: int
             fwd = patch._fwd
             view = fwd.on(q.device)
             mask = patch._mask_info(fwd, view, None, q, k, "triton")
-            plan = R.plan_on(patch._device_plans, patch.compiled.layers[LAYER], q.device)
+            plan = R.plan_on(patch._device_plans, patch.compiled.layers[layer], q.device)
 
             def tables():
-                return R.layer_tables(plan, fwd, LAYER, device=q.device, heads=H, k_len=keys, kv_offset=mask.kv_offset)
+                return R.layer_tables(plan, fwd, layer, device=q.device, heads=H, k_len=keys, kv_offset=mask.kv_offset)
 
             t = tables()
             plans = patch.state.decode_plans
-            dispatch.decode_step("triton", plans, LAYER, q, k, v, t, mask, scaling=scaling)
-            step = plans[LAYER]
+            dispatch.decode_step("triton", plans, layer, q, k, v, t, mask, scaling=scaling)
+            step = plans[layer]
             if step.decoder is None:
                 raise SystemExit(f"error: {name}'s decoding step runs the reference here, not the kernels")
             groups = t.key_group if step.use_groups else None
@@ -94,15 +107,21 @@ def measure(model, recipe_of: dict, name: str, batch: int, keys: int, calls: int
             if step.starts is not None:
                 starts = triton_ops._row_starts([t.moves[i] for i in step.starts], batch, q.device, step.never)
             diag, q_pos = keys - 1, mask.q_offset
+            scale = None if t.out_scale is None else t.out_scale.to(q.device, torch.float32).contiguous()
+            shift = None if t.out_shift is None else t.out_shift.to(q.device, torch.float32).contiguous()
             return {
+                "layer": layer,
                 "total": best(lambda: patch._attention(module, q, k, v, None, scaling=scaling), calls),
                 "layer_tables": best(tables, calls),
                 "decode_step": best(
-                    lambda: dispatch.decode_step("triton", plans, LAYER, q, k, v, t, mask, scaling=scaling), calls
+                    lambda: dispatch.decode_step("triton", plans, layer, q, k, v, t, mask, scaling=scaling), calls
                 ),
                 "fits": best(lambda: step.fits(q, k, t, mask, scaling, None), calls),
                 "decoder": best(
-                    lambda: step.decoder(q, k, v, diag=diag, q_pos=q_pos, key_group=groups, row_start=starts), calls
+                    lambda: step.decoder(
+                        q, k, v, diag=diag, q_pos=q_pos, key_group=groups, scale=scale, shift=shift, row_start=starts
+                    ),
+                    calls,
                 ),
                 "empty": best(lambda: torch.empty(batch, 1, H, D, device="cuda", dtype=torch.bfloat16), calls),
             }
@@ -131,7 +150,11 @@ def main() -> None:
     rows = {}
     for name in args.variants:
         rows[name] = measure(model, recipe_of, name, args.batch, args.keys, args.calls)
-        print(f"{name}: " + ", ".join(f"{part} {h:.1f} / {w:.1f}" for part, (h, w) in rows[name].items()), flush=True)
+        parts = [(p, hw) for p, hw in rows[name].items() if p != "layer"]
+        print(
+            f"{name} (layer {rows[name]['layer']}): " + ", ".join(f"{p} {h:.1f} / {w:.1f}" for p, (h, w) in parts),
+            flush=True,
+        )
     print(f"\nbatch {args.batch}, {args.keys} keys; host / wall us per call")
     print("| variant | attention call | layer tables | backend step | plan check | launch path | one allocation |")
     print("|---|---:|---:|---:|---:|---:|---:|")
