@@ -36,7 +36,7 @@ from attnedit.kernels.device import capturing
 
 from . import tables as T
 
-PER_LAYER = T.HSINK | T.ACTSINK  # flags kept per layer (the others are per input: the same in every layer)
+PER_LAYER = T.PER_LAYER  # flags kept per layer (the others are per input: the same in every layer)
 ALIGN = 256  # buffer capacities are multiples of this (a dynamic cache grows them rarely)
 
 
@@ -473,17 +473,14 @@ def key_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, heads: in
     return flags
 
 
-def _token_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int, hsink: bool = True) -> torch.Tensor:
-    """(B, 1, T) uint8 flags of this forward's tokens, FIRST left out; no token after a prefill is an attention sink.
-
-    hsink=False leaves out the hidden-state sinks (a layer whose detectors run at prefill only: none here).
-    """
+def _token_flags(plan: T.LayerPlan, fwd: Forward, view: View, layer: int) -> torch.Tensor:
+    """(B, 1, T) uint8 flags of this forward's tokens, FIRST left out; no token after a prefill is an attention sink."""
     used = plan.used
     device = view.first_abs.device
     flags = torch.zeros(fwd.batch, 1, fwd.length, dtype=torch.uint8, device=device)
     if used & (T.SPAN | T.IMAGE) and view.flags is not None:
         flags |= view.flags.index_select(1, view.positions)[:, None] & (used & (T.SPAN | T.IMAGE))
-    if hsink and used & T.HSINK and layer in fwd.state.hsink:
+    if used & T.HSINK and layer in fwd.state.hsink:
         buf = fwd.state.layer_buffer(fwd.state.hsink, layer, (fwd.batch,), device)
         flags |= buf.index_select(1, view.positions)[:, None] * T.HSINK
     return flags
@@ -573,22 +570,17 @@ def layer_tables(
     # Its tokens are never attention sinks, and hidden-state sinks only where a layer detector also
     # runs after the prefill; elsewhere their groups come from per-input flags alone, the same in
     # every layer of equal flags: computed once per forward and written into every such layer's
-    # buffer at once (their stack), by the first of them. Without per-input flags (ACT) that group
-    # is 0, which the prefill left at every later position: nothing to write.
+    # buffer at once (their stack), by the first of them. Without per-input flags (ACT, or no
+    # input flag written in this forward) that group is 0, which the prefill left at every later
+    # position: nothing to write.
     if used & T.HSINK and plan.hsink_after_prefill:
         new = group_ids(plan, _token_flags(plan, fwd, view, layer))
         buf.index_copy_(2, view.positions, new.expand(B, buf.shape[1], fwd.length))
-    elif used & (T.SPAN | T.IMAGE):
+    elif used & (T.SPAN | T.IMAGE) and view.new is not None:
 
         def write() -> None:
-            new = fwd.shared(
-                ("new_groups", plan.flags, device),
-                lambda: (
-                    group_ids(plan, view.new[:, None])  # bits the plan does not use map to no group bit
-                    if view.new is not None
-                    else group_ids(plan, _token_flags(plan, fwd, view, layer, hsink=False))
-                ),
-            )
+            # this forward's input flags: bits the plan does not use map to no group bit
+            new = fwd.shared(("new_groups", plan.flags, device), lambda: group_ids(plan, view.new[:, None]))
             stack = fwd.state.stacks[stack_key]
             stack.index_copy_(3, view.positions, new.expand(*stack.shape[:3], fwd.length))
 

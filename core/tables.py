@@ -51,6 +51,7 @@ SPAN = 2  # inside a user-highlighted span (PASTA)
 IMAGE = 4  # an image placeholder token (VLMs)
 HSINK = 8  # a massive-activation sink of this layer's input hidden state (VAR)
 ACTSINK = 16  # a detected attention sink of this head (ACT); never the first token
+PER_LAYER = HSINK | ACTSINK  # flags found per layer (the others are per input: the same in every layer)
 FLAG_NAMES = {FIRST: "first", SPAN: "span", IMAGE: "image", HSINK: "hidden_sink", ACTSINK: "attn_sink"}
 
 
@@ -258,7 +259,7 @@ class CompiledRecipe:
         set's buffers, so that a decoding step writes one set's new groups in one operation."""
         sets: dict[tuple, list[int]] = {}
         for i, plan in sorted(self.layers.items()):
-            if sum(plan.flags) & (HSINK | ACTSINK):
+            if plan.used & PER_LAYER:
                 sets.setdefault((plan.flags, plan.hsink_after_prefill), []).append(i)
         return {k: (tuple(v), {layer: s for s, layer in enumerate(v)}) for k, v in sets.items()}
 
