@@ -87,10 +87,15 @@ class ImageTokens:
     __hash__ = object.__hash__
 
 
+def _inv_rms(hidden: torch.Tensor) -> torch.Tensor:
+    """1 / rms(h) in fp32, (..., 1): the norm reads the states once, in their own dtype (no fp32 copy)."""
+    norm = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(norm.square() / hidden.shape[-1] + 1e-6)
+
+
 def normalised(hidden: torch.Tensor) -> torch.Tensor:
     """|h / rms(h)| in fp32 (RMS norm without its weight), (..., D)."""
-    h = hidden.float()
-    return h.abs() * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return hidden.float().abs() * _inv_rms(hidden)
 
 
 def normalised_at(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -99,9 +104,7 @@ def normalised_at(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     The dimensions are taken one by one as views: an index list would be copied to the GPU at every
     layer, and such a copy waits for the device.
     """
-    h = hidden.float()
-    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return torch.stack([h[..., d] for d in dims], -1).abs() * inv
+    return torch.stack([hidden[..., d] for d in dims], -1).float().abs() * _inv_rms(hidden)
 
 
 @dataclass(frozen=True, eq=False)

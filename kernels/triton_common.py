@@ -293,10 +293,12 @@ def column(C, g, GP: tl.constexpr):
 
 
 @triton.jit
-def key_coef(C, kg, G: tl.constexpr, GP: tl.constexpr):
-    """(ROWS, N): C[row, kg[key]] for per-row group coefficients C (ROWS, GP) and key groups kg (N,)."""
+def key_coef(C, kg, G: tl.constexpr, GP: tl.constexpr, FIRST: tl.constexpr = 0):
+    """(ROWS, N): C[row, kg[key]] for per-row group coefficients C (ROWS, GP) and key groups kg (N,).
+
+    Groups below FIRST get 0 (a caller whose coefficients are 0 there skips them)."""
     w = tl.zeros((C.shape[0], kg.shape[0]), tl.float32)
-    for g in tl.static_range(G):
+    for g in tl.static_range(FIRST, G):
         w = tl.where((kg == g)[None, :], column(C, g, GP)[:, None], w)
     return w
 

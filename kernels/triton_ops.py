@@ -564,8 +564,9 @@ def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_
         return out, masses
     cfg = config or pick_config(_d_pad(q), q.element_size())
     members = member_tiles(t.key_group, cfg[1])
+    # config stays the caller's: the default picks the same BLOCK_N as `cfg` and its own tiles for a bulk epilogue
     kw.update(
-        key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=cfg
+        key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=config
     )
     bulk = (_take_stash(q, k, v, scaling) or _flash_with_lse(q, k, v, scaling)) if flash else None
     if bulk is not None:

@@ -61,6 +61,13 @@ CONFIGS = {
     (128, 4): (64, 32, 4, 2),
     (256, 4): (32, 32, 4, 1),
 }
+# The bulk epilogue's (BLOCK_M, num_warps, num_stages) per padded head_dim and element size (its BLOCK_N
+# is the member list's, from CONFIGS): it has no main loop, only the member-tile passes.
+BULK_TILES = {
+    (64, 2): (64, 4, 3),
+    (128, 2): (64, 4, 3),
+    (256, 2): (64, 4, 1),
+}
 SENTINEL = 1 << 20  # tile index past every key: ends a member-tile list
 ALPHA_MAX = 2.0  # bulk rows whose rounding an edit would amplify more than this are recomputed exactly
 
@@ -353,6 +360,63 @@ def _fused_members(
 
 
 @triton.jit
+def _tile_range(ML_ROW, cnt, lo, hi, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr = 32):
+    """(first, end) positions in a sorted member-tile list of the tiles that meet keys [lo, hi)."""
+    offs = tl.arange(0, CHUNK)
+    first = cnt * 0
+    end = cnt * 0
+    for c in range(0, cnt, CHUNK):
+        listed = c + offs < cnt
+        n = tl.load(ML_ROW + c + offs, mask=listed, other=0) * BLOCK_N
+        first += tl.sum((listed & (n + BLOCK_N <= lo)).to(tl.int32), 0)
+        end += tl.sum((listed & (n < hi)).to(tl.int32), 0)
+    return first, end
+
+
+@triton.jit
+def _bulk_logits(
+    q,
+    K_BASE,
+    KG_ROW,
+    DM_ROW0,
+    n,
+    row0,
+    offs_m,
+    offs_n,
+    offs_d,
+    ks,
+    NK,
+    DIAG,
+    qk_scale,
+    stride_kn,
+    stride_dq,
+    NQ,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_MODE: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMU: tl.constexpr,
+):
+    """Log2-domain logits (ROWS, N) of tile n for the bulk epilogue, and its key groups.
+
+    Only invisible keys are masked (group-0 keys are left as they are: the epilogue weighs them by 0),
+    and a tile every row sees whole is not masked at all.
+    """
+    cols = n + offs_n
+    k = tl.load(
+        K_BASE + cols[:, None] * stride_kn + offs_d[None, :],
+        mask=(cols < NK)[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
+    kg = tl.load(KG_ROW + cols, mask=cols < NK, other=0).to(tl.int32)
+    s = dot_qk(q, tl.trans(k), IEEE, EMU) * qk_scale
+    whole = (MASK_MODE == 0) & (n >= ks) & (n + BLOCK_N <= tl.minimum(NK, row0 + DIAG + 1))
+    if not whole:
+        s = tl.where(_visible(offs_m, cols, ks, NK, DIAG, DM_ROW0, stride_dq, NQ, MASK_MODE), s, float("-inf"))
+    return s, kg
+
+
+@triton.jit
 def _bulk_members(
     acc,
     m2,
@@ -404,32 +468,39 @@ def _bulk_members(
     """
     cols_g = tl.arange(0, GP)
     m_col = tl.where(m2 == float("-inf"), 0.0, m2)[:, None]  # one broadcast, shared by both loops
-    U = tl.zeros([acc.shape[0], GP], tl.float32)  # unbiased member masses a_j summed per group
-    for t in range(0, cnt):
+    U = tl.zeros([acc.shape[0], GP], tl.float32)  # unbiased member masses a_j summed per group (g > 0)
+    t_lo, t_hi = _tile_range(ML_ROW, cnt, lo, hi, BLOCK_N)
+    row0 = offs_m.to(tl.int32).min(0)  # tiles that end before row0 + DIAG + 1 are seen whole by every row
+    for t in range(t_lo, t_hi):
         n = tl.load(ML_ROW + t) * BLOCK_N
-        if (n < hi) & (n + BLOCK_N > lo):
-            s, kg = _member_logits(
-                q,
-                K_BASE,
-                KG_ROW,
-                DM_ROW0,
-                n,
-                offs_m,
-                offs_n,
-                offs_d,
-                ks,
-                NK,
-                DIAG,
-                qk_scale,
-                stride_kn,
-                stride_dq,
-                NQ,
-                HEAD_DIM,
-                MASK_MODE,
-                IEEE,
-                EMU,
-            )
-            U = add_group_sums(U, tl.math.exp2(s - m_col), kg, G, GP)
+        s, kg = _bulk_logits(
+            q,
+            K_BASE,
+            KG_ROW,
+            DM_ROW0,
+            n,
+            row0,
+            offs_m,
+            offs_n,
+            offs_d,
+            ks,
+            NK,
+            DIAG,
+            qk_scale,
+            stride_kn,
+            stride_dq,
+            NQ,
+            HEAD_DIM,
+            BLOCK_N,
+            MASK_MODE,
+            IEEE,
+            EMU,
+        )
+        p = tl.math.exp2(s - m_col)
+        for g in tl.static_range(1, G):  # group 0 is 1 - the rest; a group absent from the tile costs nothing
+            if tl.max((kg == g).to(tl.int32), 0) > 0:
+                sg = tl.sum(tl.where((kg == g)[None, :], p, 0.0), 1)
+                U = tl.where((cols_g == g)[None, :], U + sg[:, None], U)
     eb = _group_exp_bias(BIAS_ROW, G, GP, HAS_BIAS)
     u0 = tl.maximum(1.0 - tl.sum(U, 1), 0.0)
     W = U * eb[None, :] + tl.where((cols_g == 0)[None, :], u0[:, None], 0.0)
@@ -443,32 +514,33 @@ def _bulk_members(
     coef = tl.where((cols_g == 0)[None, :], 0.0, (c * eb[None, :] - c0[:, None]) * inv[:, None])
     acc = acc * (c0 * inv)[:, None]
     if tl.max(tl.max(tl.abs(coef), 1), 0) > 0:  # some row of this block is edited
-        for t in range(0, cnt):
+        for t in range(t_lo, t_hi):
             n = tl.load(ML_ROW + t) * BLOCK_N
-            if (n < hi) & (n + BLOCK_N > lo):
-                s, kg = _member_logits(
-                    q,
-                    K_BASE,
-                    KG_ROW,
-                    DM_ROW0,
-                    n,
-                    offs_m,
-                    offs_n,
-                    offs_d,
-                    ks,
-                    NK,
-                    DIAG,
-                    qk_scale,
-                    stride_kn,
-                    stride_dq,
-                    NQ,
-                    HEAD_DIM,
-                    MASK_MODE,
-                    IEEE,
-                    EMU,
-                )
-                w = tl.math.exp2(s - m_col) * key_coef(coef, kg, G, GP)
-                acc = dot_pv(w, _load_v(V_BASE, n, offs_n, offs_d, NK, stride_vn, HEAD_DIM), acc, IEEE, EMU)
+            s, kg = _bulk_logits(
+                q,
+                K_BASE,
+                KG_ROW,
+                DM_ROW0,
+                n,
+                row0,
+                offs_m,
+                offs_n,
+                offs_d,
+                ks,
+                NK,
+                DIAG,
+                qk_scale,
+                stride_kn,
+                stride_dq,
+                NQ,
+                HEAD_DIM,
+                BLOCK_N,
+                MASK_MODE,
+                IEEE,
+                EMU,
+            )
+            w = tl.math.exp2(s - m_col) * key_coef(coef, kg, G, GP, 1)
+            acc = dot_pv(w, _load_v(V_BASE, n, offs_n, offs_d, NK, stride_vn, HEAD_DIM), acc, IEEE, EMU)
     return acc, L, mass, (c0 * inv) > ALPHA_MAX
 
 
@@ -925,7 +997,8 @@ def prefill(
         out: (B, Q, H, D) output to write into (default: a new tensor).
         lse_only: compute only the row log2-sum-exp (no V).
         write_lse, write_masses: also return (B, H, Q) log2-sum-exp / (B, H, Q, G) masses.
-        config: (BLOCK_M, BLOCK_N, num_warps, num_stages) override.
+        config: (BLOCK_M, BLOCK_N, num_warps, num_stages) override (default: `pick_config`, and for a
+            bulk epilogue `BULK_TILES` with the same BLOCK_N).
     Returns:
         (out (B, Q, H, D) or None, lse2 or None, masses or None, flags (B, H, Q) int8 or None).
     """
@@ -949,8 +1022,9 @@ def prefill(
     nm = mv_i.shape[0] if moves else 0
     dm = dense if dense is not None else dummy_u8.view(1, 1, 1, 8)
     grid = (cdiv(NQ, BM), B * H)
-    if bulk is not None:
-        stages = 1  # the bulk epilogue has no main loop to pipeline (and Triton 3.6 fails to pipeline its member loops)
+    if bulk is not None and config is None:
+        BM, warps, stages = BULK_TILES[(64 if d_pad <= 64 else d_pad, 2)]
+        grid = (cdiv(NQ, BM), B * H)
     args = (
         q,
         k,
