@@ -103,6 +103,11 @@ class State:
             (`attnedit.kernels.dispatch.decode_step`), kept from an input's first decoding step to the
             next input: cleared by every prefill (`begin` with detect) and whenever the batch size
             changes. The backend rebuilds an entry itself when what it was made from changes.
+        steps: (name, shape, device) -> a forward's own tensor (first position, positions, input flags)
+            when the cache keeps its length on the device (a static cache): `begin` writes them in place,
+            so a compiled or captured step reads them at the same addresses every step. Fresh tensors
+            there would be taken for fixed inputs by torch.compile's CUDA graphs (they reach the graph
+            through the patch's hooks) and re-recorded at every step.
     """
 
     def __init__(self) -> None:
@@ -121,6 +126,7 @@ class State:
         self.row_moves: dict[int, tuple] = {}  # layer -> (row starts, the plan's moves, its moves with them)
         self.head_scale: HeadScales = HeadScales()
         self.decode_plans: dict[int, Any] = {}
+        self.steps: dict[tuple, torch.Tensor] = {}
         self.allocations = 0  # buffers (re)allocated: tests check that decoding steps allocate none
 
     def reserve(self, batch: int, length: int, device: torch.device) -> None:
@@ -134,6 +140,7 @@ class State:
             self.generation += 1
             self.row_moves.clear()
             self.decode_plans.clear()
+            self.steps.clear()
         elif length > self.capacity:
             self.capacity = _round_up(max(length, 2 * self.capacity))
         self.flags = self._fit(self.flags, (batch,), device)
@@ -193,6 +200,41 @@ class State:
             new[..., :n] = buf[..., :n].to(device)
         self.allocations += 1
         return _mark_static(new)
+
+    def step_tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device, fill=None) -> torch.Tensor:
+        """The persistent buffer `steps[(name, shape, device)]`, made (zeros, or `fill(*shape)`) at its first use."""
+        key = (name, shape, torch.device(device))
+        buf = self.steps.get(key)
+        if buf is None or buf.dtype != dtype:
+            buf = torch.zeros(shape, dtype=dtype, device=device) if fill is None else fill(*shape).to(device, dtype)
+            if torch.compiler.is_compiling():  # made inside a graph: a graph output, not a buffer to keep
+                return buf
+            self.steps[key] = buf = _mark_static(buf)
+        return buf
+
+    def step_view(self, batch: int, length: int, device, flags: bool, image_end: bool, new: bool) -> "View":
+        """The kept `View` of a forward of `length` tokens on a static cache: its tensors are the `steps`
+        buffers and the state's own, so a compiled step that reaches it through the patch's hooks reads
+        every tensor at the same address (a View made inside a compiled hook would hold graph outputs)."""
+        key = ("view", batch, length, torch.device(device), flags, image_end, new)
+        view = self.steps.get(key)
+        stale = view is not None and (
+            view.first_abs is not self.first
+            or (flags and view.flags is not self.flags)
+            or (image_end and view.image_end is not self.image_end)
+        )
+        if view is None or stale:
+            view = View(
+                self.step_tensor("positions", (length,), torch.long, device),
+                self.first,
+                self.step_tensor("pos0", (), torch.long, device),
+                self.flags if flags else None,
+                self.image_end if image_end else None,
+                self.step_tensor("new", (batch, length), torch.uint8, device) if new else None,
+            )
+            if not torch.compiler.is_compiling():
+                self.steps[key] = view
+        return view
 
     def layer_buffer(self, store: dict[int, torch.Tensor], layer: int, lead: tuple[int, ...], device) -> torch.Tensor:
         buf = self._fit(store.get(layer), lead, device)
@@ -374,15 +416,24 @@ def begin(
         state.head_scale.reset()
         state.decode_plans.clear()
     known = not torch.is_tensor(past)
+    has_new = bool(compiled.input_detectors or compiled.needs_spans)
+    has_image = any(d.flag == T.IMAGE for d in compiled.input_detectors)
+    if detect and not torch.compiler.is_compiling():  # a decoding step's kept tensors, for a compiled step
+        state.step_view(batch, 1, device, has_new, has_image, has_new)
     if known:
         positions = torch.arange(past, past + length, device=device)
         pos0: int | torch.Tensor = past
-    else:
-        pos0 = past.to(device=device, dtype=torch.long).clone()  # the cache advances its own copy in place
-        positions = torch.arange(length, device=device) + pos0
+        kept = None
+    else:  # the cache's length on the device: this forward's tensors are kept buffers (`State.steps`)
+        kept = state.step_view(batch, length, device, has_new, has_image, has_new)
+        pos0 = kept.pos0
+        pos0.copy_(past)  # the cache advances its own copy in place
+        offsets = state.step_tensor("offsets", (length,), torch.long, device, fill=torch.arange)
+        positions = kept.positions
+        torch.add(offsets, pos0, out=positions)
     flags = None
     new = None  # (B, T) uint8 input flags of this forward's tokens
-    if compiled.input_detectors or compiled.needs_spans:
+    if has_new:
         parts = [det.detect(input_ids).to(torch.uint8) * det.flag for det in compiled.input_detectors]
         if spans is not None:
             pos = positions.view(1, length, 1)
@@ -391,10 +442,12 @@ def begin(
         new = parts[0] if parts else torch.zeros(batch, length, dtype=torch.uint8, device=device)
         for part in parts[1:]:
             new = new | part
+        if kept is not None:
+            new = kept.new.copy_(new)
         state.flags.index_copy_(1, positions, new)
         flags = state.flags
     image_end = None
-    if any(d.flag == T.IMAGE for d in compiled.input_detectors):
+    if has_image:
         image_end = state.image_end
         if detect or length > 1:  # every position up to this forward's last
             cap = state.capacity
@@ -410,7 +463,7 @@ def begin(
     if first is not None:
         state.first.copy_(first)
         state.first_known = True
-    home = View(positions, state.first, pos0, flags, image_end, new)
+    home = kept if kept is not None else View(positions, state.first, pos0, flags, image_end, new)
     return Forward(
         batch,
         length,

@@ -131,3 +131,51 @@ def test_var_decoding_step_compiles_fullgraph():
     ids[0, 2:6] = ids[1, 5:8] = ids[2, 7:10] = 255
     text = "interventions: [{type: var, tau: 1.5, p: 0.2, rho: 1.0, min_image_mass: 0.0, layers: '1:'}]"
     _compiled_steps_equal_eager(model, text, ids, mask, changes_by=1e-4)
+
+
+def _static_inputs_that_move(model, text: str, ids, mask, spans=None, steps: int = 4) -> dict[str, int]:
+    """Compile `model` patched with `text` (a backend that records each graph input torch.compile takes for a
+    fixed-address one, as its CUDA graphs do), decode `steps` tokens on a static cache, and return those
+    inputs whose address changed between steps (name -> addresses seen)."""
+    seen: dict[tuple, set] = {}
+
+    def backend(gm, example_inputs):
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        fixed = [getattr(x, "_dynamo_static_input_type", None) is not None for x in example_inputs]
+        graph = len(seen)
+
+        def run(*args):
+            for name, a, f in zip(names, args, fixed):
+                if f and torch.is_tensor(a):
+                    seen.setdefault((graph, name), set()).add(a.data_ptr())
+            return gm.forward(*args)
+
+        seen[(graph, None)] = set()
+        return run
+
+    torch._dynamo.reset()
+    with torch.no_grad(), attnedit.patch(model, recipe(text), backend="reference", spans=spans):
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+        out = model(ids, attention_mask=mask, past_key_values=cache)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = torch.compile(model, fullgraph=True, backend=backend)
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            tok = step(input_ids=tok, attention_mask=mask, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+    return {name: len(p) for (_, name), p in seen.items() if name is not None and len(p) > 1}
+
+
+@pytest.mark.parametrize("method", ["var", "pasta"])
+def test_compiled_static_steps_read_fixed_inputs_at_fixed_addresses(method):
+    """A tensor a compiled step reaches through the patch's hooks counts as a fixed input for torch.compile's
+    CUDA graphs; one made anew at every step (positions, input flags) would make them re-record at every
+    step. The runtime keeps such tensors in buffers written in place."""
+    model = models.tiny("llama")
+    model.config.image_token_id = 255
+    ids, mask = models.batch(T=11, left_pad=(0, 3, 6))
+    ids[0, 2:6] = ids[1, 5:8] = ids[2, 7:10] = 255
+    text = {
+        "var": "interventions: [{type: var, tau: 1.5, p: 0.2, rho: 1.0, min_image_mass: 0.0, layers: '1:'}]",
+        "pasta": "interventions: [{type: pasta, alpha: 0.05, heads: {0: [0, 1], 2: all}}]",
+    }[method]
+    assert _static_inputs_that_move(model, text, ids, mask, spans=SPANS) == {}
