@@ -167,7 +167,8 @@ class State:
 
         Kept per layer while no stack was dropped or reallocated (`generation`) and the capacity holds.
         """
-        hit = self._slots.get(layer)
+        compiling = torch.compiler.is_compiling()
+        hit = None if compiling else self._slots.get(layer)
         if hit is not None and hit[0] == self.generation and hit[1] == rows and hit[2] == device:
             view = hit[3]
             if view.shape[-1] == self.capacity:
@@ -179,6 +180,11 @@ class State:
             layers, slot = (layer,), 0
         key = (layers, rows, device)
         old = self.stacks.get(key)
+        if compiling and old is not None and old.shape == (len(layers), self.batch, rows, self.capacity):
+            # the slot taken inside the graph: a kept view of the stack would be a second graph input
+            # aliasing the stack, which the step writes; torch.compile then merges the two into a
+            # "synthetic base" and its CUDA graphs skip the whole step
+            return old[slot], key
         stack = self._fit(old, (len(layers), self.batch, rows), device)
         view = self.groups.get(layer)
         if stack is not old:

@@ -133,16 +133,24 @@ def test_var_decoding_step_compiles_fullgraph():
     _compiled_steps_equal_eager(model, text, ids, mask, changes_by=1e-4)
 
 
-def _static_inputs_that_move(model, text: str, ids, mask, spans=None, steps: int = 4) -> dict[str, int]:
-    """Compile `model` patched with `text` (a backend that records each graph input torch.compile takes for a
-    fixed-address one, as its CUDA graphs do), decode `steps` tokens on a static cache, and return those
-    inputs whose address changed between steps (name -> addresses seen)."""
+def _fixed_inputs_of_compiled_steps(model, text: str, ids, mask, spans=None, steps: int = 4) -> tuple[dict, list]:
+    """Compile `model` patched with `text`, decode `steps` tokens on a static cache, and return what
+    torch.compile's CUDA graphs would refuse: (the inputs taken for fixed-address ones whose address
+    changed between steps: name -> addresses seen; pairs of graph inputs that share memory, which
+    torch.compile merges into one "synthetic base" when the graph writes one of them)."""
     seen: dict[tuple, set] = {}
+    shared: list[tuple[str, str]] = []
 
     def backend(gm, example_inputs):
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         fixed = [getattr(x, "_dynamo_static_input_type", None) is not None for x in example_inputs]
-        graph = len(seen)
+        by_storage: dict[int, str] = {}
+        for name, x in zip(names, example_inputs):
+            if torch.is_tensor(x):
+                other = by_storage.setdefault(x.untyped_storage().data_ptr(), name)
+                if other != name:
+                    shared.append((other, name))
+        graph = len({g for g, _ in seen}) + 1
 
         def run(*args):
             for name, a, f in zip(names, args, fixed):
@@ -162,14 +170,17 @@ def _static_inputs_that_move(model, text: str, ids, mask, spans=None, steps: int
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             tok = step(input_ids=tok, attention_mask=mask, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
-    return {name: len(p) for (_, name), p in seen.items() if name is not None and len(p) > 1}
+    moved = {name: len(p) for (_, name), p in seen.items() if name is not None and len(p) > 1}
+    return moved, shared
 
 
-@pytest.mark.parametrize("method", ["var", "pasta"])
-def test_compiled_static_steps_read_fixed_inputs_at_fixed_addresses(method):
+@pytest.mark.parametrize("method", ["var", "pasta", "act"])
+def test_compiled_static_steps_give_cuda_graphs_fixed_unaliased_inputs(method):
     """A tensor a compiled step reaches through the patch's hooks counts as a fixed input for torch.compile's
-    CUDA graphs; one made anew at every step (positions, input flags) would make them re-record at every
-    step. The runtime keeps such tensors in buffers written in place."""
+    CUDA graphs: one made anew at every step (positions, input flags) makes them re-record at every step,
+    and two inputs that share memory (a layer's key-group buffer and the stack it is a slot of, which the
+    step writes) make them skip the step. The runtime keeps such tensors in buffers written in place and
+    takes stack slots inside the graph."""
     model = models.tiny("llama")
     model.config.image_token_id = 255
     ids, mask = models.batch(T=11, left_pad=(0, 3, 6))
@@ -177,5 +188,7 @@ def test_compiled_static_steps_read_fixed_inputs_at_fixed_addresses(method):
     text = {
         "var": "interventions: [{type: var, tau: 1.5, p: 0.2, rho: 1.0, min_image_mass: 0.0, layers: '1:'}]",
         "pasta": "interventions: [{type: pasta, alpha: 0.05, heads: {0: [0, 1], 2: all}}]",
+        "act": TEXT_RECIPES["act"],
     }[method]
-    assert _static_inputs_that_move(model, text, ids, mask, spans=SPANS) == {}
+    moved, shared = _fixed_inputs_of_compiled_steps(model, text, ids, mask, spans=SPANS)
+    assert moved == {} and shared == []
