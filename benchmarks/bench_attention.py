@@ -428,6 +428,41 @@ def sweep(args) -> None:
                 print(f"  {cfg}: " + "; ".join(out), flush=True)
 
 
+def sweep_bulk() -> None:
+    """Tiles of the bulk epilogue (VAR's tables, its member passes after cuDNN's flash bulk) per shape and length.
+
+    Each candidate (BLOCK_M, num_warps, num_stages) is written into `triton_prefill.BULK_TILES` for the
+    run and timed alone (CUDA graph) on the same flash output; the largest difference from the fused
+    path's output is printed beside it.
+    """
+    for shape, N in (("llama3.1-8b", 8192), ("llama3.1-8b", 16384), ("smollm2", 8192)):
+        H, Hkv, D = SHAPES[shape]
+        key = (64 if D <= 64 else D, 2)
+        shipped = triton_prefill.BULK_TILES[key]
+        q, k, v = inputs(H, Hkv, D, N)
+        mask, sc = causal(N), D**-0.5
+        tb = Method(shape, "var").prefill(N)
+        t = triton_ops._Prepared.of(tb, q)
+        members = triton_prefill.member_tiles(t.key_group, triton_prefill.pick_config(D, 2)[1])
+        bulk = triton_ops._flash_with_lse(q, k, v, sc)
+        kw = dict(scaling=sc, diag=0, q_pos0=0, key_group=t.key_group, n_groups=t.n_groups, moves=t.moves)
+        want = triton_ops.attention(q, k, v, tb, mask, scaling=sc, path="fused").float()
+        sdpa = graph_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)
+        )
+        print(f"{shape} N={N}: SDPA {sdpa:.3f} ms; shipped tiles {shipped}", flush=True)
+        for tiles in ((64, 4, 1), (64, 4, 3), (128, 4, 1), (128, 8, 1), (128, 8, 3)):
+            triton_prefill.BULK_TILES[key] = tiles
+            flash = (bulk[0].clone(), bulk[1])
+            fn = lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash, **kw)  # noqa: E731
+            try:
+                err = (fn()[0].float() - want).abs().max().item()
+                print(f"  {tiles}: {graph_ms(fn):.4f} ms, max |difference| from the fused path {err:.1e}", flush=True)
+            except Exception as e:  # a tiling that does not compile (registers, shared memory)
+                print(f"  {tiles}: failed {type(e).__name__}", flush=True)
+        triton_prefill.BULK_TILES[key] = shipped
+
+
 def sweep_colsum() -> None:
     """Tile shapes of the column-sum kernel (ACT's sink scores) against SDPA."""
     cfgs = {
@@ -635,6 +670,7 @@ def main() -> None:
     ap.add_argument("--backends", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sweep-colsum", action="store_true")
+    ap.add_argument("--sweep-bulk", action="store_true", help="the bulk epilogue's tiles (VAR's tables)")
     ap.add_argument("--sweep-decode", action="store_true")
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=8192)
@@ -649,6 +685,8 @@ def main() -> None:
         return profile(args)
     if args.sweep_colsum:
         return sweep_colsum()
+    if args.sweep_bulk:
+        return sweep_bulk()
     if args.sweep_decode:
         return sweep_decode()
     rows, e2e_rows = [], []
