@@ -218,6 +218,13 @@ class State:
             self.steps[key] = buf = _mark_static(buf)
         return buf
 
+    def trim_steps(self, length: int) -> None:
+        """Drop the `steps` entries of forwards longer than one token other than `length` (earlier prompts)."""
+        for key in list(self.steps):
+            n = key[2] if key[0] == "view" else (key[1][-1] if key[1] else 1)
+            if n not in (1, length):
+                del self.steps[key]
+
     def step_view(self, batch: int, length: int, device, flags: bool, image_end: bool, new: bool) -> "View":
         """The kept `View` of a forward of `length` tokens on a static cache: its tensors are the `steps`
         buffers and the state's own, so a compiled step that reaches it through the patch's hooks reads
@@ -425,6 +432,7 @@ def begin(
     has_new = bool(compiled.input_detectors or compiled.needs_spans)
     has_image = any(d.flag == T.IMAGE for d in compiled.input_detectors)
     if detect and not torch.compiler.is_compiling():  # a decoding step's kept tensors, for a compiled step
+        state.trim_steps(length)
         state.step_view(batch, 1, device, has_new, has_image, has_new)
     if known:
         positions = torch.arange(past, past + length, device=device)

@@ -174,6 +174,23 @@ def test_static_cache_position_is_read_from_the_device():
     assert fwd.kv_offset(1, 16) == 0
 
 
+def test_static_cache_steps_write_kept_buffers_and_prompts_do_not_pile_up():
+    """On a static cache a step's position and positions are the same tensors at every step, written in
+    place (a compiled step reads them at fixed addresses); a new prompt drops the previous prompt's."""
+    state = R.State()
+    spans = torch.tensor([[[1, 3]], [[2, 4]]])
+    forward(state, length=11, past=torch.tensor(0), capacity=32, detect=True, spans=spans)
+    homes = []
+    for step in range(3):
+        fwd = forward(state, length=1, past=torch.tensor(11 + step), capacity=32, detect=False, spans=spans)
+        homes.append((fwd.home, fwd.home.positions.data_ptr(), fwd.home.new.data_ptr(), fwd.home.pos0.data_ptr()))
+        assert fwd.home.positions.tolist() == [11 + step] and int(fwd.home.pos0) == 11 + step
+    assert len({(id(h), p, n, z) for h, p, n, z in homes}) == 1
+    forward(state, length=13, past=torch.tensor(0), capacity=32, detect=True, spans=spans)
+    lengths = {k[2] if k[0] == "view" else (k[1][-1] if k[1] else 1) for k in state.steps}
+    assert lengths == {1, 13}
+
+
 class _Meta(torch.nn.Module):
     """A stand-in for a layer placed on another device."""
 
