@@ -675,6 +675,8 @@ def main() -> None:
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--e2e-tokens", type=int, default=8192)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.exit(2, "error: bench_attention.py times CUDA kernels and graphs: it needs a CUDA GPU\n")
     torch.backends.cuda.matmul.allow_tf32 = False
     print(device_line(), flush=True)
     if args.sweep:

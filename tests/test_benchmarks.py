@@ -271,6 +271,20 @@ def test_layer_host_benchmark_without_a_gpu_says_so():
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("extra", [[], ["--sweep-bulk"]])
+def test_attention_benchmark_without_a_gpu_says_so(extra):
+    """`bench_attention.py` (every mode, the bulk-epilogue sweep too) stops with one message without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the message is for machines without CUDA")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_attention.py", *extra], cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_evidence_script_defines_every_lane_it_runs():
     """`benchmarks/evidence/gpu.sh` parses, and every lane of its default list (and of the README's
     `LANES=...` commands) is a function it defines: a misspelt lane would only fail on the GPU."""
