@@ -225,11 +225,12 @@ class State:
             if n not in (1, length):
                 del self.steps[key]
 
-    def step_view(self, batch: int, length: int, device, flags: bool, image_end: bool, new: bool) -> "View":
+    def step_view(self, batch: int, length: int, device, flags: bool, image_end: bool) -> "View":
         """The kept `View` of a forward of `length` tokens on a static cache: its tensors are the `steps`
         buffers and the state's own, so a compiled step that reaches it through the patch's hooks reads
-        every tensor at the same address (a View made inside a compiled hook would hold graph outputs)."""
-        key = ("view", batch, length, torch.device(device), flags, image_end, new)
+        every tensor at the same address (a View made inside a compiled hook would hold graph outputs).
+        `flags`: the recipe has input flags (the state's buffer and this forward's own)."""
+        key = ("view", batch, length, torch.device(device), flags, image_end)
         view = self.steps.get(key)
         stale = view is not None and (
             view.first_abs is not self.first
@@ -243,7 +244,7 @@ class State:
                 self.step_tensor("pos0", (), torch.long, device),
                 self.flags if flags else None,
                 self.image_end if image_end else None,
-                self.step_tensor("new", (batch, length), torch.uint8, device) if new else None,
+                self.step_tensor("new", (batch, length), torch.uint8, device) if flags else None,
             )
             if not torch.compiler.is_compiling():
                 self.steps[key] = view
@@ -433,13 +434,13 @@ def begin(
     has_image = any(d.flag == T.IMAGE for d in compiled.input_detectors)
     if detect and not torch.compiler.is_compiling():  # a decoding step's kept tensors, for a compiled step
         state.trim_steps(length)
-        state.step_view(batch, 1, device, has_new, has_image, has_new)
+        state.step_view(batch, 1, device, has_new, has_image)
     if known:
         positions = torch.arange(past, past + length, device=device)
         pos0: int | torch.Tensor = past
         kept = None
     else:  # the cache's length on the device: this forward's tensors are kept buffers (`State.steps`)
-        kept = state.step_view(batch, length, device, has_new, has_image, has_new)
+        kept = state.step_view(batch, length, device, has_new, has_image)
         pos0 = kept.pos0
         pos0.copy_(past)  # the cache advances its own copy in place
         offsets = state.step_tensor("offsets", (length,), torch.long, device, fill=torch.arange)
