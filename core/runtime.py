@@ -430,7 +430,8 @@ def begin(
         state.head_scale.reset()
         state.decode_plans.clear()
     known = not torch.is_tensor(past)
-    has_new = bool(compiled.input_detectors or compiled.needs_spans)
+    # len(), not bool() of the tuple: torch 2.11's dynamo breaks the graph at bool(tuple)
+    has_new = len(compiled.input_detectors) > 0 or compiled.needs_spans
     has_image = any(d.flag == T.IMAGE for d in compiled.input_detectors)
     if detect and not torch.compiler.is_compiling():  # a decoding step's kept tensors, for a compiled step
         state.trim_steps(length)
