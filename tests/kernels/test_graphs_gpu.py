@@ -108,7 +108,8 @@ def test_compiled_decoding_step_equals_eager_triton(name):
     model = tiny("llama", torch.bfloat16)
     ids, mask = batch()
     text = _with_images(name, model, ids)
-    with torch.no_grad(), attnedit.patch(model, attnedit.Recipe.from_str(text, "t.yaml"), backend="triton", spans=SPANS):
+    patch = attnedit.patch(model, attnedit.Recipe.from_str(text, "t.yaml"), backend="triton", spans=SPANS)
+    with torch.no_grad(), patch:
         eager = _decode(model, model, ids, mask, 3)
         compiled = _decode(model, torch.compile(model, fullgraph=True), ids, mask, 3)
     torch.testing.assert_close(compiled, eager, atol=3e-2, rtol=3e-2)
