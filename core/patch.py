@@ -232,6 +232,13 @@ class Patch:
         B, Tn = ref.shape[:2]
         past, capacity = self._cache_extent(kwargs.get("cache", kwargs.get("past_key_values")), Tn)
         detect = past == 0 if isinstance(past, int) else Tn > 1
+        if detect and not torch.compiler.is_compiling():
+            # resolved at the (eager) prefill: a compiled step that filled the map would be guarded on it and
+            # compiled again at the next step (VHR's layers meet the backend only when decoding)
+            try:
+                self._backend(ref.device)
+            except BackendError:
+                pass  # raised where a layer needs the backend, as before
         if self.compiled.input_detectors and ids is None:
             det = self.compiled.input_detectors[0]
             raise AttneditError(f"{type(det).__name__} needs input_ids; this forward received only inputs_embeds")

@@ -100,6 +100,7 @@ class VisionAwareHeads:
         self.chosen: dict[int, torch.Tensor] = {}  # layer -> (B, H) bool on the layer's device, the last input's choice
         self._patch = None
         self._handles: list = []
+        self.last_target = max(targets, default=-1)
 
     def on_forward(self, patch, args, kwargs, past: int) -> None:
         if self.mode == "text":
@@ -174,6 +175,8 @@ class VisionAwareHeads:
             )
             self.chosen[layer] = chosen  # kept on the device: reading it back would wait for the GPU per layer
             patch.state.head_scale[layer] = scale  # the decoding steps apply it in the attention
+            if layer == self.last_target:  # the choice is made: decoding steps find mode None from their first
+                self.mode = None  # (a compiled step guards on it: one graph, not one for the first step)
             return (x * scale.to(x.dtype).repeat_interleave(self.D, dim=1).view(B, 1, -1),)
 
         return hook

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import models
 import pytest
 import torch
@@ -192,3 +194,39 @@ def test_compiled_static_steps_give_cuda_graphs_fixed_unaliased_inputs(method):
     }[method]
     moved, shared = _fixed_inputs_of_compiled_steps(model, text, ids, mask, spans=SPANS)
     assert moved == {} and shared == []
+
+
+@pytest.mark.parametrize("method", list(VLM_RECIPES))
+def test_compiled_static_generation_compiles_each_frame_once(method):
+    """transformers' compiled static-cache generation, as on a GPU (its compile forced on the CPU, a backend
+    that counts graphs): three `generate` calls compile one graph more patched than unpatched (the patch's
+    model pre-hook). State that
+    changes between a prefill's first decoding step and the next (VHR's selection mode, the patch's
+    backend map filled by the first step that needs it) made dynamo compile the step again."""
+    from transformers import CompileConfig
+
+    def graphs(recipe) -> list[int]:
+        compiled = []
+
+        def counting(gm, example_inputs, **options):  # options: the compile mode, unused
+            compiled.append(len(gm.graph.nodes))
+            return gm.forward
+
+        config = CompileConfig(backend=counting, fullgraph=False)
+        config._compile_all_devices = True  # transformers compiles the decoding step only on accelerators otherwise
+        kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, cache_implementation="static")
+        torch._dynamo.reset()
+        ctx = attnedit.patch(model, recipe, backend="reference") if recipe else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            for _ in range(3):
+                model.generate(**batch, compile_config=config, **kw)
+        torch._dynamo.reset()
+        return compiled
+
+    model, proc = vlm.tiny("llava")
+    batch = vlm.inputs(proc, ["<image>\nwhat is this ?", "<image>\na longer question about the cat ?"], "llava")
+    plain = graphs(None)
+    patched = graphs(attnedit.Recipe.from_dict({"interventions": [VLM_RECIPES[method]]}))
+    assert plain, "the decoding step was not compiled"
+    # the patch's model pre-hook is a frame of its own (dynamo starts a frame at each hook and forward)
+    assert len(patched) == len(plain) + 1, f"graphs of {patched} nodes patched, {plain} unpatched"
