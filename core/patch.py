@@ -123,6 +123,8 @@ class Patch:
             raise
         self._saved = (saved, text_cfg)
         _ACTIVE[self.model] = self
+        for device in {p.device for p in self.model.parameters()}:
+            dispatch.prepare(self.backend, device)  # eagerly: not inside a compiled step's CUDA graphs
         return self
 
     def remove(self) -> None:
@@ -476,6 +478,7 @@ class Patch:
         hit = self._backend_for.get(device)
         if hit is None:
             hit = self._backend_for[device] = choose(self.backend, device)
+            dispatch.prepare(hit, device)
         return hit
 
 

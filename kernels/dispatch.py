@@ -62,6 +62,20 @@ def choose(backend: str, device: torch.device) -> str:
     return "triton"
 
 
+def prepare(backend: str, device: torch.device) -> None:
+    """Make now, eagerly, what the Triton kernels keep per CUDA device (their placeholder tensors).
+
+    A first kernel call can come inside a step that torch.compile records into CUDA graphs (mode
+    "reduce-overhead", as transformers compiles a static cache's decoding step): what it made and kept
+    would stay allocated in the graphs' private memory pool, which cudagraph trees refuse ("tensor(s) in
+    the cudagraph pool not tracked as outputs"). A patch calls this when it is applied, for its model's
+    devices, and when it first resolves the backend of a device. Nothing to do for the reference or a CPU.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and backend != "reference" and triton_status() is None:
+        _triton().prepare(device)
+
+
 def attention(
     name: str,
     q: torch.Tensor,

@@ -228,11 +228,16 @@ class Template:
 
 
 def placeholders(device):
-    """(int32, fp32, uint8) 8-element tensors for pointer arguments a kernel variant never reads, one set per device."""
+    """(int32, fp32, uint8) 8-element tensors for pointer arguments a kernel variant never reads, one set per device.
+
+    Kept for the process: made eagerly by `dispatch.prepare` before any compiled step can make them.
+    """
     key = torch.device(device)
+    if key.type == "cuda" and key.index is None:
+        key = torch.device("cuda", torch.cuda.current_device())
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = tuple(
-            torch.zeros(8, dtype=d, device=device) for d in (torch.int32, torch.float32, torch.uint8)
+            torch.zeros(8, dtype=d, device=key) for d in (torch.int32, torch.float32, torch.uint8)
         )
     return _PLACEHOLDERS[key]
 

@@ -41,7 +41,7 @@ from attnedit.tables import LayerTables, MaskInfo
 from . import reference
 from .device import capturing
 from .triton_colsum import colsum as _colsum
-from .triton_common import next_pow2
+from .triton_common import next_pow2, placeholders
 from .triton_decode import Decoder as _Decoder
 from .triton_decode import decode as _decode
 from .triton_prefill import member_tiles, pick_config
@@ -68,6 +68,11 @@ _stash: list = []  # at most one (key, (q, k, v), bulk) from column_scores(value
 
 
 # --------------------------------------------------------------------------- public entry points
+
+
+def prepare(device: torch.device) -> None:
+    """Make the per-device tensors every launch shares (see `dispatch.prepare`)."""
+    placeholders(device)
 
 
 def attention(

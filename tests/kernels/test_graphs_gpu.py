@@ -30,6 +30,8 @@ RECIPES = {
 }
 # moves with per-input row starts (after each row's image tokens, the config's image token id 255)
 VAR = "interventions: [{type: var, tau: 1.5, p: 0.2, rho: 1.0, min_image_mass: 0.0, layers: '1:'}]"
+# per-input head scales: the prefill runs no kernel (its heads are scaled at o_proj), the decoding steps do
+VHR = "interventions: [{type: vhr, layers: [1, 2, 3], alpha: 2.0}]"
 SPANS = [[(2, 6)], [(5, 9)], [(7, 10)]]
 
 
@@ -47,28 +49,40 @@ def batch(T: int = 11):
 
 
 def _with_images(name: str, model, ids) -> str:
-    """The recipe text of `name`; for VAR the config names id 255 its image token and each row holds some."""
-    if name != "var":
+    """The recipe text of `name`; for VAR and VHR the config names id 255 its image token and each row holds some."""
+    if name not in ("var", "vhr"):
         return RECIPES[name]
     model.config.image_token_id = 255
     ids[0, 2:6] = ids[1, 6:9] = ids[2, 8:11] = 255
-    return VAR
+    return VAR if name == "var" else VHR
 
 
-@pytest.mark.parametrize("name", ["positional", "act", "var"])
+def _fresh_kernel_caches():
+    """Forget what earlier tests left in the kernels' per-process caches (placeholders, packed tables), so
+    that a test sees what a new process does: its first kernel call may come inside a compiled step."""
+    from attnedit.kernels import triton_common, triton_ops
+
+    triton_common._PLACEHOLDERS.clear()
+    triton_ops._memo_cache.clear()
+
+
+@pytest.mark.parametrize("name", ["positional", "act", "var", "vhr"])
 def test_transformers_compiled_static_generation_equals_dynamic_triton(name):
     """generate(cache_implementation="static") as transformers runs it by default: the decoding step compiled
     with mode "reduce-overhead" (CUDA graph trees). A step replayed from the graph's memory pool must find
     what the prefill prepared (packed moves, plans) instead of allocating and keeping tensors there, and
-    must not copy between host and device."""
+    must not copy between host and device. The static generates come first in a process whose kernels have
+    kept nothing yet: with VHR the first kernel call is the compiled step's (its tensors kept across calls
+    must not land in the graphs' pool)."""
     torch._dynamo.reset()
+    _fresh_kernel_caches()
     model = tiny("llama")
     ids, mask = batch()
     text = _with_images(name, model, ids)
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     with torch.no_grad(), attnedit.patch(model, attnedit.Recipe.from_str(text, "test.yaml"), spans=SPANS):
-        dynamic = model.generate(ids, **kw)
         static = [model.generate(ids, cache_implementation="static", **kw) for _ in range(2)]
+        dynamic = model.generate(ids, **kw)
     torch._dynamo.reset()
     assert torch.equal(static[0], dynamic) and torch.equal(static[1], dynamic)
 
