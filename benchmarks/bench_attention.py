@@ -433,7 +433,10 @@ def sweep_bulk() -> None:
 
     Each candidate (BLOCK_M, num_warps, num_stages) is written into `triton_prefill.BULK_TILES` for the
     run and timed alone (CUDA graph) on the same flash output; the largest difference from the fused
-    path's output is printed beside it.
+    path's output is printed beside it. With the shipped tiles, also: the first pass alone (the moves'
+    keep set to 1, so that no row is edited and no block runs the second pass), the share of rows and of
+    64-row blocks the edit changes, and cuDNN's attention of the rows after the image over the image's
+    keys alone (what a design that took the image's masses from a flash call would pay for them).
     """
     for shape, N in (("llama3.1-8b", 8192), ("llama3.1-8b", 16384), ("smollm2", 8192)):
         H, Hkv, D = SHAPES[shape]
@@ -441,7 +444,8 @@ def sweep_bulk() -> None:
         shipped = triton_prefill.BULK_TILES[key]
         q, k, v = inputs(H, Hkv, D, N)
         mask, sc = causal(N), D**-0.5
-        tb = Method(shape, "var").prefill(N)
+        var = Method(shape, "var")
+        tb = var.prefill(N)
         t = triton_ops._Prepared.of(tb, q)
         members = triton_prefill.member_tiles(t.key_group, triton_prefill.pick_config(D, 2)[1])
         bulk = triton_ops._flash_with_lse(q, k, v, sc)
@@ -451,6 +455,28 @@ def sweep_bulk() -> None:
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)
         )
         print(f"{shape} N={N}: SDPA {sdpa:.3f} ms; shipped tiles {shipped}", flush=True)
+        mv_i, mv_f, keep, row_start = t.moves
+        lean = dict(kw, moves=(mv_i, mv_f, torch.ones_like(keep), row_start))
+        flash, flash1 = (bulk[0].clone(), bulk[1]), (bulk[0].clone(), bulk[1])
+        both = graph_ms(lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash, **kw))
+        first = graph_ms(lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash1, **lean))
+        out = triton_prefill.prefill(q, k, v, members=members, bulk=(bulk[0].clone(), bulk[1]), **kw)[0]
+        changed = (out.float() - bulk[0].transpose(1, 2).float()).abs().amax(-1)[0] > 1e-2  # (Q, H)
+        blocks = torch.nn.functional.pad(changed, (0, 0, 0, -N % 64)).view(-1, 64, H).any(1)
+        lo, n = var.image(N)
+        qs, ks, vs = q[:, :, lo + n :], k[:, :, lo : lo + n], v[:, :, lo : lo + n]
+        image_only = graph_ms(
+            lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qs, ks, vs, None, True, 0.0, False, False, scale=sc
+            )
+        )
+        rows, edited = changed.float().mean().item(), blocks.float().mean().item()
+        print(
+            f"  shipped: both passes {both:.4f} ms, first pass alone {first:.4f} ms; rows edited "
+            f"{rows:.3f}, 64-row blocks with an edited row {edited:.3f}; "
+            f"cuDNN over the image's {n} keys from row {lo + n}: {image_only:.4f} ms",
+            flush=True,
+        )
         for tiles in ((64, 4, 1), (64, 4, 3), (128, 4, 1), (128, 8, 1), (128, 8, 3)):
             triton_prefill.BULK_TILES[key] = tiles
             flash = (bulk[0].clone(), bulk[1])
