@@ -49,3 +49,35 @@ def test_patch_with_forced_triton_on_cpu_raises_at_the_first_forward(monkeypatch
 @pytest.mark.gpu
 def test_auto_picks_triton_on_cuda():
     assert choose("auto", torch.device("cuda")) == "triton"
+
+
+def test_patch_prepares_kernel_state_when_applied_and_per_new_device(monkeypatch):
+    """What the kernels keep per device is made eagerly: when a patch is applied (its model's devices) and
+    when a forward first resolves a device's backend, never first inside a compiled step, whose CUDA-graph
+    warm-up would allocate it in the graphs' pool (which then refuses to go on)."""
+    from attnedit.kernels import dispatch
+
+    seen = []
+    monkeypatch.setattr(dispatch, "prepare", lambda backend, device: seen.append((backend, torch.device(device))))
+    model = models.tiny("llama")
+    ids, mask = models.batch()
+    patch = attnedit.patch(model, attnedit.Recipe.from_str("interventions: [{type: zerotuning, gamma: 2.0}]", "t.yaml"))
+    assert seen == []
+    with patch, torch.no_grad():
+        assert seen == [("auto", torch.device("cpu"))]
+        model(ids, attention_mask=mask)
+        model(ids, attention_mask=mask)
+    assert seen == [("auto", torch.device("cpu")), ("reference", torch.device("cpu"))]
+
+
+@pytest.mark.skipif(triton_status() is not None, reason="Triton is not installed")
+def test_prepare_makes_the_placeholders_of_a_cuda_device_only(monkeypatch):
+    from attnedit.kernels import dispatch, triton_ops
+
+    made = []
+    monkeypatch.setattr(triton_ops, "placeholders", made.append)
+    dispatch.prepare("auto", torch.device("cpu"))
+    dispatch.prepare("reference", torch.device("cuda", 0))
+    assert made == []
+    dispatch.prepare("auto", torch.device("cuda", 1))
+    assert made == [torch.device("cuda", 1)]
