@@ -432,11 +432,12 @@ def sweep_bulk() -> None:
     """Tiles of the bulk epilogue (VAR's tables, its member passes after cuDNN's flash bulk) per shape and length.
 
     Each candidate (BLOCK_M, num_warps, num_stages) is written into `triton_prefill.BULK_TILES` for the
-    run and timed alone (CUDA graph) on the same flash output; the largest difference from the fused
-    path's output is printed beside it. With the shipped tiles, also: the first pass alone (the moves'
-    keep set to 1, so that no row is edited and no block runs the second pass), the share of rows and of
-    64-row blocks the edit changes, and cuDNN's attention of the rows after the image over the image's
-    keys alone (what a design that took the image's masses from a flash call would pay for them).
+    run and timed alone (CUDA graph) in the same flash output's memory, as `triton_ops` runs it; the
+    largest difference from the fused path's output is printed beside it. With the shipped tiles,
+    also: both passes into a new output, the first pass alone (the moves' keep set to 1, so that no
+    row is edited and no block runs the second pass), the share of rows and of 64-row blocks the edit
+    changes, and cuDNN's attention of the rows after the image over the image's keys alone (what a
+    design that took the image's masses from a flash call would pay for them).
     """
     for shape, N in (("llama3.1-8b", 8192), ("llama3.1-8b", 16384), ("smollm2", 8192)):
         H, Hkv, D = SHAPES[shape]
@@ -457,9 +458,15 @@ def sweep_bulk() -> None:
         print(f"{shape} N={N}: SDPA {sdpa:.3f} ms; shipped tiles {shipped}", flush=True)
         mv_i, mv_f, keep, row_start = t.moves
         lean = dict(kw, moves=(mv_i, mv_f, torch.ones_like(keep), row_start))
-        flash, flash1 = (bulk[0].clone(), bulk[1]), (bulk[0].clone(), bulk[1])
-        both = graph_ms(lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash, **kw))
-        first = graph_ms(lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash1, **lean))
+        flash, flash1, flash2 = ((bulk[0].clone(), bulk[1]) for _ in range(3))
+        # in the flash output's own memory, as `triton_ops` runs it (cuDNN's output is (B, Q, H, D) in memory)
+        both = graph_ms(
+            lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash, out=flash[0].transpose(1, 2), **kw)
+        )
+        first = graph_ms(
+            lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash1, out=flash1[0].transpose(1, 2), **lean)
+        )
+        apart = graph_ms(lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash2, **kw))
         out = triton_prefill.prefill(q, k, v, members=members, bulk=(bulk[0].clone(), bulk[1]), **kw)[0]
         changed = (out.float() - bulk[0].transpose(1, 2).float()).abs().amax(-1)[0] > 1e-2  # (Q, H)
         blocks = torch.nn.functional.pad(changed, (0, 0, 0, -N % 64)).view(-1, 64, H).any(1)
@@ -472,7 +479,8 @@ def sweep_bulk() -> None:
         )
         rows, edited = changed.float().mean().item(), blocks.float().mean().item()
         print(
-            f"  shipped: both passes {both:.4f} ms, first pass alone {first:.4f} ms; rows edited "
+            f"  shipped, in place: both passes {both:.4f} ms, first pass alone {first:.4f} ms "
+            f"(both passes into a new output: {apart:.4f} ms); rows edited "
             f"{rows:.3f}, 64-row blocks with an edited row {edited:.3f}; "
             f"cuDNN over the image's {n} keys from row {lo + n}: {image_only:.4f} ms",
             flush=True,
@@ -480,7 +488,10 @@ def sweep_bulk() -> None:
         for tiles in ((64, 4, 1), (64, 4, 3), (128, 4, 1), (128, 8, 1), (128, 8, 3)):
             triton_prefill.BULK_TILES[key] = tiles
             flash = (bulk[0].clone(), bulk[1])
-            fn = lambda: triton_prefill.prefill(q, k, v, members=members, bulk=flash, **kw)  # noqa: E731
+
+            def fn(flash=flash):
+                return triton_prefill.prefill(q, k, v, members=members, bulk=flash, out=flash[0].transpose(1, 2), **kw)
+
             try:
                 err = (fn()[0].float() - want).abs().max().item()
                 print(f"  {tiles}: {graph_ms(fn):.4f} ms, max |difference| from the fused path {err:.1e}", flush=True)

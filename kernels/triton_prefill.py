@@ -418,7 +418,6 @@ def _bulk_logits(
 
 @triton.jit
 def _bulk_members(
-    acc,
     m2,
     q,
     K_BASE,
@@ -461,14 +460,16 @@ def _bulk_members(
     IEEE: tl.constexpr,
     EMU: tl.constexpr,
 ):
-    """Member corrections of a flash bulk over all keys: acc = O (normalised), m2 = its log2-sum-exp.
+    """Member corrections of a flash bulk over all keys, whose log2-sum-exp per row is m2.
 
-    Returns (acc / L, L, mass, flagged): flagged rows are those whose bulk rounding the edit
-    amplifies by more than ALPHA_MAX (c_0 / L).
+    Returns (corr, fac, edited, L, mass, flagged): the corrected rows are `O * fac + corr` with O the
+    bulk's (normalised) output, so the caller reads O only where a row changes; `edited` says whether
+    any row of the block has a nonzero member coefficient (corr is zero otherwise); flagged rows are
+    those whose bulk rounding the edit amplifies by more than ALPHA_MAX (fac = c_0 / L).
     """
     cols_g = tl.arange(0, GP)
     m_col = tl.where(m2 == float("-inf"), 0.0, m2)[:, None]  # one broadcast, shared by both loops
-    U = tl.zeros([acc.shape[0], GP], tl.float32)  # unbiased member masses a_j summed per group (g > 0)
+    U = tl.zeros([offs_m.shape[0], GP], tl.float32)  # unbiased member masses a_j summed per group (g > 0)
     t_lo, t_hi = _tile_range(ML_ROW, cnt, lo, hi, BLOCK_N)
     row0 = offs_m.to(tl.int32).min(0)  # tiles that end before row0 + DIAG + 1 are seen whole by every row
     for t in range(t_lo, t_hi):
@@ -512,8 +513,10 @@ def _bulk_members(
     )
     c0 = tl.sum(tl.where((cols_g == 0)[None, :], c, 0.0), 1)
     coef = tl.where((cols_g == 0)[None, :], 0.0, (c * eb[None, :] - c0[:, None]) * inv[:, None])
-    acc = acc * (c0 * inv)[:, None]
-    if tl.max(tl.max(tl.abs(coef), 1), 0) > 0:  # some row of this block is edited
+    fac = c0 * inv
+    corr = tl.zeros([offs_m.shape[0], offs_d.shape[0]], tl.float32)
+    edited = tl.max(tl.max(tl.abs(coef), 1), 0) > 0
+    if edited:  # some row of this block is edited
         for t in range(t_lo, t_hi):
             n = tl.load(ML_ROW + t) * BLOCK_N
             s, kg = _bulk_logits(
@@ -540,8 +543,8 @@ def _bulk_members(
                 EMU,
             )
             w = tl.math.exp2(s - m_col) * key_coef(coef, kg, G, GP, 1)
-            acc = dot_pv(w, _load_v(V_BASE, n, offs_n, offs_d, NK, stride_vn, HEAD_DIM), acc, IEEE, EMU)
-    return acc, L, mass, (c0 * inv) > ALPHA_MAX
+            corr = dot_pv(w, _load_v(V_BASE, n, offs_n, offs_d, NK, stride_vn, HEAD_DIM), corr, IEEE, EMU)
+    return corr, fac, edited, L, mass, fac > ALPHA_MAX
 
 
 @triton.jit
@@ -605,6 +608,7 @@ def _prefill_kernel(
     MASK_MODE: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     BULK: tl.constexpr,
+    IN_PLACE: tl.constexpr,
     MEMBERS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HG_PER_HEAD: tl.constexpr,
@@ -660,17 +664,7 @@ def _prefill_kernel(
     if BULK:  # a flash kernel's output and log-sum-exp over all keys
         lse_b = tl.load(BULK_LSE + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m, mask=rmask, other=float("-inf"))
         m_i = lse_b * LOG2E
-        acc = tl.load(
-            BULK_O
-            + b.to(tl.int64) * stride_bb
-            + h * stride_bh
-            + offs_m[:, None].to(tl.int64) * stride_bm
-            + offs_d[None, :],
-            mask=rmask[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc, L, mass, flagged = _bulk_members(
-            acc,
+        corr, fac, edited, L, mass, flagged = _bulk_members(
             m_i,
             q,
             K_BASE,
@@ -715,6 +709,59 @@ def _prefill_kernel(
         )
         tl.store(FLAGS + bh.to(tl.int64) * NQ + offs_m, flagged.to(tl.int8), mask=rmask)
         norm = tl.where(L > 0, 1.0, 0.0)
+        bulk_o = BULK_O + b.to(tl.int64) * stride_bb + h * stride_bh
+        if (not IN_PLACE) or (SCALE_MODE != 0) or HAS_SHIFT:
+            _bulk_rows(
+                OUT,
+                bulk_o,
+                fac,
+                corr,
+                norm,
+                b,
+                h,
+                offs_m,
+                offs_d,
+                rmask,
+                dmask,
+                SCALE,
+                SHIFT,
+                H,
+                stride_bm,
+                stride_ob,
+                stride_om,
+                stride_oh,
+                HEAD_DIM,
+                SCALE_MODE,
+                HAS_SHIFT,
+            )
+        else:
+            # in place, a block whose rows all keep the bulk (factor 1 to far below half precision's
+            # resolution, nothing added, no output scale or shift) is neither read nor written
+            same = tl.where(rmask, ((tl.abs(fac - 1.0) < 1e-6) & (L > 0)).to(tl.int32), 1)
+            if edited | (tl.min(same, 0) == 0):
+                _bulk_rows(
+                    OUT,
+                    bulk_o,
+                    fac,
+                    corr,
+                    norm,
+                    b,
+                    h,
+                    offs_m,
+                    offs_d,
+                    rmask,
+                    dmask,
+                    SCALE,
+                    SHIFT,
+                    H,
+                    stride_bm,
+                    stride_ob,
+                    stride_om,
+                    stride_oh,
+                    HEAD_DIM,
+                    SCALE_MODE,
+                    HAS_SHIFT,
+                )
     else:
         m_i = tl.zeros([BLOCK_M], tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -937,18 +984,55 @@ def _prefill_kernel(
             mass,
             mask=rmask[:, None] & (cols_g < G)[None, :],
         )
-    if not LSE_ONLY:
+    if (not LSE_ONLY) and (not BULK):  # a bulk block stored its rows above, where they changed
         heads = h + tl.zeros([BLOCK_M], tl.int32)
         o = finish_rows(acc, norm, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM, SCALE_MODE, HAS_SHIFT)
-        tl.store(
-            OUT
-            + b.to(tl.int64) * stride_ob
-            + offs_m[:, None].to(tl.int64) * stride_om
-            + h * stride_oh
-            + offs_d[None, :],
-            o.to(OUT.dtype.element_ty),
-            mask=rmask[:, None] & dmask[None, :],
-        )
+        _store_rows(OUT, o, b, h, offs_m, offs_d, rmask, dmask, stride_ob, stride_om, stride_oh)
+
+
+@triton.jit
+def _bulk_rows(
+    OUT,
+    BULK_O_ROW,
+    fac,
+    corr,
+    norm,
+    b,
+    h,
+    offs_m,
+    offs_d,
+    rmask,
+    dmask,
+    SCALE,
+    SHIFT,
+    H,
+    stride_bm,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+):
+    """Corrected bulk rows: O * fac + corr (O the bulk's rows of head h), finished and stored."""
+    acc = tl.load(
+        BULK_O_ROW + offs_m[:, None].to(tl.int64) * stride_bm + offs_d[None, :],
+        mask=rmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    heads = h + tl.zeros_like(offs_m)
+    o = finish_rows(acc * fac[:, None] + corr, norm, heads, b, offs_d, SCALE, SHIFT, H, HEAD_DIM, SCALE_MODE, HAS_SHIFT)
+    _store_rows(OUT, o, b, h, offs_m, offs_d, rmask, dmask, stride_ob, stride_om, stride_oh)
+
+
+@triton.jit
+def _store_rows(OUT, o, b, h, offs_m, offs_d, rmask, dmask, stride_ob, stride_om, stride_oh):
+    """Write rows `offs_m` of head h of the output (B, Q, H, D)."""
+    tl.store(
+        OUT + b.to(tl.int64) * stride_ob + offs_m[:, None].to(tl.int64) * stride_om + h * stride_oh + offs_d[None, :],
+        o.to(OUT.dtype.element_ty),
+        mask=rmask[:, None] & dmask[None, :],
+    )
 
 
 def prefill(
@@ -1085,6 +1169,7 @@ def prefill(
         MASK_MODE=0 if dense is None else 1,
         HAS_KV_START=kv_start is not None,
         BULK=bulk is not None,
+        IN_PLACE=bulk is not None and out is not None and _same_memory(out, bulk[0].transpose(1, 2)),
         MEMBERS=members is not None and bulk is None,
         HAS_BIAS=bias is not None,
         HG_PER_HEAD=key_group is not None and key_group.shape[1] > 1,
@@ -1106,6 +1191,11 @@ def prefill(
 
 
 _LAUNCH = Launcher(_prefill_kernel)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same elements of the same storage (an in-place bulk epilogue)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 @triton.jit

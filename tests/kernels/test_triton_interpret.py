@@ -95,6 +95,7 @@ def test_bulk_epilogue_and_exact_fixup(results, spec):
     """A flash bulk corrected on the member keys; rows the edit would amplify are recomputed exactly."""
     r = _get(results, f"bulk/{spec.name}")
     assert r["err"] < kc.TOL[spec.dtype]
+    assert r["in_place_equal"]  # the epilogue in the bulk's own memory gives the same rows
     if "act" in spec.name:  # sinks that hold most of a row's mass: the fixup is what makes those rows exact
         assert r["flagged"] > 0 and r["before_fixup"] > 3 * r["err"]
 
