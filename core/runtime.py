@@ -346,6 +346,28 @@ class Forward:
                 self.left_padded = bool((pad.sum(1) == pad.shape[1] - first).all())
         return self.left_padded
 
+    def image_span(self, view: View, kv_offset: int, k_len: int) -> tuple[int, int] | None:
+        """(s, e): the keys [s, e) of the layer's view are the input's one image span, in every row; or None.
+
+        Only at a prefill (a new input of more than one token), and read on the host once per forward
+        (as `padding_is_left`) outside torch.compile and CUDA-graph capture, where it is None.
+        """
+        if not self.detect or self.length < 2 or view.flags is None or view.image_end is None:
+            return None
+
+        def find() -> tuple[int, int] | None:
+            if torch.compiler.is_compiling() or capturing(view.flags):
+                return None
+            image = (view.flags[:, kv_offset : kv_offset + k_len] & T.IMAGE) != 0
+            pos = torch.arange(image.shape[1], device=image.device)
+            first = torch.where(image, pos, image.shape[1]).amin(1)
+            end = torch.where(image, pos, -1).amax(1) + 1
+            rows = torch.stack([first, end, image.sum(1)], 1).tolist()
+            s, e, n = rows[0]
+            return (s, e) if n > 0 and e - s == n and all(r == rows[0] for r in rows) else None
+
+        return self.shared(("image_span", kv_offset, k_len, view.flags.device), find)
+
     def kv_offset(self, q_len: int, k_len: int) -> int:
         """Absolute position of key 0 of a layer whose attention sees `k_len` keys for `q_len` queries."""
         off = self.kv_offsets.get(k_len)
@@ -613,7 +635,7 @@ def layer_tables(
     if plan is None:
         return T.LayerTables(None, first_key, 1, None, (), scale, None)
     if not plan.flags:  # one group
-        return _finish(plan, fwd, view, None, first_key, heads, device, scale)
+        return _finish(plan, fwd, view, None, first_key, heads, device, scale, (kv_offset, k_len))
     used = plan.used
     if not used & PER_LAYER:  # key groups from per-input flags alone: shared by layers of equal flags
         key = ("groups", plan.flags, k_len, kv_offset, device)
@@ -623,7 +645,7 @@ def layer_tables(
             groups = fwd.shared(
                 key, lambda: group_ids(plan, key_flags(plan, fwd, view, layer, heads, k_len, kv_offset))
             )
-        return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
+        return _finish(plan, fwd, view, groups, first_key, heads, device, scale, (kv_offset, k_len))
     B, lo, hi = fwd.batch, kv_offset, kv_offset + k_len
     buf, stack_key = fwd.state.group_buffer(plan, layer, heads if used & T.ACTSINK else 1, device)
     if fwd.detect:  # a prefill: every key the layer sees, with the attention sinks found now
@@ -634,7 +656,7 @@ def layer_tables(
         groups = group_ids(plan, flags)
         buf[:, :, lo:hi] = group_ids(plan, flags & (0xFF ^ T.FIRST)) if used & T.FIRST else groups
         buf[:, :, hi:] = 0  # positions a later forward may leave unwritten (below) hold group 0
-        return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
+        return _finish(plan, fwd, view, groups, first_key, heads, device, scale, (kv_offset, k_len))
     # a later forward (decoding): write this forward's positions, read the layer's keys as a view.
     # Its tokens are never attention sinks, and hidden-state sinks only where a layer detector also
     # runs after the prefill; elsewhere their groups come from per-input flags alone, the same in
@@ -660,15 +682,18 @@ def layer_tables(
             ("first_bits", plan.flags.index(T.FIRST), k_len, kv_offset, device),
             lambda: _first_bits(plan, view, k_len, kv_offset),
         )
-    return _finish(plan, fwd, view, groups, first_key, heads, device, scale)
+    return _finish(plan, fwd, view, groups, first_key, heads, device, scale, (kv_offset, k_len))
 
 
 def _first_key(view: View, kv_offset: int) -> torch.Tensor:
     return (view.first_abs - kv_offset).clamp_min(-1)  # -1: the first real token is not among the keys
 
 
-def _finish(plan, fwd: Forward, view: View, groups, first_key, heads: int, device, scale) -> T.LayerTables:
+def _finish(plan, fwd: Forward, view: View, groups, first_key, heads: int, device, scale, keys) -> T.LayerTables:
     moves = plan.moves
+    span = None
+    if moves and plan.bias is None and all(m.after_image for m in moves):
+        span = fwd.image_span(view, *keys)  # rows before the span's end are not edited: kernels may split there
     if plan.moves_after_image:  # per-input row starts; the plan's own tuple otherwise (kernels memoise it)
         starts = view.image_end
         if starts is None:
@@ -700,4 +725,5 @@ def _finish(plan, fwd: Forward, view: View, groups, first_key, heads: int, devic
         moves=moves,
         out_scale=out_scale,
         out_shift=plan.out_shift,
+        image_span=span,
     )

@@ -279,6 +279,9 @@ class LayerTables:
         moves: compiled moves, with `row_start` filled when they edit rows after the image.
         out_scale: (H,) or (B, H) fp32, or None.
         out_shift: (H, D) fp32, or None.
+        image_span: (s, e) host key indices of the input's one image span, the same in every batch row,
+            at a prefill whose moves edit only rows from e on (their row starts); None otherwise. A
+            backend may then attend to the span's keys apart (`kernels.triton_split`).
     """
 
     key_group: torch.Tensor | None
@@ -288,6 +291,7 @@ class LayerTables:
     moves: tuple[Move, ...]
     out_scale: torch.Tensor | None
     out_shift: torch.Tensor | None
+    image_span: tuple[int, int] | None = None
 
     @property
     def is_identity(self) -> bool:

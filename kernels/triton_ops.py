@@ -47,6 +47,7 @@ from .triton_decode import decode as _decode
 from .triton_prefill import member_tiles, pick_config
 from .triton_prefill import prefill as _prefill
 from .triton_scale import scale_heads as _scale_heads
+from .triton_split import combine as _combine
 
 log = logging.getLogger("attnedit")
 
@@ -121,7 +122,8 @@ def attention(
     if q.shape[2] == 1:
         out, masses = _decode_path(q, k, v, t, mask, scaling, return_masses, splits)
     else:
-        out, masses = _prefill_path(q, k, v, t, mask, scaling, return_masses, path, config)
+        span = tables.image_span if tables is not None else None
+        out, masses = _prefill_path(q, k, v, t, mask, scaling, return_masses, path, config, span)
     return (out, masses) if return_masses else out
 
 
@@ -550,7 +552,9 @@ def _decode_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_m
     )
 
 
-def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_masses: bool, path: str | None, config):
+def _prefill_path(
+    q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_masses: bool, path: str | None, config, span=None
+):
     geo = _Geometry.of(mask, q, k)
     flash = _flash_eligible(q, k, mask, path)
     kw = dict(
@@ -573,6 +577,10 @@ def _prefill_path(q, k, v, t: _Prepared, mask: MaskInfo, scaling: float, return_
     kw.update(
         key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=config
     )
+    if flash and span is not None and not return_masses:
+        out = _split_at_span(q, k, v, t, span, scaling, members, kw)
+        if out is not None:
+            return out, None
     bulk = (_take_stash(q, k, v, scaling) or _flash_with_lse(q, k, v, scaling)) if flash else None
     if bulk is not None:
         # each program reads its rows of the flash output before writing them: the result can go in place
@@ -635,15 +643,53 @@ def _changed_heads(t: _Prepared) -> torch.Tensor:
     return _memo(ref, ("heads", id(t.shift) if ref is t.scale else 0), find)
 
 
-def _flash_with_lse(q, k, v, scaling: float):
-    """(out (B, H, Q, D), lse (B, H, Q) natural log) of causal attention by torch's cuDNN kernel, or None."""
-    key = (q.dtype, q.shape[1], k.shape[1], q.shape[-1], q.device.index)
+def _split_at_span(
+    q, k, v, t: _Prepared, span: tuple[int, int], scaling: float, members, kw, flash=None
+) -> torch.Tensor | None:
+    """Edits that leave rows before the image span's end alone, as flash calls on the map's pieces
+    and `triton_split.combine`; None where that does not apply (the caller takes the bulk path).
+    `flash(q, k, v, scaling, causal)` stands in for cuDNN in the CPU tests."""
+    s, e = span
+    B, H, N, D = q.shape
+    if not 0 <= s < e < N or t.has_bias or t.scale is not None or t.shift is not None:
+        return None
+    flash = flash or _flash_with_lse
+    before = flash(q[:, :, :e], k[:, :, :e], v[:, :, :e], scaling, True)
+    after = flash(q[:, :, e:], k[:, :, e:], v[:, :, e:], scaling, True)
+    image = flash(q[:, :, e:], k[:, :, s:e], v[:, :, s:e], scaling, False)
+    if before is None or after is None or image is None:
+        return None
+    out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)
+    out[:, :e].copy_(before[0].transpose(1, 2))
+    flags = torch.zeros(B, H, N, dtype=torch.int8, device=q.device)
+    _combine(
+        q,
+        k,
+        v,
+        scaling=scaling,
+        span=span,
+        q_pos0=kw["q_pos0"],
+        key_group=t.key_group,
+        n_groups=t.n_groups,
+        moves=t.moves,
+        after=after,
+        image=image,
+        out=out,
+        flags=flags,
+    )
+    _prefill(q, k, v, members=members, only_flagged=flags, out=out, **kw)  # exact rows where the parts are not
+    return out
+
+
+def _flash_with_lse(q, k, v, scaling: float, causal: bool = True):
+    """(out (B, H, Q, D), lse (B, H, Q) natural log) of causal (or full) attention by torch's cuDNN kernel, or None."""
+    key = (q.dtype, q.shape[1], k.shape[1], q.shape[-1], q.device.index, causal)
     if _flash_ok.get(key) is False:
         return None
     try:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scaling)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scaling)
         out, lse = res[0], res[1]
-        lse = lse.reshape(q.shape[:3]) if lse.numel() == q.shape[0] * q.shape[1] * q.shape[2] else None
+        lse = lse.reshape(q.shape[:3]).contiguous() if lse.numel() == q.shape[0] * q.shape[1] * q.shape[2] else None
         if lse is None or out.shape != q.shape:
             raise RuntimeError("unexpected output shapes")
     except (RuntimeError, AttributeError) as e:  # no cuDNN kernel for this dtype / head_dim / GQA ratio

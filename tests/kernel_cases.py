@@ -302,15 +302,16 @@ def check_fallback(ops, device="cpu") -> dict:
     return dict(equal=bool(torch.equal(out, ref)), logged="softcap" in ops._warned)
 
 
-def plain_with_lse(q, k, v, scaling: float):
-    """(out (B, H, Q, D), lse (B, H, Q)) of causal attention in float64: a stand-in for the flash bulk."""
+def plain_with_lse(q, k, v, scaling: float, causal: bool = True):
+    """(out (B, H, Q, D), lse (B, H, Q)) of causal (or full) attention in float64: a stand-in for the flash bulk."""
     B, H, Q, D = q.shape
     R = H // k.shape[1]
     kk, vv = k.double().repeat_interleave(R, 1), v.double().repeat_interleave(R, 1)
     s = q.double() @ kk.transpose(-1, -2) * scaling
-    s = s.masked_fill(
-        torch.ones(Q, k.shape[2], dtype=torch.bool, device=q.device).triu(k.shape[2] - Q + 1), float("-inf")
-    )
+    if causal:
+        s = s.masked_fill(
+            torch.ones(Q, k.shape[2], dtype=torch.bool, device=q.device).triu(k.shape[2] - Q + 1), float("-inf")
+        )
     lse = torch.logsumexp(s, -1)
     return (torch.softmax(s, -1) @ vv).to(q.dtype), lse.float()
 
@@ -352,6 +353,82 @@ def check_bulk(prefill_mod, ops, spec: Spec, device="cpu", seed=0, config=None) 
         flagged=flagged,
         in_place_equal=bool(got is stand and torch.equal(got, out) and torch.equal(flags2, flags)),
     )
+
+
+def var_span_case(spec: Spec, device="cpu", seed=0, n_sparse_after: int = 1):
+    """(q, k, v, tables, mask, span): VAR's tables around one image span [s, e), as the runtime gives them.
+
+    Groups: 1 the image's non-sink keys, 2 text sinks (key 0, and `n_sparse_after` keys after the span),
+    3 the image's sinks (two keys inside it). One move, VAR's: sinks keep p, the freed mass goes to the
+    image's other keys, gated on the image sinks' portion of the image's mass, in rows from e on.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Hkv, N, D = spec.B, spec.H, spec.Hkv, spec.Q, spec.D
+    s, e = N // 5, N // 5 + N // 4
+    q = (torch.randn(B, N, H, D, generator=gen) * 1.5).to(device, spec.dtype).transpose(1, 2)
+    k = torch.randn(B, Hkv, N, D, generator=gen)
+    v = torch.randn(B, Hkv, N, D, generator=gen)
+    g = torch.zeros(B, 1, N, dtype=torch.uint8)
+    g[:, :, s:e] = 1
+    g[:, :, [s + 1, s + (e - s) // 2]] = 3
+    g[:, :, 0] = 2
+    after = e + 3 + torch.randperm(N - e - 3, generator=gen)[:n_sparse_after]
+    g[:, :, after] = 2
+    k[:, :, [0, s + 1]] += 2.0 * q.float().mean((2,)).mean(1, keepdim=True).view(B, 1, 1, D).cpu()  # strong sinks
+    k, v = (t.to(device, spec.dtype) for t in (k, v))
+    keep = torch.full((H,), 0.6)
+    keep[0] = 1.0
+    row_start = torch.full((B,), e, dtype=torch.long, device=device)
+    move = Move(0b1100, 0b0010, keep.to(device), (0b1000, 0b1010, 0.5, 0.2), True, row_start)
+    first = torch.zeros(B, dtype=torch.long, device=device)
+    tables = LayerTables(g.to(device), first, 4, None, (move,), None, None, image_span=(s, e))
+    mask = MaskInfo(None, 0, 0, None, first)
+    return q, k, v, tables, mask, (s, e)
+
+
+def check_split(ops, prefill_mod, spec: Spec, device="cpu", seed=0, n_sparse_after: int = 1) -> dict:
+    """The split path (flash parts around the image span, combined by `triton_split`) against the reference."""
+    q, k, v, tables, mask, span = var_span_case(spec, device, seed, n_sparse_after)
+    scaling = q.shape[-1] ** -0.5
+    ref = _ref(q, k, v, tables, mask)
+    t = ops._Prepared.of(tables, q)
+    cfg = prefill_mod.pick_config(ops._d_pad(q), q.element_size())
+    members = prefill_mod.member_tiles(t.key_group, cfg[1])
+    kw = dict(scaling=scaling, diag=0, q_pos0=0, kv_start=None, dense=None, scale=None, shift=None)
+    kw.update(key_group=t.key_group, n_groups=t.n_groups, bias=None, moves=t.moves, config=None)
+    fixups = []
+    real = prefill_mod.prefill
+
+    def counting(*args, **kwargs):
+        if kwargs.get("only_flagged") is not None:
+            fixups.append(kwargs["only_flagged"].float().mean().item())
+        return real(*args, **kwargs)
+
+    ops._prefill = counting
+    try:
+        out = ops._split_at_span(q, k, v, t, span, scaling, members, kw, flash=plain_with_lse)
+    finally:
+        ops._prefill = real
+    plain = plain_with_lse(q, k, v, scaling)[0].transpose(1, 2)
+    return dict(
+        err=rel_err(out, ref),
+        edited=rel_err(plain, ref),  # how far the edit moves the output: the test's scale
+        flagged=fixups[0] if fixups else -1.0,
+    )
+
+
+def check_split_attention(ops, spec: Spec, device="cuda", seed=0, n_sparse_after: int = 1) -> dict:
+    """`ops.attention` on tables with an image span (the flash pieces and the combining kernel on CUDA)."""
+    q, k, v, tables, mask, span = var_span_case(spec, device, seed, n_sparse_after)
+    ref = _ref(q, k, v, tables, mask)
+    calls = []
+    real = ops._combine
+    ops._combine = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        out = ops.attention(q, k, v, tables, mask, scaling=q.shape[-1] ** -0.5)
+    finally:
+        ops._combine = real
+    return dict(err=rel_err(out, ref), edited=rel_err(_ref(q, k, v, None, mask), ref), split=len(calls) == 1)
 
 
 def check_member_list(prefill_mod, device="cpu") -> dict:
@@ -402,6 +479,11 @@ BULK_CASES = [
         scale="head",
         shift=True,
     ),
+]
+SPLIT_CASES = [
+    Spec("split-var-fp16-gqa2", B=2, H=4, Hkv=2, Q=150, K=150, D=32, dtype=torch.float16),
+    Spec("split-var-bf16", B=1, H=3, Hkv=1, Q=100, K=100, D=64, dtype=torch.bfloat16),
+    Spec("split-var-fp32-overflow", B=1, H=2, Hkv=1, Q=200, K=200, D=16, extra={"sparse_after": 70}),
 ]
 MASS_CASES = [CASES[4], CASES[7], CASES[12]]
 DECODE_CASES = [c for c in CASES if c.Q == 1 and c.K > 1]

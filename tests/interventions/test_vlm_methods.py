@@ -228,3 +228,31 @@ def test_vhr_fixed_heads_scale_statically(tiny_vlm, spy, oracle):
     recipe = Recipe.from_dict({"interventions": [{"type": "vhr", "heads": {2: [0]}, "alpha": 2.0}]})
     with attnedit.patch(model, recipe, backend="reference") as p:
         assert not p.compiled.forward_hooks and p.compiled.layers[2].out_scale.tolist()[:2] == [2.0, 1.0]
+
+
+def test_var_prefill_tables_carry_the_image_span(tiny_vlm, monkeypatch):
+    """VAR's prefill tables name the image span where every row has the same one (a kernel may split the
+    attention there); a batch whose rows' spans differ, and a decoding step, get none."""
+    from attnedit.kernels import dispatch
+
+    name, model, proc, batch = tiny_vlm
+    seen = []
+    real = dispatch.attention
+
+    def record(backend, q, k, v, tables, mask, **kw):
+        seen.append((q.shape[2] > 1, tables.image_span))
+        return real(backend, q, k, v, tables, mask, **kw)
+
+    monkeypatch.setattr(dispatch, "attention", record)
+    recipe = Recipe.from_dict({"interventions": [{"type": "var", "layers": [0, 1], "sink_dims": [5]}]})
+    image_id = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+    for inputs in (vlm.inputs(proc, QUESTIONS[:1], name), batch):
+        image = inputs["input_ids"] == image_id
+        pos = torch.arange(image.shape[1])
+        spans = {(int(pos[row].min()), int(pos[row].max()) + 1) for row in image}
+        want = spans.pop() if len(spans) == 1 else None
+        seen.clear()
+        with attnedit.patch(model, recipe, backend="reference"), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        assert [span for prefill, span in seen if prefill] == [want, want], (name, seen, want)
+        assert [span for prefill, span in seen if not prefill] == [None, None], (name, seen)

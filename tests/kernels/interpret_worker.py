@@ -238,6 +238,10 @@ def main(out_path: str) -> None:
         jobs[f"colsum/{spec.name}"] = lambda s=spec: kc.check_colsum(ops, s, seed=5, config=kc.tiles(s))
     for spec in kc.BULK_CASES:
         jobs[f"bulk/{spec.name}"] = lambda s=spec: kc.check_bulk(triton_prefill, ops, s, seed=9, config=kc.tiles(s))
+    for spec in kc.SPLIT_CASES:
+        jobs[f"split/{spec.name}"] = lambda s=spec: kc.check_split(
+            ops, triton_prefill, s, seed=13, n_sparse_after=s.extra.get("sparse_after", 1)
+        )
     jobs["member_list"] = lambda: kc.check_member_list(triton_prefill)
     jobs["inert"] = lambda: kc.check_inert(ops)
     jobs["fallback"] = lambda: kc.check_fallback(ops)

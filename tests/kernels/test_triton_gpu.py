@@ -142,6 +142,24 @@ def test_column_scores_match_reference(spec):
     assert r["count_equal"] and r["err"] < max(1e-4, kc.TOL[spec.dtype] / 4)
 
 
+SPLIT_BIG = [
+    kc.Spec("split-llama-1200", B=2, H=32, Hkv=8, Q=1200, K=1200, D=128, dtype=torch.bfloat16),
+    kc.Spec("split-smol-900", B=1, H=9, Hkv=3, Q=900, K=900, D=64, dtype=torch.float16),
+    kc.Spec("split-llama-overflow", B=1, H=32, Hkv=8, Q=700, K=700, D=128, dtype=torch.bfloat16, extra={"n": 90}),
+]
+
+
+@pytest.mark.parametrize(
+    "spec", [c for c in kc.SPLIT_CASES if c.dtype != torch.float32] + SPLIT_BIG, ids=lambda s: s.name
+)
+def test_split_at_image_span_matches_reference(spec):
+    """VAR's tables with an image span: cuDNN on the map's pieces, the combining kernel, the exact fixup."""
+    n = spec.extra.get("sparse_after", spec.extra.get("n", 1))
+    r = kc.check_split_attention(ops, spec, DEV, seed=25, n_sparse_after=n)
+    assert r["split"], "the split path did not run"
+    assert r["err"] < kc.TOL[spec.dtype] and r["edited"] > 10 * r["err"]
+
+
 def test_member_lists():
     from attnedit.kernels import triton_prefill
 

@@ -100,6 +100,16 @@ def test_bulk_epilogue_and_exact_fixup(results, spec):
         assert r["flagged"] > 0 and r["before_fixup"] > 3 * r["err"]
 
 
+@pytest.mark.parametrize("spec", kc.SPLIT_CASES, ids=lambda s: s.name)
+def test_split_at_image_span(results, spec):
+    """Flash parts around the image span, combined with the keys before it and the sparse member keys."""
+    r = _get(results, f"split/{spec.name}")
+    assert r["err"] < kc.TOL[spec.dtype]
+    assert r["edited"] > 10 * r["err"]  # the edit moved the output far more than the path's error
+    if "overflow" in spec.name:  # more sparse keys than a list holds: every row after the span is exact
+        assert r["flagged"] > 0.5
+
+
 def test_member_tile_lists(results):
     assert _get(results, "member_list")["ok"]
 
