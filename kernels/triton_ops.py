@@ -13,6 +13,11 @@ picks a path. None of them waits for the device (no host sync per call):
   the prefill kernel's epilogue corrects the member keys (``bulk=``); rows
   where the edit would amplify the bulk's rounding more than 2x are flagged
   and recomputed exactly by the fused kernel (``only_flagged=``);
+- **split at the image span** (the same, when the tables name one image span
+  [s, e) and leave rows before e alone, VAR's case, with at least
+  `SPLIT_MIN_ROWS` rows after it): cuDNN on rows [0, e), on rows [e, N) over
+  keys [e, N) and over the span's keys, combined by `triton_split` with the
+  keys before the span and the edit; flagged rows as above;
 - **fused** (everything else: padding, dense masks, chunked prefill, fp32, or
   no cuDNN): `triton_prefill`, its main loop leaving the member keys out and
   its member-tile passes adding them back with their biases and moves.
@@ -66,6 +71,10 @@ _warned: set[str] = set()
 _memo_cache: dict[tuple, tuple] = {}
 _flash_ok: dict[tuple, bool] = {}
 _stash: list = []  # at most one (key, (q, k, v), bulk) from column_scores(value=...)
+# The split at an image span runs where at least this many rows follow the span: it saves device time
+# (the bulk epilogue's passes over the span's keys) at the cost of more launches and host time, which
+# is what a shorter prefill is bound by (benchmarks/results/NOTES.md, "Splitting at the image span").
+SPLIT_MIN_ROWS = 4096
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -577,7 +586,7 @@ def _prefill_path(
     kw.update(
         key_group=t.key_group, n_groups=t.n_groups, bias=t.bias2 if t.has_bias else None, moves=t.moves, config=config
     )
-    if flash and span is not None and not return_masses:
+    if flash and span is not None and not return_masses and q.shape[2] - span[1] >= SPLIT_MIN_ROWS:
         out = _split_at_span(q, k, v, t, span, scaling, members, kw)
         if out is not None:
             return out, None

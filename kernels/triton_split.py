@@ -36,7 +36,7 @@ from .triton_common import (
     placeholders,
 )
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 LOG2E_F = 1.4426950408889634
 CAP = 64  # sparse member keys kept per (batch row, key-group head)
 SPARSE_N = 16  # sparse keys per matrix product

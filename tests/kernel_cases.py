@@ -422,13 +422,20 @@ def check_split_attention(ops, spec: Spec, device="cuda", seed=0, n_sparse_after
     q, k, v, tables, mask, span = var_span_case(spec, device, seed, n_sparse_after)
     ref = _ref(q, k, v, tables, mask)
     calls = []
-    real = ops._combine
+    real, min_rows = ops._combine, ops.SPLIT_MIN_ROWS
     ops._combine = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    ops.SPLIT_MIN_ROWS = 0  # these cases are shorter than the split's production threshold
     try:
         out = ops.attention(q, k, v, tables, mask, scaling=q.shape[-1] ** -0.5)
     finally:
-        ops._combine = real
-    return dict(err=rel_err(out, ref), edited=rel_err(_ref(q, k, v, None, mask), ref), split=len(calls) == 1)
+        ops._combine, ops.SPLIT_MIN_ROWS = real, min_rows
+    fused = ops.attention(q, k, v, tables, mask, scaling=q.shape[-1] ** -0.5, path="fused")
+    return dict(
+        err=rel_err(out, ref),
+        err_fused=rel_err(fused, ref),  # the fused kernel's rounding in the same dtype: the scale of err
+        edited=rel_err(_ref(q, k, v, None, mask), ref),
+        split=len(calls) == 1,
+    )
 
 
 def check_member_list(prefill_mod, device="cpu") -> dict:

@@ -157,7 +157,8 @@ def test_split_at_image_span_matches_reference(spec):
     n = spec.extra.get("sparse_after", spec.extra.get("n", 1))
     r = kc.check_split_attention(ops, spec, DEV, seed=25, n_sparse_after=n)
     assert r["split"], "the split path did not run"
-    assert r["err"] < kc.TOL[spec.dtype] and r["edited"] > 10 * r["err"]
+    assert r["err"] < kc.TOL[spec.dtype] and r["err"] < 2 * r["err_fused"] + 1e-4, r
+    assert r["edited"] > 3 * r["err"], r  # the edit moved the output more than the path's rounding
 
 
 def test_member_lists():
