@@ -709,11 +709,17 @@ def _prefill_kernel(
         )
         tl.store(FLAGS + bh.to(tl.int64) * NQ + offs_m, flagged.to(tl.int8), mask=rmask)
         norm = tl.where(L > 0, 1.0, 0.0)
-        bulk_o = BULK_O + b.to(tl.int64) * stride_bb + h * stride_bh
         if (not IN_PLACE) or (SCALE_MODE != 0) or HAS_SHIFT:
+            write = tl.max(offs_m, 0) >= 0  # every block writes its rows
+        else:
+            # in place, a block whose rows all keep the bulk (factor 1 to far below half precision's
+            # resolution, nothing added, no output scale or shift) is neither read nor written
+            same = tl.where(rmask, ((tl.abs(fac - 1.0) < 1e-6) & (L > 0)).to(tl.int32), 1)
+            write = edited | (tl.min(same, 0) == 0)
+        if write:
             _bulk_rows(
                 OUT,
-                bulk_o,
+                BULK_O + b.to(tl.int64) * stride_bb + h * stride_bh,
                 fac,
                 corr,
                 norm,
@@ -734,34 +740,6 @@ def _prefill_kernel(
                 SCALE_MODE,
                 HAS_SHIFT,
             )
-        else:
-            # in place, a block whose rows all keep the bulk (factor 1 to far below half precision's
-            # resolution, nothing added, no output scale or shift) is neither read nor written
-            same = tl.where(rmask, ((tl.abs(fac - 1.0) < 1e-6) & (L > 0)).to(tl.int32), 1)
-            if edited | (tl.min(same, 0) == 0):
-                _bulk_rows(
-                    OUT,
-                    bulk_o,
-                    fac,
-                    corr,
-                    norm,
-                    b,
-                    h,
-                    offs_m,
-                    offs_d,
-                    rmask,
-                    dmask,
-                    SCALE,
-                    SHIFT,
-                    H,
-                    stride_bm,
-                    stride_ob,
-                    stride_om,
-                    stride_oh,
-                    HEAD_DIM,
-                    SCALE_MODE,
-                    HAS_SHIFT,
-                )
     else:
         m_i = tl.zeros([BLOCK_M], tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], tl.float32)
